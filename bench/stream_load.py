@@ -1,0 +1,111 @@
+"""Peak RSS and time for streaming a ~2 GB synthetic fp32 DiT shard into a bf16 WanDiT.
+
+Each loader runs in a fresh subprocess (so peaks don't mix) and is sampled by a psutil thread every 2 ms:
+- wanlite: `discover` + `load_dit` (validated header, chunked reads cast straight into bf16 parameters);
+- safe_open: the common pattern `safe_open(...).get_tensor(k).to(bf16)`, for comparison.
+Writes bench/results/stream_load.json.  Usage: python bench/stream_load.py [--workdir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SPEC = dict(model_type="t2v", dim=2048, ffn_dim=8192, num_heads=16, num_layers=7, in_dim=16, out_dim=16)
+
+CHILD = r"""
+import json, sys, threading, time
+import psutil, torch
+proc = psutil.Process()
+peak = [proc.memory_info().rss]
+stop = False
+def sample():
+    while not stop:
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        time.sleep(0.002)
+from wanlite.loading.checkpoints import discover
+from wanlite.loading.models import load_dit
+from safetensors import safe_open
+path, mode = sys.argv[1], sys.argv[2]
+baseline = proc.memory_info().rss
+peak[0] = baseline
+threading.Thread(target=sample, daemon=True).start()
+t0 = time.perf_counter()
+if mode == "wanlite":
+    comp = next(iter(discover(path).dits.values()))
+    model = load_dit(comp, "t2v-A14B", torch.bfloat16)
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+else:
+    sd = {}
+    with safe_open(path, framework="pt") as f:
+        for k in f.keys():
+            sd[k] = f.get_tensor(k).to(torch.bfloat16)
+    nbytes = sum(t.numel() * t.element_size() for t in sd.values())
+seconds = time.perf_counter() - t0
+time.sleep(0.01)
+stop = True
+print(json.dumps({"seconds": seconds, "baseline_rss": baseline, "peak_rss": peak[0], "model_bytes": nbytes}))
+"""
+
+
+def write_shard(path: Path) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    from wanlite.models.dit import WanDiT
+    from wanlite.specs import DiTSpec
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in WanDiT(DiTSpec(**SPEC)).state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    tensors = {k: torch.randn(s, generator=gen) * 0.02 for k, s in shapes.items()}
+    save_file(tensors, str(path))
+    return path.stat().st_size
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workdir", default=None, help="where to write the 2 GB shard (default: a temp dir)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        shard = Path(tmp) / "wan_synthetic_fp32.safetensors"
+        file_bytes = write_shard(shard)
+        runs = {}
+        for mode in ("wanlite", "safe_open"):
+            out = subprocess.run([sys.executable, "-c", CHILD, str(shard), mode], check=True,
+                                 capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            r = json.loads(out)
+            r["peak_over_baseline"] = r["peak_rss"] - r["baseline_rss"]
+            r["peak_over_baseline_vs_bf16_model"] = round(r["peak_over_baseline"] / r["model_bytes"], 3)
+            r["peak_vs_bf16_model"] = round(r["peak_rss"] / r["model_bytes"], 3)
+            r["read_MBps"] = round(file_bytes / r["seconds"] / 1e6, 1)
+            runs[mode] = r
+            print(f"{mode:10s} {r['seconds']:6.2f} s  peak RSS {r['peak_rss'] / 2**20:7.0f} MiB "
+                  f"(+{r['peak_over_baseline'] / 2**20:.0f} MiB over the {r['baseline_rss'] / 2**20:.0f} MiB "
+                  f"after imports) = {r['peak_over_baseline_vs_bf16_model']}x the "
+                  f"{r['model_bytes'] / 2**20:.0f} MiB bf16 model")
+    result = {
+        "command": "python bench/stream_load.py",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+        "shard_bytes": file_bytes,
+        "model_spec": SPEC,
+        "runs": runs,
+        "criterion": "wanlite peak RSS over the post-import baseline < 1.2x the bf16 model size",
+        "criterion_met": runs["wanlite"]["peak_over_baseline_vs_bf16_model"] < 1.2,
+    }
+    out = Path(__file__).resolve().parent / "results" / "stream_load.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

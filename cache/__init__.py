@@ -1,0 +1,1 @@
+"""Step caching (DBCache, TaylorSeer) attaches here as `wanlite.cache`; it arrives with the caching issue."""

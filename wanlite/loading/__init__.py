@@ -1,0 +1,1 @@
+"""Checkpoint discovery and streamed loading for every layout users have on disk."""

@@ -1,0 +1,201 @@
+"""Find the Wan components in a checkpoint folder by reading file headers, not by trusting names.
+
+Supported layouts: the official HF repos (`high_noise_model/` + `low_noise_model/` shards, root shards for 5B,
+`models_t5_umt5-xxl-enc-bf16.pth`, `Wan2.x_VAE.pth`, `google/umt5-xxl/`), diffusers repos (`transformer/`,
+`transformer_2/`, `text_encoder/`, `vae/`, `tokenizer/`) and ComfyUI single files (`model.diffusion_model.`
+prefix). Folder and file names only decide which of two identical-looking A14B experts is which.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wanlite.errors import CheckpointError
+from wanlite.loading.keymaps import strip_comfy_prefix
+from wanlite.loading.safetensors_file import read_header
+from wanlite.loading.stream import PTH_SUFFIXES, PthSource
+
+WEIGHT_SUFFIXES = (".safetensors",) + tuple(s for s in PTH_SUFFIXES if s != ".bin")
+SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<total>\d{5})\.safetensors$")
+SKIP_DIRS = {"process_checkpoint", ".git", ".cache"}
+MAX_DEPTH = 4
+
+# (kind, naming) by a key that only that component has; keys are checked after stripping a ComfyUI prefix.
+SIGNATURES = [
+    ("dit", "official", "head.modulation"),
+    ("dit", "diffusers", "condition_embedder.time_proj.weight"),
+    ("t5", "official", "token_embedding.weight"),
+    ("t5", "hf", "encoder.block.0.layer.0.SelfAttention.q.weight"),
+    ("vae", "official", "decoder.middle.0.residual.0.gamma"),
+    ("vae", "diffusers", "decoder.mid_block.resnets.0.norm1.gamma"),
+]
+EXPERT_DIRS = {"high_noise_model": "high_noise", "low_noise_model": "low_noise",
+               "transformer": "high_noise", "transformer_2": "low_noise"}  # diffusers: transformer = high noise
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+
+
+@dataclass(frozen=True)
+class Component:
+    """One model's weights: its files (shards in order), key naming, layout and any config.json beside it."""
+
+    kind: str  # "dit" | "t5" | "vae"
+    naming: str  # "official" | "diffusers" | "hf"
+    layout: str  # "official" | "diffusers" | "comfy"
+    files: tuple[Path, ...]
+    role: str = "main"  # "high_noise" | "low_noise" for A14B experts
+    config: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def where(self) -> Path:
+        return self.files[0] if len(self.files) == 1 else self.files[0].parent
+
+
+@dataclass(frozen=True)
+class CheckpointSet:
+    root: Path
+    dits: dict[str, Component]
+    t5: Component | None
+    vae: Component | None
+    tokenizer: Path | None
+
+
+def _walk(root: Path, depth: int = 0):
+    try:
+        entries = sorted(root.iterdir())
+    except OSError as exc:
+        raise CheckpointError(f"{root}: cannot list the folder ({exc.strerror or exc})") from None
+    for entry in entries:
+        if entry.is_dir():
+            if depth < MAX_DEPTH and entry.name not in SKIP_DIRS and not entry.name.startswith("."):
+                yield from _walk(entry, depth + 1)
+        else:
+            yield entry
+
+
+def _read_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{index}: not a valid shard index (needs a 'weight_map'); re-download it") from None
+    paths = []
+    for name in shards:
+        if not isinstance(name, str) or Path(name).name != name:
+            raise CheckpointError(f"{index}: shard name {name!r} is not a plain file name")
+        path = index.parent / name
+        if not path.is_file():
+            raise CheckpointError(f"{index}: lists shard {name}, which is missing; the download is incomplete")
+        paths.append(path)
+    return paths
+
+
+def _group_files(files: list[Path]) -> list[tuple[Path, ...]]:
+    """Shard groups (from an index.json or the -0000k-of-0000n pattern) and single files."""
+    groups: list[tuple[Path, ...]] = []
+    taken: set[Path] = set()
+    for index in (f for f in files if f.name.endswith(".safetensors.index.json")):
+        shards = _read_index(index)
+        groups.append(tuple(shards))
+        taken.update(shards)
+    by_stem: dict[tuple[Path, str], list[Path]] = defaultdict(list)
+    for f in files:
+        if f in taken or not f.name.endswith(WEIGHT_SUFFIXES):
+            continue
+        m = SHARD_NAME.match(f.name)
+        if m:
+            by_stem[(f.parent, m["stem"] + "|" + m["total"])].append(f)
+        else:
+            groups.append((f,))
+    for (parent, key), shards in by_stem.items():
+        total = int(key.rsplit("|", 1)[1])
+        if len(shards) != total:
+            raise CheckpointError(
+                f"{parent}: found {len(shards)} of {total} shards of {key.split('|')[0]}; the download is incomplete")
+        groups.append(tuple(sorted(shards)))
+    return groups
+
+
+def _keys(group: tuple[Path, ...]) -> set[str]:
+    if group[0].suffix == ".safetensors":
+        keys: set[str] = set()
+        for shard in group:
+            keys.update(read_header(shard)[0])
+        return keys
+    return set(PthSource(group[0]).tensors)
+
+
+def _classify(group: tuple[Path, ...]) -> tuple[str, str, bool] | None:
+    raw = _keys(group)
+    keys = {strip_comfy_prefix(k) for k in raw}
+    prefixed = any(strip_comfy_prefix(k) != k for k in raw)
+    for kind, naming, signature in SIGNATURES:
+        if signature in keys:
+            return kind, naming, prefixed
+    return None
+
+
+def _config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise CheckpointError(f"{path}: not valid JSON; re-download it") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _expert_role(files: tuple[Path, ...]) -> str:
+    folder = files[0].parent.name
+    if folder in EXPERT_DIRS:
+        return EXPERT_DIRS[folder]
+    name = files[0].name.lower()
+    for role, words in (("high_noise", ("high_noise", "high-noise", "highnoise")),
+                        ("low_noise", ("low_noise", "low-noise", "lownoise"))):
+        if any(w in name for w in words):
+            return role
+    return "main"
+
+
+def discover(path: Path) -> CheckpointSet:
+    """Inspect a checkpoint folder (or one file) and return the components it holds."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise CheckpointError(f"checkpoint path {root} does not exist; pass the folder you downloaded with --ckpt_dir")
+    files = [root] if root.is_file() else list(_walk(root))
+    dits: dict[str, Component] = {}
+    found: dict[str, Component] = {}
+    for group in _group_files(files):
+        kind_naming = _classify(group)
+        if kind_naming is None:
+            continue
+        kind, naming, prefixed = kind_naming
+        folder = group[0].parent
+        if prefixed or (len(group) == 1 and kind == "dit" and folder.name not in EXPERT_DIRS):
+            layout = "comfy"
+        elif naming in ("diffusers", "hf") and (folder.parent / "model_index.json").is_file():
+            layout = "diffusers"
+        else:
+            layout = "official"
+        comp = Component(kind, naming, layout, group, config=_config(folder))
+        if kind == "dit":
+            comp = Component(kind, naming, layout, group, _expert_role(group), comp.config)
+            if comp.role in dits:
+                raise CheckpointError(
+                    f"{root}: two {comp.role.replace('_', '-')} transformers found ({dits[comp.role].where} and "
+                    f"{comp.where}); keep one per role or point --ckpt_dir at one model")
+            dits[comp.role] = comp
+        elif kind not in found:
+            found[kind] = comp
+    return CheckpointSet(root, dits, found.get("t5"), found.get("vae"), _find_tokenizer(root))
+
+
+def _find_tokenizer(root: Path) -> Path | None:
+    if root.is_file():
+        return None
+    candidates = [f.parent for f in _walk(root) if f.name in TOKENIZER_FILES]
+    preferred = [c for c in candidates if c.name in ("umt5-xxl", "tokenizer")]
+    return (preferred or candidates or [None])[0]

@@ -1,0 +1,183 @@
+"""Stream checkpoint tensors one at a time into a model built on the `meta` device.
+
+A tensor source maps raw checkpoint keys to shapes and fills a destination tensor on request; `load_into`
+renames keys, checks every shape before reading a byte, allocates each parameter in its final dtype and
+fills it in place, so no full-precision copy of the model ever exists in RAM.
+"""
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from wanlite.errors import CheckpointError
+from wanlite.loading.safetensors_file import SafetensorsFile
+
+PTH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+
+
+class SafetensorsSource:
+    """One or more safetensors shards seen as one key space (a sharded checkpoint or a single file)."""
+
+    def __init__(self, files: Iterable[Path]):
+        self.files = [SafetensorsFile(p) for p in files]
+        self.owner: dict[str, SafetensorsFile] = {}
+        for shard in self.files:
+            for key in shard.keys():
+                if key in self.owner:
+                    raise CheckpointError(f"{shard.path}: tensor {key!r} also appears in {self.owner[key].path}")
+                self.owner[key] = shard
+
+    @property
+    def paths(self) -> list[Path]:
+        return [s.path for s in self.files]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: s.info(k).shape for k, s in self.owner.items()}
+
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {k: s.info(k).dtype for k, s in self.owner.items()}
+
+    def metadata(self) -> dict[str, str]:
+        merged: dict[str, str] = {}
+        for shard in self.files:
+            merged.update(shard.metadata)
+        return merged
+
+    def fill(self, plan: list[tuple[str, torch.Tensor]]):
+        """Fill each (key, destination) pair, shard by shard, in file order for sequential reads."""
+        by_shard: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        index = {id(s): i for i, s in enumerate(self.files)}
+        for key, out in plan:
+            by_shard.setdefault(index[id(self.owner[key])], []).append((key, out))
+        for i in sorted(by_shard):
+            shard = self.files[i]
+            with shard:
+                for key, out in sorted(by_shard[i], key=lambda item: shard.info(item[0]).begin):
+                    shard.read_into(key, out)
+                    yield key, out
+
+
+class PthSource:
+    """A `.pth` state dict opened with `torch.load(weights_only=True, mmap=True)`: no code runs, no full read."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.paths = [self.path]
+        try:
+            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"{self.path}: not a plain tensor state dict ({first[:160]}); wanlite loads .pth files "
+                "only with torch.load(weights_only=True), get the file from the official release") from None
+        for wrapper in ("state_dict", "model", "module"):
+            if isinstance(obj, dict) and set(obj) == {wrapper}:
+                obj = obj[wrapper]
+        if not isinstance(obj, dict) or not obj:
+            raise CheckpointError(f"{self.path}: expected a dict of tensors, found {type(obj).__name__}")
+        bad = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+        if bad:
+            raise CheckpointError(
+                f"{self.path}: entry {bad[0]!r} is not a tensor; expected a dict of tensors (a state dict)")
+        self.tensors: dict[str, torch.Tensor] = obj
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self.tensors.items()}
+
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {k: v.dtype for k, v in self.tensors.items()}
+
+    def metadata(self) -> dict[str, str]:
+        return {}
+
+    def fill(self, plan: list[tuple[str, torch.Tensor]]):
+        for key, out in plan:
+            out.copy_(self.tensors[key])
+            yield key, out
+
+
+def open_source(paths: list[Path]) -> SafetensorsSource | PthSource:
+    """Open a checkpoint component by file content type (a list of shards, or one .pth)."""
+    paths = [Path(p) for p in paths]
+    if len(paths) == 1 and paths[0].suffix.lower() in PTH_SUFFIXES:
+        return PthSource(paths[0])
+    if all(p.suffix.lower() == ".safetensors" for p in paths):
+        return SafetensorsSource(paths)
+    raise CheckpointError(f"{paths[0]}: unsupported weight file type; expected .safetensors shards or one .pth")
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_path, _, leaf = name.rpartition(".")
+    return (model.get_submodule(module_path) if module_path else model), leaf
+
+
+def load_into(
+    model: nn.Module,
+    source: SafetensorsSource | PthSource,
+    rename: Callable[[str], str | None],
+    dtype_for: Callable[[str, torch.dtype], torch.dtype],
+    what: str,
+) -> nn.Module:
+    """Materialize `model` (built on meta) from `source`; `rename` maps a checkpoint key to a state-dict name
+    (None drops it); `dtype_for(name, stored_dtype)` picks each parameter's dtype. Raises CheckpointError
+    naming the file for unknown, missing or wrongly shaped tensors before reading any data."""
+    expected: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}  # tied weights (umT5's embed_tokens is `shared`): load once, share after
+    canonical_of: dict[int, str] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in canonical_of:
+            aliases[name] = canonical_of[id(t)]
+        else:
+            canonical_of[id(t)] = name
+            expected[name] = t
+    where = source.paths[0] if len(source.paths) == 1 else source.paths[0].parent
+    stored_dtypes = source.dtypes()
+    plan: list[tuple[str, str, torch.Tensor]] = []
+    seen: set[str] = set()
+    for key, shape in source.shapes().items():
+        name = rename(key)
+        if name is None:
+            continue
+        name = aliases.get(name, name)
+        if name not in expected:
+            raise CheckpointError(f"{where}: tensor {key!r} is not part of a {what}; is this the right file?")
+        if name in seen:
+            if name in aliases.values():  # both names of a tied weight were stored
+                continue
+            raise CheckpointError(f"{where}: tensor {name!r} appears twice")
+        seen.add(name)
+        want = tuple(expected[name].shape)
+        if tuple(shape) != want:
+            raise CheckpointError(
+                f"{where}: tensor {key!r} has shape {tuple(shape)} but a {what} needs {want}; "
+                "the checkpoint belongs to another model")
+        plan.append((key, name, None))
+    missing = [n for n in expected if n not in seen]
+    if missing:
+        raise CheckpointError(
+            f"{where}: {len(missing)} tensors of the {what} are missing (first: {missing[0]!r}); "
+            "the checkpoint is incomplete or for another model")
+    destinations = []
+    for key, name, _ in plan:
+        meta_t = expected[name]
+        if not meta_t.dtype.is_floating_point:
+            dtype = meta_t.dtype
+        else:
+            dtype = dtype_for(name, stored_dtypes[key])
+        destinations.append((key, torch.empty(meta_t.shape, dtype=dtype)))
+    names = {key: name for key, name, _ in plan}
+    for key, tensor in source.fill(destinations):
+        owner, leaf = _owner(model, names[key])
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            owner._buffers[leaf] = tensor
+    for alias, name in aliases.items():
+        alias_owner, alias_leaf = _owner(model, alias)
+        owner, leaf = _owner(model, name)
+        alias_owner._parameters[alias_leaf] = owner._parameters[leaf]
+    return model

@@ -1,0 +1,149 @@
+"""Wan DiT building blocks with the official parameter names (`wan/modules/model.py`), so no key remapping.
+
+Numerics: the residual stream stays in the compute dtype; norms, modulation and the gated residual adds are
+fp32 islands, as in the reference. Modulation vectors are per latent frame (`[B, Fe, 6, d]`, Fe = 1 when every
+token shares the timestep), never the official per-token `[B, L, 6, d]` tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wanlite.models.attention import attention
+from wanlite.models.rope import apply_rope
+
+# Parameters kept in fp32 whatever the compute dtype: tiny, and they feed fp32 arithmetic.
+FP32_PARAM_SUFFIXES = ("modulation", "norm_q.weight", "norm_k.weight", "norm3.weight", "norm3.bias")
+
+
+def keeps_fp32(name: str) -> bool:
+    return name.endswith(FP32_PARAM_SUFFIXES)
+
+
+def linear_fp32(linear: nn.Linear, x: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tensor:
+    """`linear(x)` computed in fp32 (the reference's autocast-fp32 islands) without an fp32 copy of a big
+    low-precision weight: the weight is upcast a slab of output rows at a time."""
+    x = x.float()
+    w, b = linear.weight, linear.bias
+    if w.dtype == torch.float32:
+        return F.linear(x, w, b if b is None else b.float())
+    outs = []
+    for start in range(0, w.shape[0], rows_per_chunk):
+        sl = slice(start, start + rows_per_chunk)
+        outs.append(F.linear(x, w[sl].float(), None if b is None else b[sl].float()))
+    return torch.cat(outs, dim=-1)
+
+
+class WanRMSNorm(nn.Module):
+    """RMSNorm over the full hidden size (across heads), computed in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+def layer_norm_fp32(x: torch.Tensor, eps: float, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+    """LayerNorm in fp32; returns fp32 (the caller modulates in fp32 and casts once)."""
+    weight = None if norm is None else norm.weight.float()
+    bias = None if norm is None else norm.bias.float()
+    return F.layer_norm(x.float(), (x.shape[-1],), weight, bias, eps)
+
+
+def per_frame(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """View tokens [B, L, d] as [B, Fe, L/Fe, d] so per-frame vectors [B, Fe, 1, d] broadcast."""
+    return x.unflatten(1, (frames, -1))
+
+
+@dataclass
+class BlockInputs:
+    """Everything a block needs besides the hidden states; built once per DiT forward."""
+
+    e0: torch.Tensor  # [B, Fe, 6, d] fp32 modulation from the timestep
+    context: torch.Tensor  # [B, text_len, d] embedded text
+    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin: [L, head_dim/2]
+
+
+class WanSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = WanRMSNorm(dim, eps)
+        self.norm_k = WanRMSNorm(dim, eps)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (self.num_heads, -1))  # [B, L, H, D]
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        q = apply_rope(self._heads(self.norm_q(self.q(x))), *rope)
+        k = apply_rope(self._heads(self.norm_k(self.k(x))), *rope)
+        v = self._heads(self.v(x))
+        return self.o(attention(q, k, v).flatten(2))
+
+
+class WanCrossAttention(WanSelfAttention):
+    """Queries from video tokens, keys/values from all text_len context rows (no mask, no RoPE)."""
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        q = self._heads(self.norm_q(self.q(x)))
+        k = self._heads(self.norm_k(self.k(context)))
+        v = self._heads(self.v(context))
+        return self.o(attention(q, k, v).flatten(2))
+
+
+class WanBlock(nn.Module):
+    """`WanAttentionBlock`: modulated self-attention, cross-attention, modulated GELU-tanh FFN."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.self_attn = WanSelfAttention(dim, num_heads, eps)
+        self.norm3 = nn.LayerNorm(dim, eps=eps, elementwise_affine=True)
+        self.cross_attn = WanCrossAttention(dim, num_heads, eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+        # x: [B, L, d] in the compute dtype
+        frames = inputs.e0.shape[1]
+        mod = self.modulation.float().unsqueeze(0) + inputs.e0  # [B, Fe, 6, d]
+        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = mod.unsqueeze(2).unbind(3)
+
+        h = per_frame(layer_norm_fp32(x, self.eps), frames) * (1 + scale_msa) + shift_msa
+        y = self.self_attn(h.flatten(1, 2).to(x.dtype), inputs.rope)
+        x = (per_frame(x.float(), frames) + per_frame(y.float(), frames) * gate_msa).flatten(1, 2).to(x.dtype)
+
+        h = layer_norm_fp32(x, self.eps, self.norm3).to(x.dtype)
+        x = (x.float() + self.cross_attn(h, inputs.context).float()).to(x.dtype)
+
+        h = per_frame(layer_norm_fp32(x, self.eps), frames) * (1 + scale_ffn) + shift_ffn
+        y = self.ffn(h.flatten(1, 2).to(x.dtype))
+        return (per_frame(x.float(), frames) + per_frame(y.float(), frames) * gate_ffn).flatten(1, 2).to(x.dtype)
+
+
+class Head(nn.Module):
+    """Output head: LayerNorm, 2-way modulation from the time embedding `e` (not `e0`), linear to patches."""
+
+    def __init__(self, dim: int, out_features: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.head = nn.Linear(dim, out_features)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        # e: [B, Fe, d] fp32 -> shift, scale: [B, Fe, 1, d]
+        shift, scale = (self.modulation.float().unsqueeze(0) + e.unsqueeze(2)).unsqueeze(2).unbind(3)
+        h = per_frame(layer_norm_fp32(x, self.eps), e.shape[1]) * (1 + scale) + shift
+        return linear_fp32(self.head, h.flatten(1, 2))

@@ -1,0 +1,112 @@
+"""WanDiT: the one diffusion transformer for t2v / i2v / ti2v (official `wan/modules/model.py:WanModel`).
+
+The block loop is a single seam, `self.runner(blocks, x, inputs)`: a plain loop by default; offload and step
+caching replace the runner instead of patching blocks.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wanlite.models.blocks import BlockInputs, Head, WanBlock, linear_fp32
+from wanlite.models.rope import rope_cos_sin
+from wanlite.specs import DiTSpec
+
+Runner = Callable[[Sequence[nn.Module], torch.Tensor, BlockInputs], torch.Tensor]
+
+
+def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+    """The default runner: every block in order, on whatever device it lives."""
+    for block in blocks:
+        x = block(x, inputs)
+    return x
+
+
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """[cos | sin] of t * 10000^(-i/half), computed in float64 (official `sinusoidal_embedding_1d`)."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.to(torch.float64)[:, None] * freqs[None, :]
+    return torch.cat([angles.cos(), angles.sin()], dim=1).float()
+
+
+class WanDiT(nn.Module):
+    def __init__(self, spec: DiTSpec):
+        super().__init__()
+        self.spec = spec
+        d = spec.dim
+        self.patch_embedding = nn.Conv3d(spec.in_dim, d, kernel_size=spec.patch_size, stride=spec.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(spec.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(spec.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(
+            WanBlock(d, spec.ffn_dim, spec.num_heads, spec.eps) for _ in range(spec.num_layers))
+        self.head = Head(d, spec.out_dim * math.prod(spec.patch_size), spec.eps)
+        self.runner: Runner = run_blocks
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t: [B, Fe] -> e [B, Fe, d] and e0 [B, Fe, 6, d], both fp32 (the reference's fp32 island)."""
+        b, fe = t.shape
+        sin = sinusoidal_embedding(self.spec.freq_dim, t.flatten())
+        e = linear_fp32(self.time_embedding[2], F.silu(linear_fp32(self.time_embedding[0], sin)))
+        e0 = linear_fp32(self.time_projection[1], F.silu(e))
+        return e.view(b, fe, -1), e0.view(b, fe, 6, -1)
+
+    def embed_text(self, context: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """Zero-pad every prompt to text_len rows (no mask, as the reference), then embed: [B, text_len, d]."""
+        text_len = self.spec.text_len
+        rows = list(context) if isinstance(context, (list, tuple)) else list(context.unbind(0))
+        for r in rows:
+            if r.ndim != 2 or r.shape[-1] != self.spec.text_dim or r.shape[0] > text_len:
+                raise ValueError(f"each context must be [<= {text_len}, {self.spec.text_dim}], got {tuple(r.shape)}")
+        padded = torch.stack([F.pad(r, (0, 0, 0, text_len - r.shape[0])) for r in rows])
+        return self.text_embedding(padded.to(self.compute_dtype))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor | list[torch.Tensor],
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow velocity.
+
+        x: latents [B, C, F, H, W]; t: timesteps [B] (all tokens) or [B, F] (one per latent frame, TI2V);
+        context: [B, <=text_len, text_dim] or a list of [L_i, text_dim]; y: i2v conditioning [B, C', F, H, W]
+        concatenated on channels. Returns float32 [B, out_dim, F, H, W].
+        """
+        if y is not None:
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+        b, c, f, h, w = x.shape
+        pt, ph, pw = self.spec.patch_size
+        if c != self.spec.in_dim:
+            raise ValueError(f"the {self.spec.model_type} DiT takes {self.spec.in_dim} input channels, got {c}")
+        if f % pt or h % ph or w % pw:
+            raise ValueError(f"latent size {(f, h, w)} is not divisible by the patch size {self.spec.patch_size}")
+        t = t.reshape(b, -1) if t.ndim == 1 else t
+        if t.shape[1] not in (1, f // pt):
+            raise ValueError(f"t must be [B] or [B, {f // pt}] (one per latent frame), got {tuple(t.shape)}")
+        grid = (f // pt, h // ph, w // pw)
+
+        tokens = self.patch_embedding(x.to(self.compute_dtype)).flatten(2).transpose(1, 2)  # [B, L, d]
+        e, e0 = self.embed_time(t)
+        inputs = BlockInputs(e0=e0, context=self.embed_text(context),
+                             rope=rope_cos_sin(grid, self.spec.head_dim, device=x.device))
+        tokens = self.runner(self.blocks, tokens, inputs)
+        return self.unpatchify(self.head(tokens, e), grid)
+
+    def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, L, prod(patch)*C] with C fastest -> [B, C, F, H, W] (official einsum 'fhwpqrc->cfphqwr')."""
+        pt, ph, pw = self.spec.patch_size
+        f, h, w = grid
+        out = out.view(out.shape[0], f, h, w, pt, ph, pw, self.spec.out_dim)
+        out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(out.shape[0], self.spec.out_dim, f * pt, h * ph, w * pw).float()

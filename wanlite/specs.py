@@ -1,0 +1,134 @@
+"""Model specs as frozen data: every Wan2.2 network is built from one of these (official `wan/configs/*`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+WAN21_LATENT_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)
+WAN21_LATENT_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)
+WAN22_LATENT_MEAN = (
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
+    -0.1382, 0.0542, 0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825,
+    -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230,
+    -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748,
+    0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+)
+WAN22_LATENT_STD = (
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013,
+    0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165, 0.8454, 0.4978,
+    0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093,
+    0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887,
+    0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+)
+
+# in/out channels identify the DiT variant (model_type) of a checkpoint, whatever its size.
+MODEL_TYPE_CHANNELS = {"t2v": (16, 16), "i2v": (36, 16), "ti2v": (48, 48)}
+
+
+@dataclass(frozen=True)
+class DiTSpec:
+    """Hyper-parameters of one Wan DiT (`WanModel.__init__`); head_dim = dim / num_heads."""
+
+    model_type: str
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    in_dim: int
+    out_dim: int
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+@dataclass(frozen=True)
+class VAESpec:
+    """Wan VAE hyper-parameters: version "2.1" (z16, 4x8x8) or "2.2" (z48, 2x2 patchify, residual stages)."""
+
+    version: str
+    dim: int
+    dec_dim: int
+    z_dim: int
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+    latent_mean: tuple[float, ...] = WAN21_LATENT_MEAN
+    latent_std: tuple[float, ...] = WAN21_LATENT_STD
+
+    def __post_init__(self):
+        if self.version not in ("2.1", "2.2"):
+            raise ValueError(f"VAE version must be '2.1' or '2.2', got {self.version!r}")
+        if len(self.latent_mean) != self.z_dim or len(self.latent_std) != self.z_dim:
+            raise ValueError(f"latent mean/std need {self.z_dim} values")
+
+    @property
+    def patch_size(self) -> int:
+        return 2 if self.version == "2.2" else 1
+
+    @property
+    def stride(self) -> tuple[int, int, int]:
+        spatial = 2 ** (len(self.dim_mult) - 1) * self.patch_size
+        return (2 ** sum(self.temporal_downsample), spatial, spatial)
+
+
+@dataclass(frozen=True)
+class T5Spec:
+    """umT5 encoder hyper-parameters (transformers `UMT5Config` fields)."""
+
+    vocab_size: int = 256384
+    d_model: int = 4096
+    d_kv: int = 64
+    d_ff: int = 10240
+    num_layers: int = 24
+    num_heads: int = 64
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+
+
+DIT_SPECS = {
+    "t2v-A14B": DiTSpec("t2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=16, out_dim=16),
+    "i2v-A14B": DiTSpec("i2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, out_dim=16),
+    "ti2v-5B": DiTSpec("ti2v", dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48),
+}
+
+VAE_SPECS = {
+    "vae2.1": VAESpec("2.1", dim=96, dec_dim=96, z_dim=16),
+    "vae2.2": VAESpec("2.2", dim=160, dec_dim=256, z_dim=48,
+                      latent_mean=WAN22_LATENT_MEAN, latent_std=WAN22_LATENT_STD),
+}
+
+T5_SPECS = {"umt5-xxl-encoder": T5Spec()}
+
+# Tiny variants for tests and fixtures. They keep head_dim 128 (so the real 44/42/42 RoPE split runs and a
+# config-less ComfyUI file still tells its head count), the real channel counts and the real VAE structure.
+TINY_T5 = T5Spec(vocab_size=384, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+TINY_DIT_SPECS = {
+    name: replace(spec, dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=TINY_T5.d_model)
+    for name, spec in DIT_SPECS.items()
+}
+TINY_VAE_SPECS = {
+    "vae2.1": replace(VAE_SPECS["vae2.1"], dim=8, dec_dim=8),
+    "vae2.2": replace(VAE_SPECS["vae2.2"], dim=8, dec_dim=8),
+}
+
+# Which VAE each DiT task decodes with (official `vae_checkpoint`).
+TASK_VAE = {"t2v-A14B": "vae2.1", "i2v-A14B": "vae2.1", "ti2v-5B": "vae2.2"}

@@ -1,0 +1,141 @@
+"""Write tiny random Wan checkpoints in the real on-disk layouts, so every loader path runs without downloads.
+
+Layouts: "official" (HF `Wan-AI/Wan2.2-*` repos), "diffusers" (`*-Diffusers` repos) and "comfy" (ComfyUI
+`models/` single files). The networks are the real classes at the tiny sizes of `wanlite.specs`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from wanlite.loading.keymaps import dit_key_to_diffusers
+from wanlite.loading.models import TASK_EXPERTS
+from wanlite.loading.vae_keymap import vae_key_to_diffusers
+from wanlite.models.dit import WanDiT
+from wanlite.models.t5 import build_umt5, official_name_from_umt5, umt5_config
+from wanlite.models.vae import WanVAE
+from wanlite.specs import TASK_VAE, TINY_DIT_SPECS, TINY_T5, TINY_VAE_SPECS, DiTSpec
+from wanlite.testing.tokenizer import write_tiny_tokenizer
+
+LAYOUTS = ("official", "diffusers", "comfy")
+BOUNDARY = {"t2v-A14B": 0.875, "i2v-A14B": 0.9}
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _torch_save(obj, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(obj, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2), encoding="utf-8")
+
+
+def _write_shards(folder: Path, stem: str, tensors: dict[str, torch.Tensor], shards: int = 2):
+    """Split into `stem-0000k-of-0000n.safetensors` plus the `.index.json` the HF loaders read."""
+    keys = list(tensors)
+    per = -(-len(keys) // shards)
+    weight_map = {}
+    for i in range(shards):
+        name = f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: tensors[k] for k in keys[i * per:(i + 1) * per]}
+        _save(part, folder / name)
+        weight_map.update(dict.fromkeys(part, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    _write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, folder / f"{stem}.safetensors.index.json")
+
+
+def official_dit_config(spec: DiTSpec) -> dict:
+    return {"_class_name": "WanModel", "_diffusers_version": "0.33.0", "dim": spec.dim, "eps": spec.eps,
+            "ffn_dim": spec.ffn_dim, "freq_dim": spec.freq_dim, "in_dim": spec.in_dim, "model_type": spec.model_type,
+            "num_heads": spec.num_heads, "num_layers": spec.num_layers, "out_dim": spec.out_dim,
+            "text_len": spec.text_len}
+
+
+def diffusers_dit_config(spec: DiTSpec) -> dict:
+    return {"_class_name": "WanTransformer3DModel", "patch_size": list(spec.patch_size),
+            "num_attention_heads": spec.num_heads, "attention_head_dim": spec.head_dim, "in_channels": spec.in_dim,
+            "out_channels": spec.out_dim, "text_dim": spec.text_dim, "freq_dim": spec.freq_dim,
+            "ffn_dim": spec.ffn_dim, "num_layers": spec.num_layers, "cross_attn_norm": True,
+            "qk_norm": "rms_norm_across_heads", "eps": spec.eps, "image_dim": None, "added_kv_proj_dim": None,
+            "rope_max_seq_len": 1024}
+
+
+def _t5_hf_tensors(t5) -> dict[str, torch.Tensor]:
+    # embed_tokens is tied to `shared`; stored once, as transformers' save_pretrained does
+    return {k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
+
+
+def build_tiny_models(task: str, seed: int = 0):
+    """Random tiny DiT expert(s), VAE and umT5 for `task`, deterministic in `seed`."""
+    torch.manual_seed(seed)
+    spec = TINY_DIT_SPECS[task]
+    dits = {role: WanDiT(spec).eval() for role in TASK_EXPERTS[task]}
+    vae = WanVAE(TINY_VAE_SPECS[TASK_VAE[task]]).eval()
+    t5 = build_umt5(TINY_T5)
+    with torch.no_grad():
+        for p in t5.parameters():
+            p.normal_(0, 0.05)
+    return dits, vae, t5.eval()
+
+
+def write_fixture(task: str, layout: str, out: Path, seed: int = 0) -> Path:
+    """Write a tiny random checkpoint for `task` in `layout` under `out`; returns the folder to load."""
+    if task not in TASK_EXPERTS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASK_EXPERTS)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+    out = Path(out)
+    dits, vae, t5 = build_tiny_models(task, seed)
+    version = TASK_VAE[task][len("vae"):]
+    spec = TINY_DIT_SPECS[task]
+    if layout == "official":
+        for role, dit in dits.items():
+            folder = out if role == "main" else out / f"{role}_model"
+            _write_shards(folder, "diffusion_pytorch_model", dict(dit.state_dict()))  # fp32, as released
+            _write_json(official_dit_config(spec), folder / "config.json")
+        t5_official = {official_name_from_umt5(k): v.to(torch.bfloat16) for k, v in _t5_hf_tensors(t5).items()}
+        _torch_save(t5_official, out / "models_t5_umt5-xxl-enc-bf16.pth")
+        _torch_save(dict(vae.state_dict()), out / f"Wan{version}_VAE.pth")
+        write_tiny_tokenizer(out / "google" / "umt5-xxl", TINY_T5.vocab_size)
+    elif layout == "diffusers":
+        index = {"_class_name": "WanPipeline", "expand_timesteps": task == "ti2v-5B"}
+        if task in BOUNDARY:
+            index["boundary_ratio"] = BOUNDARY[task]
+        _write_json(index, out / "model_index.json")
+        for role, dit in dits.items():
+            folder = out / ("transformer_2" if role == "low_noise" else "transformer")
+            _save({dit_key_to_diffusers(k): v for k, v in dit.state_dict().items()},
+                  folder / "diffusion_pytorch_model.safetensors")
+            _write_json(diffusers_dit_config(spec), folder / "config.json")
+        _save(_t5_hf_tensors(t5), out / "text_encoder" / "model.safetensors")
+        _write_json(umt5_config(TINY_T5).to_dict(), out / "text_encoder" / "config.json")
+        write_tiny_tokenizer(out / "tokenizer", TINY_T5.vocab_size)
+        _save({vae_key_to_diffusers(k): v for k, v in vae.state_dict().items()},
+              out / "vae" / "diffusion_pytorch_model.safetensors")
+        _write_json({"_class_name": "AutoencoderKLWan", "z_dim": vae.spec.z_dim}, out / "vae" / "config.json")
+    else:
+        kind = task.split("-")[0]
+        for role, dit in dits.items():
+            name = (f"wan2.2_{kind}_{role}_14B_fp16.safetensors" if role != "main"
+                    else "wan2.2_ti2v_5B_fp16.safetensors")
+            _save({f"model.diffusion_model.{k}": v.half() for k, v in dit.state_dict().items()},
+                  out / "diffusion_models" / name)
+        _save({k: v.half() for k, v in _t5_hf_tensors(t5).items()}, out / "text_encoders" / "umt5_xxl_fp16.safetensors")
+        write_tiny_tokenizer(out / "text_encoders" / "umt5-xxl", TINY_T5.vocab_size)
+        vae_name = "wan_2.1_vae.safetensors" if version == "2.1" else "wan2.2_vae.safetensors"
+        _save(dict(vae.state_dict()), out / "vae" / vae_name)
+    return out
