@@ -4,15 +4,33 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-
-# torchao's CUDA-only extensions print load failures on every import on machines without CUDA.
-os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "0" if os.environ.get("CUDA_VISIBLE_DEVICES") else "1")
 
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
+
+
+def info_video(path: str, as_json: bool) -> int:
+    from pathlib import Path
+
+    from wanlite.errors import WanliteError
+    from wanlite.pipelines.video_io import read_mp4_metadata
+
+    if not Path(path).is_file():
+        raise WanliteError(f"{path} does not exist")
+    try:
+        meta = read_mp4_metadata(Path(path))
+    except ValueError as exc:
+        raise WanliteError(str(exc)) from None
+    if meta is None:
+        raise WanliteError(f"{path} carries no wanlite settings (not made by wanlite, or re-encoded)")
+    if as_json:
+        print(json.dumps(meta, indent=1, ensure_ascii=False))
+    else:
+        for key, value in meta.items():
+            print(f"{key:16s} {value}")
+    return 0
 
 
 def cmd_info(args) -> int:
@@ -20,6 +38,10 @@ def cmd_info(args) -> int:
     from wanlite.errors import WanliteError
     from wanlite.quant import FORMATS, weight_bytes
 
+    if args.file is not None:
+        return info_video(args.file, args.json)
+    if args.arch is None:
+        raise WanliteError("wanlite info needs FILE.mp4 or --arch NAME")
     if args.arch not in ARCHS:
         raise WanliteError(f"unknown --arch {args.arch!r}; choose one of {', '.join(ARCHS)}")
     shapes = manifest(args.arch)
@@ -42,16 +64,102 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from wanlite.loading.checkpoints import discover
+    from wanlite.loading.models import check_checkpoint
+
+    ckpt = discover(args.ckpt_dir)
+    found = check_checkpoint(ckpt, args.task)
+    table = Table(title=f"{args.task} checkpoint in {ckpt.root}")
+    for col in ("component", "layout", "files", "stored as", "parameters"):
+        table.add_column(col)
+    for label, comp, prepared in found:
+        dtypes = sorted({str(d).replace("torch.", "") for d in prepared.source.dtypes().values()})
+        params = sum(p.numel() for p in prepared.model.parameters())
+        where = comp.where.relative_to(ckpt.root) if comp.where != ckpt.root else comp.where.name
+        table.add_row(label, comp.layout, f"{len(comp.files)} x {where}", ",".join(dtypes), f"{params:,}")
+    table.add_row("tokenizer", "", str(ckpt.tokenizer.relative_to(ckpt.root)), "", "")
+    Console().print(table)
+    print(f"ok: every {args.task} component is present and its tensor names and shapes match")
+    return 0
+
+
+def _guide_scale(text: str | None):
+    from wanlite.errors import WanliteError
+
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise WanliteError(f"--sample_guide_scale {text!r} must be a number or LOW,HIGH") from None
+    if len(values) not in (1, 2):
+        raise WanliteError(f"--sample_guide_scale {text!r} must be a number or LOW,HIGH")
+    return (values[0], values[-1])
+
+
+def cmd_generate(args) -> int:
+    from pathlib import Path
+
+    from wanlite.pipelines.progress import ProgressPrinter
+    from wanlite.pipelines.request import Request, parse_size
+    from wanlite.pipelines.run import generate
+
+    request = Request(
+        task=args.task, prompt=args.prompt, ckpt_dir=Path(args.ckpt_dir), negative_prompt=args.negative_prompt,
+        image=None if args.image is None else Path(args.image),
+        size=None if args.size is None else parse_size(args.size), frames=args.frame_num,
+        steps=args.sample_steps, shift=args.sample_shift, guide_scale=_guide_scale(args.sample_guide_scale),
+        solver=args.sample_solver, seed=args.base_seed, device=args.device, dtype=args.dtype,
+        save_file=None if args.save_file is None else Path(args.save_file), output_dir=Path(args.output_dir),
+        preview=args.preview, t5_cpu=args.t5_cpu)
+    with ProgressPrinter() as progress:
+        result = generate(request, progress=progress)
+    print(f"wrote {result.path}" + (f" and {result.preview}" if result.preview else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from wanlite import __version__
 
     parser = argparse.ArgumentParser(prog="wanlite", description="Wan2.2 video generation on consumer GPUs.")
     parser.add_argument("--version", action="version", version=f"wanlite {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="sizes and state-dict manifest of a full-size architecture (no memory used)")
-    info.add_argument("--arch", required=True, help="t2v-A14B, i2v-A14B, ti2v-5B, vae2.1, vae2.2, umt5-xxl-encoder")
+    info = sub.add_parser("info", help="settings stored in a wanlite mp4, or sizes and manifest of an architecture")
+    info.add_argument("file", nargs="?", help="an mp4 written by wanlite generate")
+    info.add_argument("--arch", help="t2v-A14B, i2v-A14B, ti2v-5B, vae2.1, vae2.2, umt5-xxl-encoder")
     info.add_argument("--json", action="store_true", help="print JSON including the full {key: shape} manifest")
     info.set_defaults(func=cmd_info)
+    gen = sub.add_parser("generate", help="generate a video (official generate.py flags are accepted)")
+    gen.add_argument("--task", required=True, help="t2v-A14B, i2v-A14B or ti2v-5B")
+    gen.add_argument("--ckpt_dir", required=True, help="checkpoint folder (official, diffusers or ComfyUI files)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative_prompt", default=None, help="default: the official negative prompt")
+    gen.add_argument("--image", default=None, help="input image (i2v-A14B: required; ti2v-5B: optional)")
+    gen.add_argument("--size", default=None, help="WIDTH*HEIGHT, e.g. 1280*720 (default: the task's)")
+    gen.add_argument("--frame_num", type=int, default=None, help="frames, 4k+1 (default: the task's)")
+    gen.add_argument("--sample_solver", default=None, choices=["unipc", "dpm++", "euler"])
+    gen.add_argument("--sample_steps", type=int, default=None)
+    gen.add_argument("--sample_shift", type=float, default=None)
+    gen.add_argument("--sample_guide_scale", default=None, help="one value, or LOW,HIGH for the two A14B experts")
+    gen.add_argument("--base_seed", type=int, default=-1, help="-1 picks a random seed (stored in the mp4)")
+    gen.add_argument("--save_file", default=None, help="output .mp4 path (default: a new name in --output-dir)")
+    gen.add_argument("--output-dir", default="outputs")
+    gen.add_argument("--preview", action="store_true", help="also write a contact-sheet PNG beside the mp4")
+    gen.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    gen.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    gen.add_argument("--t5_cpu", action="store_true", help="run the text encoder on the CPU")
+    # Official flags accepted for muscle memory; wanlite's own memory handling decides what they mean.
+    gen.add_argument("--offload_model", default=None, help=argparse.SUPPRESS)
+    gen.add_argument("--convert_model_dtype", action="store_true", help=argparse.SUPPRESS)
+    gen.set_defaults(func=cmd_generate)
+    check = sub.add_parser("check", help="find and verify a checkpoint folder for a task (headers and shapes only)")
+    check.add_argument("--task", required=True, choices=["t2v-A14B", "i2v-A14B", "ti2v-5B"])
+    check.add_argument("--ckpt_dir", required=True, help="checkpoint folder (official, diffusers or ComfyUI files)")
+    check.set_defaults(func=cmd_check)
     return parser
 
 

@@ -1,7 +1,15 @@
 """wanlite: the Wan2.2 video generation suite on consumer GPUs."""
+import os
 from pathlib import Path
 
+import torch
+
 from wanlite._version import __version__
+
+# torchao (imported by transformers and the quant backends) tries to load CUDA-only extensions and logs two
+# failures on every import with a CPU-only torch; skip them only when this torch has no CUDA at all.
+if torch.version.cuda is None:
+    os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 
 # In a source checkout (or an editable install) `cli.py` lives beside the package folder; make it
 # importable as `wanlite.cli`. An installed wheel carries wanlite/cli.py and skips this.
@@ -9,4 +17,17 @@ _checkout = Path(__file__).resolve().parent.parent
 if (_checkout / "pyproject.toml").is_file() and (_checkout / "cli.py").is_file():
     __path__.append(str(_checkout))
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "generate", "Request", "TASKS"]
+
+
+def __getattr__(name: str):
+    # the public API, imported on first use so `import wanlite` stays light
+    if name in ("generate", "Request"):
+        from wanlite.pipelines import request, run
+
+        return {"generate": run.generate, "Request": request.Request}[name]
+    if name == "TASKS":
+        from wanlite.specs import TASKS
+
+        return TASKS
+    raise AttributeError(f"module 'wanlite' has no attribute {name!r}")

@@ -130,5 +130,49 @@ TINY_VAE_SPECS = {
     "vae2.2": replace(VAE_SPECS["vae2.2"], dim=8, dec_dim=8),
 }
 
-# Which VAE each DiT task decodes with (official `vae_checkpoint`).
-TASK_VAE = {"t2v-A14B": "vae2.1", "i2v-A14B": "vae2.1", "ti2v-5B": "vae2.2"}
+# The official negative prompt (`wan_shared_cfg.sample_neg_prompt`), used whenever none is given.
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，"
+    "杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything that makes one Wan task different from another; the generation loop reads only this."""
+
+    name: str
+    dit: str  # key of DIT_SPECS
+    vae: str  # key of VAE_SPECS
+    experts: tuple[str, ...]  # ("high_noise", "low_noise") for MoE, ("main",) otherwise
+    conditioning: str  # "text", "image_concat" (I2V-A14B channels) or "first_frame" (TI2V latent frame 0)
+    image: str  # "forbidden" | "required" | "optional"
+    steps: int
+    shift: float
+    guide_scale: tuple[float, float]  # (low noise, high noise), the official tuple order
+    frames: int
+    fps: int
+    size: tuple[int, int]  # default (width, height)
+    sizes: tuple[tuple[int, int], ...]  # official presets
+    boundary: float | None = None  # switch to the low-noise expert once t < boundary * 1000
+    solver: str = "unipc"
+
+    @property
+    def stride(self) -> int:
+        """Pixel multiple that width and height must respect: VAE stride x DiT patch."""
+        return VAE_SPECS[self.vae].stride[1] * DIT_SPECS[self.dit].patch_size[1]
+
+
+_A14B_SIZES = ((1280, 720), (720, 1280), (832, 480), (480, 832))
+TASKS = {
+    "t2v-A14B": TaskSpec("t2v-A14B", "t2v-A14B", "vae2.1", ("high_noise", "low_noise"), "text", "forbidden",
+                         steps=40, shift=12.0, guide_scale=(3.0, 4.0), frames=81, fps=16, size=(1280, 720),
+                         sizes=_A14B_SIZES, boundary=0.875),
+    "i2v-A14B": TaskSpec("i2v-A14B", "i2v-A14B", "vae2.1", ("high_noise", "low_noise"), "image_concat", "required",
+                         steps=40, shift=5.0, guide_scale=(3.5, 3.5), frames=81, fps=16, size=(1280, 720),
+                         sizes=_A14B_SIZES, boundary=0.900),
+    "ti2v-5B": TaskSpec("ti2v-5B", "ti2v-5B", "vae2.2", ("main",), "first_frame", "optional",
+                        steps=50, shift=5.0, guide_scale=(5.0, 5.0), frames=121, fps=24, size=(1280, 704),
+                        sizes=((1280, 704), (704, 1280))),
+}

@@ -3,21 +3,20 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
 from wanlite.errors import CheckpointError
 from wanlite.loading.checkpoints import CheckpointSet, Component
 from wanlite.loading.keymaps import dit_key_from_diffusers, strip_comfy_prefix
-from wanlite.loading.stream import load_into, open_source
+from wanlite.loading.stream import PthSource, SafetensorsSource, check_against, load_into, open_source
 from wanlite.loading.vae_keymap import vae_key_from_diffusers
 from wanlite.models.blocks import keeps_fp32
 from wanlite.models.dit import WanDiT
-from wanlite.specs import DIT_SPECS, MODEL_TYPE_CHANNELS, TASK_VAE, VAE_SPECS, DiTSpec, VAESpec
+from wanlite.specs import DIT_SPECS, MODEL_TYPE_CHANNELS, TASKS, VAE_SPECS, DiTSpec, VAESpec
 
-TASK_EXPERTS = {"t2v-A14B": ("high_noise", "low_noise"), "i2v-A14B": ("high_noise", "low_noise"),
-                "ti2v-5B": ("main",)}
 _BLOCK_INDEX = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -57,22 +56,42 @@ def _task_name_for(spec: DiTSpec) -> str:
     return spec.model_type
 
 
-def load_dit(comp: Component, task: str, dtype: torch.dtype = torch.bfloat16) -> WanDiT:
-    """Stream one DiT (or one A14B expert) into a meta-built WanDiT; weights land directly in `dtype`."""
+@dataclass
+class Prepared:
+    """A component built on meta with its opened source: check it (no data read) or load it."""
+
+    model: torch.nn.Module
+    source: SafetensorsSource | PthSource
+    rename: Callable[[str], str | None]
+    what: str
+
+    def check(self) -> None:
+        check_against(self.model, self.source, self.rename, self.what)
+
+    def load(self, dtype_for: Callable[[str, torch.dtype], torch.dtype]) -> torch.nn.Module:
+        load_into(self.model, self.source, self.rename, dtype_for, self.what)
+        return self.model.eval().requires_grad_(False)
+
+
+def prepare_dit(comp: Component, task: str) -> Prepared:
+    """Read the DiT's shapes, check it is the task's model type, build it on meta."""
     source = open_source(list(comp.files))
     rename = _dit_rename(comp)
     shapes = {rename(k): s for k, s in source.shapes().items()}
     spec = dit_spec_from_shapes(shapes, comp.config, comp.where)
-    want = DIT_SPECS[task]
+    want = DIT_SPECS[TASKS[task].dit]
     if spec.model_type != want.model_type:
         raise CheckpointError(
             f"{comp.where}: holds a {_task_name_for(spec)} transformer ({spec.in_dim} in / {spec.out_dim} out "
             f"channels) but --task {task} needs {want.in_dim} in / {want.out_dim} out; use the {task} checkpoint")
     with torch.device("meta"):
         dit = WanDiT(spec)
-    load_into(dit, source, rename, lambda name, _: torch.float32 if keeps_fp32(name) else dtype,
-              f"{task} transformer")
-    return dit.eval().requires_grad_(False)
+    return Prepared(dit, source, rename, f"{task} transformer")
+
+
+def load_dit(comp: Component, task: str, dtype: torch.dtype = torch.bfloat16) -> WanDiT:
+    """Stream one DiT (or one A14B expert) into a meta-built WanDiT; weights land directly in `dtype`."""
+    return prepare_dit(comp, task).load(lambda name, _: torch.float32 if keeps_fp32(name) else dtype)
 
 
 def vae_spec_from_shapes(shapes: dict[str, tuple[int, ...]], where) -> VAESpec:
@@ -88,26 +107,63 @@ def vae_spec_from_shapes(shapes: dict[str, tuple[int, ...]], where) -> VAESpec:
     return replace(base, dim=enc_dim, dec_dim=dec_dim)
 
 
-def load_vae(comp: Component, task: str, dtype: torch.dtype = torch.float32):
-    """Stream a Wan VAE; the task decides which VAE version is acceptable."""
+def prepare_vae(comp: Component, task: str) -> Prepared:
+    """Read the VAE's shapes, check it is the version the task decodes with, build it on meta."""
     from wanlite.models.vae import WanVAE
 
     source = open_source(list(comp.files))
     rename = vae_key_from_diffusers if comp.naming == "diffusers" else strip_comfy_prefix
     spec = vae_spec_from_shapes({rename(k): s for k, s in source.shapes().items()}, comp.where)
-    want = VAE_SPECS[TASK_VAE[task]]
+    want = VAE_SPECS[TASKS[task].vae]
     if spec.version != want.version:
         raise CheckpointError(f"{comp.where}: is the Wan{spec.version} VAE but --task {task} decodes with the "
                               f"Wan{want.version} VAE (Wan{want.version}_VAE.pth)")
     with torch.device("meta"):
         vae = WanVAE(spec)
-    load_into(vae, source, rename, lambda name, stored: dtype, f"Wan{spec.version} VAE")
-    return vae.eval().requires_grad_(False)
+    return Prepared(vae, source, rename, f"Wan{spec.version} VAE")
+
+
+def load_vae(comp: Component, task: str, dtype: torch.dtype = torch.float32):
+    """Stream a Wan VAE (fp32 by default, as the reference runs it)."""
+    return prepare_vae(comp, task).load(lambda name, stored: dtype)
+
+
+def prepare_t5(comp: Component) -> Prepared:
+    """Read the umT5 encoder's shapes (official `.pth` or HF names), build transformers' UMT5 on meta."""
+    from wanlite.models.t5 import build_umt5, t5_spec_from_shapes, umt5_name_from_official
+
+    source = open_source(list(comp.files))
+    rename = umt5_name_from_official if comp.naming == "official" else strip_comfy_prefix
+    spec = t5_spec_from_shapes({rename(k): s for k, s in source.shapes().items()})
+    with torch.device("meta"):
+        model = build_umt5(spec)
+    return Prepared(model, source, rename, "umT5 encoder")
+
+
+def check_checkpoint(ckpt: CheckpointSet, task: str) -> list[tuple[str, Component, Prepared]]:
+    """Every component `task` needs, found, recognised and shape-checked against the task (no data read)."""
+    found = [(f"transformer ({role.replace('_', '-')})" if role != "main" else "transformer", comp,
+              prepare_dit(comp, task)) for role, comp in expert_components(ckpt, task).items()]
+    if ckpt.t5 is None:
+        raise CheckpointError(f"{ckpt.root}: no umT5 text encoder found (models_t5_umt5-xxl-enc-bf16.pth, "
+                              "a diffusers text_encoder/ folder or a ComfyUI umt5_xxl file)")
+    if ckpt.vae is None:
+        want = VAE_SPECS[TASKS[task].vae].version
+        raise CheckpointError(f"{ckpt.root}: no VAE found (Wan{want}_VAE.pth, a diffusers vae/ folder or a "
+                              "ComfyUI VAE file)")
+    if ckpt.tokenizer is None:
+        raise CheckpointError(f"{ckpt.root}: no umT5 tokenizer found; put the google/umt5-xxl tokenizer files "
+                              "(tokenizer.json or spiece.model) in a folder inside it")
+    found.append(("text encoder", ckpt.t5, prepare_t5(ckpt.t5)))
+    found.append(("vae", ckpt.vae, prepare_vae(ckpt.vae, task)))
+    for _, _, prepared in found:
+        prepared.check()
+    return found
 
 
 def expert_components(ckpt: CheckpointSet, task: str) -> dict[str, Component]:
     """The DiT component(s) the task needs, by role; one clear error naming what is missing."""
-    roles = TASK_EXPERTS[task]
+    roles = TASKS[task].experts
     if roles == ("main",):
         if len(ckpt.dits) == 1:
             return {"main": next(iter(ckpt.dits.values()))}

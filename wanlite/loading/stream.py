@@ -115,16 +115,14 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(module_path) if module_path else model), leaf
 
 
-def load_into(
+def check_against(
     model: nn.Module,
     source: SafetensorsSource | PthSource,
     rename: Callable[[str], str | None],
-    dtype_for: Callable[[str, torch.dtype], torch.dtype],
     what: str,
-) -> nn.Module:
-    """Materialize `model` (built on meta) from `source`; `rename` maps a checkpoint key to a state-dict name
-    (None drops it); `dtype_for(name, stored_dtype)` picks each parameter's dtype. Raises CheckpointError
-    naming the file for unknown, missing or wrongly shaped tensors before reading any data."""
+) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """Match a checkpoint against a meta-built `model` without reading tensor data: every key known, every
+    shape right, nothing missing. Returns the (checkpoint key, state-dict name) pairs and the tied aliases."""
     expected: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}  # tied weights (umT5's embed_tokens is `shared`): load once, share after
     canonical_of: dict[int, str] = {}
@@ -135,8 +133,7 @@ def load_into(
             canonical_of[id(t)] = name
             expected[name] = t
     where = source.paths[0] if len(source.paths) == 1 else source.paths[0].parent
-    stored_dtypes = source.dtypes()
-    plan: list[tuple[str, str, torch.Tensor]] = []
+    pairs: list[tuple[str, str]] = []
     seen: set[str] = set()
     for key, shape in source.shapes().items():
         name = rename(key)
@@ -155,21 +152,34 @@ def load_into(
             raise CheckpointError(
                 f"{where}: tensor {key!r} has shape {tuple(shape)} but a {what} needs {want}; "
                 "the checkpoint belongs to another model")
-        plan.append((key, name, None))
+        pairs.append((key, name))
     missing = [n for n in expected if n not in seen]
     if missing:
         raise CheckpointError(
             f"{where}: {len(missing)} tensors of the {what} are missing (first: {missing[0]!r}); "
             "the checkpoint is incomplete or for another model")
+    return pairs, aliases
+
+
+def load_into(
+    model: nn.Module,
+    source: SafetensorsSource | PthSource,
+    rename: Callable[[str], str | None],
+    dtype_for: Callable[[str, torch.dtype], torch.dtype],
+    what: str,
+) -> nn.Module:
+    """Materialize `model` (built on meta) from `source`; `rename` maps a checkpoint key to a state-dict name
+    (None drops it); `dtype_for(name, stored_dtype)` picks each parameter's dtype. Everything is checked
+    (`check_against`) before the first byte of tensor data is read."""
+    pairs, aliases = check_against(model, source, rename, what)
+    meta = model.state_dict(keep_vars=True)
+    stored_dtypes = source.dtypes()
     destinations = []
-    for key, name, _ in plan:
-        meta_t = expected[name]
-        if not meta_t.dtype.is_floating_point:
-            dtype = meta_t.dtype
-        else:
-            dtype = dtype_for(name, stored_dtypes[key])
+    for key, name in pairs:
+        meta_t = meta[name]
+        dtype = dtype_for(name, stored_dtypes[key]) if meta_t.dtype.is_floating_point else meta_t.dtype
         destinations.append((key, torch.empty(meta_t.shape, dtype=dtype)))
-    names = {key: name for key, name, _ in plan}
+    names = dict(pairs)
     for key, tensor in source.fill(destinations):
         owner, leaf = _owner(model, names[key])
         if leaf in owner._parameters:

@@ -2,13 +2,13 @@
 import argparse
 import sys
 
-from wanlite.loading.models import TASK_EXPERTS
+from wanlite.specs import TASKS
 from wanlite.testing.fixtures import LAYOUTS, write_fixture
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wanlite.testing", description=__doc__)
-    parser.add_argument("--task", required=True, choices=sorted(TASK_EXPERTS))
+    parser.add_argument("--task", required=True, choices=sorted(TASKS))
     parser.add_argument("--layout", required=True, choices=LAYOUTS)
     parser.add_argument("--out", required=True, help="folder to write (created if missing)")
     parser.add_argument("--seed", type=int, default=0)

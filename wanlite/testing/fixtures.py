@@ -13,12 +13,11 @@ import torch
 from safetensors.torch import save_file
 
 from wanlite.loading.keymaps import dit_key_to_diffusers
-from wanlite.loading.models import TASK_EXPERTS
 from wanlite.loading.vae_keymap import vae_key_to_diffusers
 from wanlite.models.dit import WanDiT
 from wanlite.models.t5 import build_umt5, official_name_from_umt5, umt5_config
 from wanlite.models.vae import WanVAE
-from wanlite.specs import TASK_VAE, TINY_DIT_SPECS, TINY_T5, TINY_VAE_SPECS, DiTSpec
+from wanlite.specs import TASKS, TINY_DIT_SPECS, TINY_T5, TINY_VAE_SPECS, DiTSpec
 from wanlite.testing.tokenizer import write_tiny_tokenizer
 
 LAYOUTS = ("official", "diffusers", "comfy")
@@ -83,8 +82,8 @@ def build_tiny_models(task: str, seed: int = 0):
     """Random tiny DiT expert(s), VAE and umT5 for `task`, deterministic in `seed`."""
     torch.manual_seed(seed)
     spec = TINY_DIT_SPECS[task]
-    dits = {role: WanDiT(spec).eval() for role in TASK_EXPERTS[task]}
-    vae = WanVAE(TINY_VAE_SPECS[TASK_VAE[task]]).eval()
+    dits = {role: WanDiT(spec).eval() for role in TASKS[task].experts}
+    vae = WanVAE(TINY_VAE_SPECS[TASKS[task].vae]).eval()
     t5 = build_umt5(TINY_T5)
     with torch.no_grad():
         for p in t5.parameters():
@@ -94,13 +93,13 @@ def build_tiny_models(task: str, seed: int = 0):
 
 def write_fixture(task: str, layout: str, out: Path, seed: int = 0) -> Path:
     """Write a tiny random checkpoint for `task` in `layout` under `out`; returns the folder to load."""
-    if task not in TASK_EXPERTS:
-        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASK_EXPERTS)}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
     out = Path(out)
     dits, vae, t5 = build_tiny_models(task, seed)
-    version = TASK_VAE[task][len("vae"):]
+    version = TINY_VAE_SPECS[TASKS[task].vae].version
     spec = TINY_DIT_SPECS[task]
     if layout == "official":
         for role, dit in dits.items():

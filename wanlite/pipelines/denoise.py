@@ -1,0 +1,76 @@
+"""The one Denoiser every task uses: CFG batched in one forward, the MoE expert switch, TI2V's clean frame 0.
+
+Samplers only ever call `denoiser(x, sigma, step) -> x0`; everything task-specific lives here, driven by the
+TaskSpec, so a new task never needs a new loop.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from wanlite.specs import TaskSpec
+
+
+@dataclass
+class Conditioning:
+    """What the task's conditioners produced for one request."""
+
+    context: list[torch.Tensor]  # [cond, uncond] text embeddings, each [L_i, text_dim]
+    y: torch.Tensor | None = None  # I2V-A14B: [1, 20, F, h, w] mask + image latent, concatenated on channels
+    first_frame: torch.Tensor | None = None  # TI2V with an image: clean latent of frame 0, [1, C, 1, h, w]
+
+
+class Denoiser:
+    """x0-prediction for the flow samplers: picks the expert by timestep, runs cond+uncond as one batch of 2
+    (weights are streamed once per step), applies the expert's guide scale and returns x - sigma * v."""
+
+    def __init__(self, task: TaskSpec, experts: Callable[[str], torch.nn.Module], cond: Conditioning,
+                 timesteps: list[int], guide_scale: tuple[float, float],
+                 on_expert: Callable[[str, int], None] | None = None):
+        self.task = task
+        self.timesteps = timesteps  # the integer model timesteps of the sampler's grid, one per step
+        self.experts = experts  # role -> model; may load lazily (only one expert needs to be resident)
+        self.cond = cond
+        self.guide_scale = guide_scale
+        self.on_expert = on_expert
+        self.active: str | None = None
+
+    def expert_for(self, t: int) -> str:
+        """Official rule: the high-noise expert while t >= boundary * 1000."""
+        if self.task.boundary is None:
+            return self.task.experts[0]
+        return "high_noise" if t >= self.task.boundary * 1000 else "low_noise"
+
+    def schedule(self) -> list[str]:
+        """The expert of every step, known before sampling starts (so offload can prefetch the next one)."""
+        return [self.expert_for(t) for t in self.timesteps]
+
+    def guide_for(self, role: str) -> float:
+        low, high = self.guide_scale
+        return high if role == "high_noise" else low
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step: int) -> torch.Tensor:
+        t = self.timesteps[step]
+        role = self.expert_for(t)
+        if role != self.active:
+            self.active = role
+            if self.on_expert is not None:
+                self.on_expert(role, step)
+        model = self.experts(role)
+        b, _, frames = x.shape[:3]
+        if self.cond.first_frame is not None:
+            x = torch.cat([self.cond.first_frame.to(x.dtype), x[:, :, 1:]], dim=2)
+            timestep = torch.full((2 * b, frames), float(t), device=x.device)
+            timestep[:, 0] = 0.0  # frame 0 is clean: its tokens see timestep 0
+        else:
+            timestep = torch.full((2 * b,), float(t), device=x.device)
+        y = None if self.cond.y is None else self.cond.y.repeat(2 * b // self.cond.y.shape[0], 1, 1, 1, 1)
+        context = [c.to(x.device) for c in self.cond.context[:1] * b + self.cond.context[1:] * b]
+        v_cond, v_uncond = model(torch.cat([x, x]), timestep, context, y=y).float().chunk(2)
+        v = v_uncond + self.guide_for(role) * (v_cond - v_uncond)
+        x0 = x.float() - float(sigma) * v
+        if self.cond.first_frame is not None:
+            x0[:, :, :1] = self.cond.first_frame.float()
+        return x0

@@ -1,0 +1,124 @@
+"""A generation request, validated once into resolved settings with one-line errors (exit code 2)."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from wanlite.errors import WanliteError
+from wanlite.specs import DEFAULT_NEGATIVE_PROMPT, TASKS, TaskSpec
+
+SOLVERS = ("unipc", "dpm++", "euler")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the user asked for; None means the task's official default."""
+
+    task: str
+    prompt: str
+    ckpt_dir: Path
+    negative_prompt: str | None = None
+    image: Path | None = None
+    size: tuple[int, int] | None = None  # (width, height)
+    frames: int | None = None
+    steps: int | None = None
+    shift: float | None = None
+    guide_scale: tuple[float, float] | None = None  # (low noise, high noise)
+    solver: str | None = None
+    seed: int = -1
+    device: str = "auto"
+    dtype: str = "bf16"
+    save_file: Path | None = None
+    output_dir: Path = Path("outputs")
+    preview: bool = False
+    t5_cpu: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved generation settings: written into the mp4 and enough to reproduce the video."""
+
+    task: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    shift: float
+    guide_scale: tuple[float, float]
+    solver: str
+    size: tuple[int, int]
+    frames: int
+    fps: int
+    image: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'1280*720' (official) or '1280x720' -> (width, height)."""
+    for sep in ("*", "x", "X"):
+        if sep in text:
+            w, _, h = text.partition(sep)
+            if w.strip().isdigit() and h.strip().isdigit():
+                return int(w), int(h)
+    raise WanliteError(f"--size {text!r} is not WIDTH*HEIGHT, e.g. 1280*720")
+
+
+def nearest_multiples(value: int, step: int) -> str:
+    low = value // step * step
+    return str(step) if low < step else f"{low} or {low + step}"
+
+
+def task_spec(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise WanliteError(f"unknown --task {name!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def check_size(task: TaskSpec, size: tuple[int, int]) -> None:
+    stride = task.stride
+    w, h = size
+    bad = [(side, v) for side, v in (("width", w), ("height", h)) if v <= 0 or v % stride]
+    if bad:
+        side, v = bad[0]
+        raise WanliteError(f"--size {w}*{h}: {side} {v} is not a multiple of {stride} for {task.name}; "
+                           f"nearest valid {side}s: {nearest_multiples(v, stride)}")
+
+
+def check_frames(frames: int) -> None:
+    if frames < 1 or (frames - 1) % 4:
+        low = max(1, (frames - 1) // 4 * 4 + 1)
+        raise WanliteError(f"--frame_num {frames} must be 4k+1 (the VAE packs 4 frames per latent); "
+                           f"nearest valid values: {low} or {low + 4}")
+
+
+def resolve(req: Request, seed: int) -> Settings:
+    """Validate a request against its task and fill the official defaults."""
+    task = task_spec(req.task)
+    if task.image == "forbidden" and req.image is not None:
+        raise WanliteError(f"--image is not used by {task.name} (text-to-video); use i2v-A14B or ti2v-5B")
+    if task.image == "required" and req.image is None:
+        raise WanliteError(f"{task.name} animates an image: pass --image PATH")
+    if req.image is not None and not Path(req.image).is_file():
+        raise WanliteError(f"--image {req.image} does not exist")
+    size = req.size or task.size
+    check_size(task, size)
+    frames = task.frames if req.frames is None else req.frames
+    check_frames(frames)
+    steps = task.steps if req.steps is None else req.steps
+    if steps < 1:
+        raise WanliteError(f"--sample_steps {steps} must be at least 1")
+    shift = task.shift if req.shift is None else req.shift
+    if not shift > 0 or not math.isfinite(shift):
+        raise WanliteError(f"--sample_shift {shift} must be a positive number")
+    solver = req.solver or task.solver
+    if solver not in SOLVERS:
+        raise WanliteError(f"--sample_solver {solver!r} is unknown; choose one of {', '.join(SOLVERS)}")
+    guide = req.guide_scale or task.guide_scale
+    negative = req.negative_prompt if req.negative_prompt else DEFAULT_NEGATIVE_PROMPT
+    return Settings(task=task.name, prompt=req.prompt, negative_prompt=negative, seed=seed, steps=steps,
+                    shift=shift, guide_scale=tuple(guide), solver=solver, size=tuple(size), frames=frames,
+                    fps=task.fps, image=None if req.image is None else str(req.image))

@@ -1,0 +1,220 @@
+"""generate(request) -> mp4: the one data flow every task shares (encode text, condition, denoise, decode, write)."""
+from __future__ import annotations
+
+import gc
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wanlite import __version__
+from wanlite.errors import WanliteError
+from wanlite.loading.checkpoints import CheckpointSet, Component, discover
+from wanlite.loading.models import check_checkpoint, expert_components, load_dit, load_vae
+from wanlite.pipelines.denoise import Conditioning, Denoiser
+from wanlite.pipelines.request import Request, Settings, resolve
+from wanlite.specs import TASKS, TaskSpec
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+Progress = Callable[[dict], None]
+
+
+@dataclass
+class GenerationResult:
+    path: Path
+    frames: np.ndarray  # uint8 [F, H, W, 3]
+    settings: Settings
+    preview: Path | None = None
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise WanliteError(f"--device {name!r} is not a device; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise WanliteError("--device cuda was asked for but this torch has no CUDA GPU; install a CUDA build of "
+                           "torch (README) or use --device cpu")
+    return device
+
+
+def release(*models) -> None:
+    """Drop the last references and give the memory back before the next component needs it."""
+    for m in models:
+        if m is not None:
+            m.to("meta")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class ExpertPool:
+    """Loads the expert a step needs and releases the other: only one A14B expert is resident at a time."""
+
+    def __init__(self, components: dict[str, Component], task: str, dtype: torch.dtype, device: torch.device):
+        self.components, self.task, self.dtype, self.device = components, task, dtype, device
+        self.role: str | None = None
+        self.model: torch.nn.Module | None = None
+
+    def __call__(self, role: str) -> torch.nn.Module:
+        if role != self.role:
+            self.close()
+            self.model = load_dit(self.components[role], self.task, self.dtype).to(self.device)
+            self.role = role
+        return self.model
+
+    def close(self) -> None:
+        release(self.model)
+        self.model, self.role = None, None
+
+
+def encode_text(ckpt: CheckpointSet, prompts: list[str], device: torch.device, dtype: torch.dtype,
+                text_len: int, emit: Progress) -> list[torch.Tensor]:
+    """Run umT5 once for [prompt, negative prompt], then free it before the DiT needs the memory."""
+    from wanlite.loading.t5 import load_umt5
+    from wanlite.models.t5 import TextEncoder, load_tokenizer
+
+    tokenizer = load_tokenizer(ckpt.tokenizer)
+    model = load_umt5(list(ckpt.t5.files), dtype=dtype).to(device)
+    encoder = TextEncoder(tokenizer, model, text_len=text_len)
+    for which, prompt in zip(("prompt", "negative prompt"), prompts):
+        n = encoder.count_tokens(prompt)
+        if n > text_len:
+            emit({"event": "warning",
+                  "message": f"the {which} has {n} tokens; only the first {text_len} are used"})
+    with torch.no_grad():
+        context = [c.float().cpu() for c in encoder.encode(prompts, device=device)]
+    release(model)
+    return context
+
+
+def _output_path(req: Request, settings: Settings) -> Path:
+    from wanlite.pipelines.video_io import unique_path
+
+    if req.save_file is not None:
+        path = Path(req.save_file)
+        if path.suffix.lower() != ".mp4":
+            raise WanliteError(f"--save_file {path} must end in .mp4")
+        return path
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", settings.prompt)[:40].strip("_") or "video"
+    w, h = settings.size
+    return unique_path(Path(req.output_dir), f"{settings.task}_{w}x{h}_{slug}_{settings.seed}")
+
+
+def _condition(task: TaskSpec, ckpt: CheckpointSet, settings: Settings, device: torch.device, emit: Progress):
+    """Load the VAE and build the image conditioning the task needs; returns (vae, y, first_frame, size)."""
+    from wanlite.pipelines.conditioning import (best_output_size, first_frame_latent, i2v_condition, load_image,
+                                                max_area_size)
+
+    vae = load_vae(ckpt.vae, task.name).to(device)
+    size, y, first = settings.size, None, None
+    if settings.image is not None:
+        image = load_image(Path(settings.image))
+        max_area = size[0] * size[1]
+        emit({"event": "stage", "name": "encode image"})
+        with torch.no_grad():
+            if task.conditioning == "image_concat":
+                size = max_area_size(image.size, max_area, vae.spec.stride[1], 2)
+                y = i2v_condition(vae, image, size, settings.frames)
+            else:
+                size = best_output_size(image.size, max_area, task.stride)
+                first = first_frame_latent(vae, image, size)
+    return vae, y, first, size
+
+
+def generate(request: Request | None = None, progress: Progress | None = None, **kwargs) -> GenerationResult:
+    """Generate one video and write it as mp4.
+
+    Args:
+        request: a `Request`, or pass its fields as keyword arguments (task, prompt, ckpt_dir, ...).
+        progress: optional callback receiving event dicts (stages, steps with expert phase and timing).
+
+    Example:
+        >>> from wanlite import generate
+        >>> result = generate(task="ti2v-5B", prompt="a red square moving right", ckpt_dir="Wan2.2-TI2V-5B")
+        >>> result.path, result.frames.shape
+    """
+    from wanlite.pipelines.samplers import SAMPLERS, make_sigmas, model_timesteps
+    from wanlite.pipelines.video_io import contact_sheet, write_mp4
+
+    req = request if request is not None else Request(**kwargs)
+    emit = progress or (lambda event: None)
+    seed = req.seed if req.seed >= 0 else secrets.randbelow(2**31)
+    settings = resolve(req, seed)
+    task = TASKS[settings.task]
+    if req.dtype not in DTYPES:
+        raise WanliteError(f"--dtype {req.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+    dtype, device = DTYPES[req.dtype], pick_device(req.device)
+    out_path = _output_path(req, settings)
+
+    ckpt = discover(req.ckpt_dir)
+    check_checkpoint(ckpt, task.name)  # every component present and the right shape before any work
+    experts = expert_components(ckpt, task.name)
+
+    emit({"event": "stage", "name": "encode text"})
+    t5_device = torch.device("cpu") if req.t5_cpu else device
+    text_len = load_text_len(experts)
+    context = encode_text(ckpt, [settings.prompt, settings.negative_prompt], t5_device, dtype, text_len, emit)
+
+    vae, y, first_frame, size = _condition(task, ckpt, settings, device, emit)
+    if size != settings.size:
+        settings = Settings(**{**settings.to_dict(), "size": size})
+    w, h = size
+    vt, vs, _ = vae.spec.stride
+    latent_shape = (1, vae.spec.z_dim, (settings.frames - 1) // vt + 1, h // vs, w // vs)
+    noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    vae.to("cpu")  # the DiT gets the device to itself while denoising
+
+    sigmas = make_sigmas(settings.solver, settings.steps, settings.shift)
+    timesteps = model_timesteps(sigmas).tolist()
+    pool = ExpertPool(experts, task.name, dtype, device)
+    cond = Conditioning(context=context, y=None if y is None else y.to(device),
+                        first_frame=None if first_frame is None else first_frame.to(device))
+    denoiser = Denoiser(task, pool, cond, timesteps, settings.guide_scale,
+                        on_expert=lambda role, step: emit({"event": "expert", "role": role, "step": step}))
+    schedule = denoiser.schedule()
+    started = time.perf_counter()
+
+    def on_step(info: dict) -> None:
+        i = info["i"]
+        role = schedule[i]
+        emit({"event": "step", "i": i + 1, "total": len(schedule), "role": role,
+              "role_i": schedule[: i + 1].count(role), "role_total": schedule.count(role),
+              "elapsed": time.perf_counter() - started})
+
+    emit({"event": "stage", "name": "denoise", "schedule": schedule})
+    x = noise.to(device)
+    if first_frame is not None:
+        x[:, :, :1] = first_frame
+    with torch.no_grad():
+        x = SAMPLERS[settings.solver](denoiser, x, sigmas, callback=on_step)
+        if first_frame is not None:
+            x[:, :, :1] = first_frame
+    pool.close()
+
+    emit({"event": "stage", "name": "decode"})
+    vae.to(device)
+    with torch.no_grad():
+        video = vae.decode(x.float())[0]  # [3, F, H, W] in [-1, 1]
+    release(vae)
+    frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+
+    metadata = {**settings.to_dict(), "wanlite": __version__,
+                "plan": {"device": str(device), "dtype": req.dtype, "t5_device": str(t5_device)}}
+    path = write_mp4(frames, out_path, settings.fps, metadata)
+    preview = contact_sheet(frames, path.with_suffix(".png")) if req.preview else None
+    emit({"event": "done", "path": str(path)})
+    return GenerationResult(path, frames, settings, preview)
+
+
+def load_text_len(experts: dict[str, Component]) -> int:
+    """Text rows the DiT pads to (512 for every released model; from config.json when present)."""
+    comp = next(iter(experts.values()))
+    return int(comp.config.get("text_len", 512))

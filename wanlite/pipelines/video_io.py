@@ -1,0 +1,125 @@
+"""mp4 in and out through imageio-ffmpeg's bundled ffmpeg: H.264 yuv420p, faststart, settings as JSON metadata.
+
+Files are written to a temporary name in the target folder and renamed when complete, so an interrupted run
+never leaves a half-written video under the real name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+METADATA_KEY = "comment"
+
+
+def unique_path(folder: Path, stem: str, suffix: str = ".mp4") -> Path:
+    """`folder/stem.mp4`, or `stem_1.mp4`, `stem_2.mp4`, ... : a default name never overwrites a file."""
+    candidate = Path(folder) / f"{stem}{suffix}"
+    n = 1
+    while candidate.exists():
+        candidate = Path(folder) / f"{stem}_{n}{suffix}"
+        n += 1
+    return candidate
+
+
+def _temp_name(path: Path) -> Path:
+    # keep the real extension last: ffmpeg picks the container from it
+    return path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+
+
+def write_mp4(frames: np.ndarray, path: Path, fps: int, metadata: dict | None = None,
+              audio: Path | None = None, crf: int = 18) -> Path:
+    """frames: uint8 [F, H, W, 3] (even H and W). Writes H.264 yuv420p with +faststart and JSON metadata."""
+    import imageio_ffmpeg
+
+    frames = np.ascontiguousarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {frames.shape}")
+    f, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"yuv420p needs an even width and height, got {w}x{h}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path)
+    params = ["-crf", str(crf), "-movflags", "+faststart"]
+    if metadata is not None:
+        params += ["-metadata", f"{METADATA_KEY}={json.dumps(metadata, ensure_ascii=False, separators=(',', ':'))}"]
+    writer = imageio_ffmpeg.write_frames(
+        str(tmp), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p", macro_block_size=1,
+        output_params=params, audio_path=None if audio is None else str(audio),
+        audio_codec=None if audio is None else "aac")
+    try:
+        writer.send(None)
+        for frame in frames:
+            writer.send(frame)
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _unescape_ffmetadata(value: str) -> str:
+    out, escaped = [], False
+    for ch in value:
+        if escaped:
+            out.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def read_mp4_metadata(path: Path) -> dict | None:
+    """The settings JSON a wanlite mp4 carries, or None when the file has none."""
+    import imageio_ffmpeg
+
+    run = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata", "-"],
+                         capture_output=True, text=True, encoding="utf-8", errors="replace")
+    if run.returncode != 0:
+        raise ValueError(f"{path}: ffmpeg cannot read it ({run.stderr.strip().splitlines()[-1:] or ['?']})")
+    for line in run.stdout.splitlines():
+        if line.startswith(METADATA_KEY + "="):
+            try:
+                return json.loads(_unescape_ffmetadata(line[len(METADATA_KEY) + 1:]))
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def read_mp4(path: Path) -> tuple[np.ndarray, dict]:
+    """Decode every frame: uint8 [F, H, W, 3] and ffmpeg's stream info (fps, size, ...)."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    info = next(reader)
+    w, h = info["size"]
+    frames = [np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3) for buf in reader]
+    return np.stack(frames), info
+
+
+def contact_sheet(frames: np.ndarray, path: Path, columns: int = 4, max_frames: int = 16) -> Path:
+    """A PNG grid of evenly spaced frames, for a quick look without a video player."""
+    from PIL import Image
+
+    idx = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int)
+    picked = frames[idx]
+    rows = -(-len(picked) // columns)
+    cols = min(columns, len(picked))
+    h, w = picked.shape[1:3]
+    sheet = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    for i, frame in enumerate(picked):
+        r, c = divmod(i, cols)
+        sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = frame
+    path = Path(path)
+    tmp = _temp_name(path)
+    Image.fromarray(sheet).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
