@@ -12,7 +12,6 @@ from wanlite.errors import CheckpointError
 from wanlite.loading.checkpoints import CheckpointSet, Component
 from wanlite.loading.keymaps import dit_key_from_diffusers, strip_comfy_prefix
 from wanlite.loading.stream import PthSource, SafetensorsSource, check_against, load_into, open_source
-from wanlite.loading.vae_keymap import vae_key_from_diffusers
 from wanlite.models.blocks import keeps_fp32
 from wanlite.models.dit import WanDiT
 from wanlite.specs import DIT_SPECS, MODEL_TYPE_CHANNELS, TASKS, VAE_SPECS, DiTSpec, VAESpec
@@ -109,10 +108,14 @@ def vae_spec_from_shapes(shapes: dict[str, tuple[int, ...]], where) -> VAESpec:
 
 def prepare_vae(comp: Component, task: str) -> Prepared:
     """Read the VAE's shapes, check it is the version the task decodes with, build it on meta."""
+    from wanlite.loading.vae_keymap import is_wan22_diffusers, vae_key_from_diffusers
     from wanlite.models.vae import WanVAE
 
     source = open_source(list(comp.files))
-    rename = vae_key_from_diffusers if comp.naming == "diffusers" else strip_comfy_prefix
+    rename = strip_comfy_prefix
+    if comp.naming == "diffusers":
+        wan22 = is_wan22_diffusers(source.shapes())
+        rename = lambda key: vae_key_from_diffusers(key, wan22)  # noqa: E731
     spec = vae_spec_from_shapes({rename(k): s for k, s in source.shapes().items()}, comp.where)
     want = VAE_SPECS[TASKS[task].vae]
     if spec.version != want.version:

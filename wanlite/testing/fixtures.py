@@ -123,7 +123,7 @@ def write_fixture(task: str, layout: str, out: Path, seed: int = 0) -> Path:
         _save(_t5_hf_tensors(t5), out / "text_encoder" / "model.safetensors")
         _write_json(umt5_config(TINY_T5).to_dict(), out / "text_encoder" / "config.json")
         write_tiny_tokenizer(out / "tokenizer", TINY_T5.vocab_size)
-        _save({vae_key_to_diffusers(k): v for k, v in vae.state_dict().items()},
+        _save({vae_key_to_diffusers(k, version == "2.2"): v for k, v in vae.state_dict().items()},
               out / "vae" / "diffusion_pytorch_model.safetensors")
         _write_json({"_class_name": "AutoencoderKLWan", "z_dim": vae.spec.z_dim}, out / "vae" / "config.json")
     else:
