@@ -7,9 +7,8 @@ from safetensors.torch import save_file
 
 from wanlite.errors import CheckpointError
 from wanlite.loading.checkpoints import discover
-from wanlite.loading.models import expert_components, load_dit, load_vae
+from wanlite.loading.models import expert_components, load_dit, load_t5, load_vae
 from wanlite.loading.safetensors_file import SafetensorsFile, read_header
-from wanlite.loading.t5 import load_umt5
 from wanlite.models.blocks import keeps_fp32
 from wanlite.testing.fixtures import build_tiny_models, write_fixture
 
@@ -36,10 +35,10 @@ def test_every_layout_loads_every_component_exactly(fixtures, task, layout):
         loaded = load_dit(comp, task, dtype=torch.float32)
         for name, ref in dits[role].state_dict().items():
             assert torch.equal(loaded.state_dict()[name], ref.to(stored).float()), (role, name)
-    loaded_vae = load_vae(ckpt.vae, task)
+    loaded_vae = load_vae(ckpt.vae, task)  # fp32 in every fixture layout
     for name, ref in vae.state_dict().items():
-        assert torch.equal(loaded_vae.state_dict()[name], ref.to(stored).float()), name
-    loaded_t5 = load_umt5(list(ckpt.t5.files), dtype=torch.float32)
+        assert torch.equal(loaded_vae.state_dict()[name], ref), name
+    loaded_t5 = load_t5(ckpt.t5, dtype=torch.float32)
     t5_stored = torch.bfloat16 if layout == "official" else stored  # the official .pth is bf16
     for name, ref in t5.state_dict().items():
         assert torch.equal(loaded_t5.state_dict()[name], ref.to(t5_stored).float()), name
@@ -166,7 +165,10 @@ def test_header_validation(tmp_path, header, data, message):
 def test_header_length_beyond_file(tmp_path):
     f = tmp_path / "x.safetensors"
     f.write_bytes(struct.pack("<Q", 10**9) + b"{}")
-    with pytest.raises(CheckpointError, match="does not fit"):
+    with pytest.raises(CheckpointError, match="beyond the format's limit"):
+        read_header(f)
+    f.write_bytes(struct.pack("<Q", 5000) + b"{}")
+    with pytest.raises(CheckpointError, match="truncated: its header alone needs 5008 bytes"):
         read_header(f)
 
 

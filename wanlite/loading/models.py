@@ -143,6 +143,11 @@ def prepare_t5(comp: Component) -> Prepared:
     return Prepared(model, source, rename, "umT5 encoder")
 
 
+def load_t5(comp: Component, dtype: torch.dtype = torch.bfloat16):
+    """Stream the umT5 encoder into transformers' UMT5EncoderModel built on meta; every weight lands in `dtype`."""
+    return prepare_t5(comp).load(lambda name, stored: dtype)
+
+
 def check_checkpoint(ckpt: CheckpointSet, task: str) -> list[tuple[str, Component, Prepared]]:
     """Every component `task` needs, found, recognised and shape-checked against the task (no data read)."""
     found = [(f"transformer ({role.replace('_', '-')})" if role != "main" else "transformer", comp,

@@ -48,8 +48,11 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             if len(head) < 8:
                 raise _bad(path, f"only {size} bytes long")
             (header_len,) = struct.unpack("<Q", head)
-            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                raise _bad(path, f"header of {header_len} bytes does not fit in a file of {size} bytes")
+            if header_len > MAX_HEADER_BYTES:
+                raise _bad(path, f"header length {header_len} is beyond the format's limit")
+            if 8 + header_len > size:
+                raise CheckpointError(f"{path}: truncated: its header alone needs {8 + header_len} bytes but the "
+                                      f"file holds {size}; the download is incomplete, re-download it")
             raw = f.read(header_len)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None

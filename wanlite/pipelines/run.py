@@ -15,7 +15,7 @@ import torch
 from wanlite import __version__
 from wanlite.errors import WanliteError
 from wanlite.loading.checkpoints import CheckpointSet, Component, discover
-from wanlite.loading.models import check_checkpoint, expert_components, load_dit, load_vae
+from wanlite.loading.models import check_checkpoint, expert_components, load_dit, load_t5, load_vae
 from wanlite.pipelines.denoise import Conditioning, Denoiser
 from wanlite.pipelines.request import Request, Settings, resolve
 from wanlite.specs import TASKS, TaskSpec
@@ -78,11 +78,10 @@ class ExpertPool:
 def encode_text(ckpt: CheckpointSet, prompts: list[str], device: torch.device, dtype: torch.dtype,
                 text_len: int, emit: Progress) -> list[torch.Tensor]:
     """Run umT5 once for [prompt, negative prompt], then free it before the DiT needs the memory."""
-    from wanlite.loading.t5 import load_umt5
     from wanlite.models.t5 import TextEncoder, load_tokenizer
 
     tokenizer = load_tokenizer(ckpt.tokenizer)
-    model = load_umt5(list(ckpt.t5.files), dtype=dtype).to(device)
+    model = load_t5(ckpt.t5, dtype).to(device)
     encoder = TextEncoder(tokenizer, model, text_len=text_len)
     for which, prompt in zip(("prompt", "negative prompt"), prompts):
         n = encoder.count_tokens(prompt)

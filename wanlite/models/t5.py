@@ -1,0 +1,139 @@
+"""The umT5-XXL text encoder: transformers' `UMT5EncoderModel`, fed official `.pth` weights through a key map
+(official `wan/modules/t5.py` names <-> transformers names), plus prompt cleaning and trimming to true length."""
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+
+import torch
+
+from wanlite.errors import CheckpointError
+from wanlite.specs import T5Spec
+
+# official (`models_t5_umt5-xxl-enc-bf16.pth`) -> transformers UMT5EncoderModel, per block
+_BLOCK_MAP = {
+    "norm1.weight": "layer.0.layer_norm.weight",
+    "attn.q.weight": "layer.0.SelfAttention.q.weight",
+    "attn.k.weight": "layer.0.SelfAttention.k.weight",
+    "attn.v.weight": "layer.0.SelfAttention.v.weight",
+    "attn.o.weight": "layer.0.SelfAttention.o.weight",
+    "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
+    "norm2.weight": "layer.1.layer_norm.weight",
+    "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",
+    "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",
+    "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
+}
+_TOP_MAP = {"token_embedding.weight": "shared.weight", "norm.weight": "encoder.final_layer_norm.weight"}
+_BLOCK_INVERSE = {v: k for k, v in _BLOCK_MAP.items()}
+_TOP_INVERSE = {v: k for k, v in _TOP_MAP.items()}
+_OFFICIAL_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_HF_BLOCK = re.compile(r"^encoder\.block\.(\d+)\.(.+)$")
+
+
+def umt5_name_from_official(key: str) -> str:
+    if key in _TOP_MAP:
+        return _TOP_MAP[key]
+    m = _OFFICIAL_BLOCK.match(key)
+    if m and m[2] in _BLOCK_MAP:
+        return f"encoder.block.{m[1]}.{_BLOCK_MAP[m[2]]}"
+    return key  # unknown keys are reported by the loader, naming the file
+
+
+def official_name_from_umt5(name: str) -> str | None:
+    """Inverse map; the tied `encoder.embed_tokens.weight` (same tensor as `shared`) has no official name."""
+    if name == "encoder.embed_tokens.weight":
+        return None
+    if name in _TOP_INVERSE:
+        return _TOP_INVERSE[name]
+    m = _HF_BLOCK.match(name)
+    if m and m[2] in _BLOCK_INVERSE:
+        return f"blocks.{m[1]}.{_BLOCK_INVERSE[m[2]]}"
+    return name
+
+
+def umt5_config(spec: T5Spec):
+    from transformers import UMT5Config
+
+    return UMT5Config(
+        vocab_size=spec.vocab_size, d_model=spec.d_model, d_kv=spec.d_kv, d_ff=spec.d_ff, num_layers=spec.num_layers,
+        num_heads=spec.num_heads, relative_attention_num_buckets=spec.relative_attention_num_buckets,
+        relative_attention_max_distance=spec.relative_attention_max_distance, feed_forward_proj="gated-gelu",
+        layer_norm_epsilon=1e-6, dropout_rate=0.0, pad_token_id=0, eos_token_id=1, is_encoder_decoder=False)
+
+
+def build_umt5(spec: T5Spec):
+    """An encoder-only UMT5 (works under `with torch.device("meta")`)."""
+    from transformers import UMT5EncoderModel
+
+    return UMT5EncoderModel(umt5_config(spec)).eval()
+
+
+def official_umt5_manifest(spec: T5Spec) -> dict[str, list[int]]:
+    """The state dict of the official `.pth` ({official key: shape}), computed on meta."""
+    with torch.device("meta"):
+        model = build_umt5(spec)
+    out = {}
+    for name, t in model.state_dict().items():
+        official = official_name_from_umt5(name)
+        if official is not None:
+            out[official] = list(t.shape)
+    return out
+
+
+def t5_spec_from_shapes(shapes: dict[str, tuple[int, ...]]) -> T5Spec:
+    """Read the encoder's hyper-parameters off transformers-named shapes."""
+    try:
+        vocab, d_model = shapes["shared.weight"]
+        buckets, heads = shapes["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+        inner = shapes["encoder.block.0.layer.0.SelfAttention.q.weight"][0]
+        d_ff = shapes["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0]
+    except (KeyError, ValueError):
+        raise CheckpointError("the text encoder file is not a umT5 encoder (missing embedding, attention or FFN "
+                              "tensors)") from None
+    layers = 1 + max(int(m[1]) for k in shapes if (m := _HF_BLOCK.match(k)))
+    return T5Spec(vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_layers=layers,
+                  num_heads=heads, relative_attention_num_buckets=buckets)
+
+
+def clean_prompt(text: str) -> str:
+    """Official `clean='whitespace'`: fix mojibake when ftfy is installed, unescape HTML twice, collapse spaces."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def load_tokenizer(folder: Path):
+    """The umT5 tokenizer from a local folder (`google/umt5-xxl/` or diffusers `tokenizer/`); never downloads."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: cannot load the umT5 tokenizer ({str(exc).splitlines()[0][:120]})") from None
+
+
+class TextEncoder:
+    """Prompts -> per-prompt umT5 embeddings [L_i, d_model], trimmed to their true length (with EOS)."""
+
+    def __init__(self, tokenizer, model, text_len: int = 512):
+        self.tokenizer, self.model, self.text_len = tokenizer, model, text_len
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer(clean_prompt(prompt), add_special_tokens=True)["input_ids"])
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], device=None) -> list[torch.Tensor]:
+        # padding only to the longest prompt: padded positions are masked, so real tokens come out the same
+        # as with the reference's 512-token padding, at a fraction of the cost
+        batch = self.tokenizer([clean_prompt(p) for p in prompts], padding="longest", truncation=True,
+                               max_length=self.text_len, add_special_tokens=True, return_tensors="pt")
+        device = device or next(self.model.parameters()).device
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return [h[: int(n)] for h, n in zip(hidden, mask.sum(dim=1))]
