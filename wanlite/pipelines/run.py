@@ -172,7 +172,7 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     vae.to("cpu")  # the DiT gets the device to itself while denoising
 
     sigmas = make_sigmas(settings.solver, settings.steps, settings.shift)
-    timesteps = model_timesteps(sigmas).tolist()
+    timesteps = model_timesteps(settings.solver, settings.steps, settings.shift).tolist()
     pool = ExpertPool(experts, task.name, dtype, device)
     cond = Conditioning(context=context, y=None if y is None else y.to(device),
                         first_frame=None if first_frame is None else first_frame.to(device))
