@@ -1,4 +1,5 @@
 """wanlite: the Wan2.2 video generation suite on consumer GPUs."""
+import logging
 import os
 from pathlib import Path
 
@@ -10,6 +11,9 @@ from wanlite._version import __version__
 # failures on every import with a CPU-only torch; skip them only when this torch has no CUDA at all.
 if torch.version.cuda is None:
     os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+    logging.getLogger("torchao").setLevel(logging.ERROR)  # it would announce that skip on every import
+# torchao registers Enums with pytree, which torch 2.13 reports as deprecated on every import: not actionable
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 # In a source checkout (or an editable install) `cli.py` lives beside the package folder; make it
 # importable as `wanlite.cli`. An installed wheel carries wanlite/cli.py and skips this.

@@ -178,8 +178,9 @@ def expert_components(ckpt: CheckpointSet, task: str) -> dict[str, Component]:
         if not ckpt.dits:
             raise CheckpointError(f"{ckpt.root}: no Wan transformer weights found for {task} "
                                   "(expected diffusion_pytorch_model*.safetensors or a ComfyUI .safetensors file)")
-        raise CheckpointError(f"{ckpt.root}: {len(ckpt.dits)} transformers found; {task} uses one — "
-                              "point --ckpt_dir at a single model")
+        roles = " and ".join(sorted(r.replace("_", "-") for r in ckpt.dits))
+        raise CheckpointError(f"{ckpt.root}: holds {len(ckpt.dits)} transformers ({roles}) but {task} uses one; "
+                              "point --ckpt_dir at the folder of that model")
     missing = [r for r in roles if r not in ckpt.dits]
     if missing:
         role = missing[0].replace("_", "-")

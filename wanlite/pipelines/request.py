@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from wanlite.errors import WanliteError
@@ -51,7 +51,6 @@ class Settings:
     frames: int
     fps: int
     image: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

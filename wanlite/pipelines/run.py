@@ -107,15 +107,14 @@ def _output_path(req: Request, settings: Settings) -> Path:
     return unique_path(Path(req.output_dir), f"{settings.task}_{w}x{h}_{slug}_{settings.seed}")
 
 
-def _condition(task: TaskSpec, ckpt: CheckpointSet, settings: Settings, device: torch.device, emit: Progress):
+def _condition(task: TaskSpec, ckpt: CheckpointSet, settings: Settings, image, device: torch.device,
+               emit: Progress):
     """Load the VAE and build the image conditioning the task needs; returns (vae, y, first_frame, size)."""
-    from wanlite.pipelines.conditioning import (best_output_size, first_frame_latent, i2v_condition, load_image,
-                                                max_area_size)
+    from wanlite.pipelines.conditioning import best_output_size, first_frame_latent, i2v_condition, max_area_size
 
     vae = load_vae(ckpt.vae, task.name).to(device)
     size, y, first = settings.size, None, None
-    if settings.image is not None:
-        image = load_image(Path(settings.image))
+    if image is not None:
         max_area = size[0] * size[1]
         emit({"event": "stage", "name": "encode image"})
         with torch.no_grad():
@@ -140,6 +139,7 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
         >>> result = generate(task="ti2v-5B", prompt="a red square moving right", ckpt_dir="Wan2.2-TI2V-5B")
         >>> result.path, result.frames.shape
     """
+    from wanlite.pipelines.conditioning import load_image
     from wanlite.pipelines.samplers import SAMPLERS, make_sigmas, model_timesteps
     from wanlite.pipelines.video_io import contact_sheet, write_mp4
 
@@ -152,6 +152,7 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
         raise WanliteError(f"--dtype {req.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
     dtype, device = DTYPES[req.dtype], pick_device(req.device)
     out_path = _output_path(req, settings)
+    image = None if settings.image is None else load_image(Path(settings.image))  # fail before any loading
 
     ckpt = discover(req.ckpt_dir)
     check_checkpoint(ckpt, task.name)  # every component present and the right shape before any work
@@ -162,7 +163,7 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     text_len = load_text_len(experts)
     context = encode_text(ckpt, [settings.prompt, settings.negative_prompt], t5_device, dtype, text_len, emit)
 
-    vae, y, first_frame, size = _condition(task, ckpt, settings, device, emit)
+    vae, y, first_frame, size = _condition(task, ckpt, settings, image, device, emit)
     if size != settings.size:
         settings = Settings(**{**settings.to_dict(), "size": size})
     w, h = size
