@@ -5,68 +5,58 @@ import re
 
 COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
-# diffusers `WanTransformer3DModel` -> official, applied in order (inverse of diffusers'
-# TRANSFORMER_KEYS_RENAME_DICT). diffusers swapped the names of the two LayerNorms: its affine `norm2` is the
-# official cross-attention `norm3`.
-_DIT_FROM_DIFFUSERS = [
-    (re.compile(r"^condition_embedder\.time_embedder\.linear_1\."), "time_embedding.0."),
-    (re.compile(r"^condition_embedder\.time_embedder\.linear_2\."), "time_embedding.2."),
-    (re.compile(r"^condition_embedder\.text_embedder\.linear_1\."), "text_embedding.0."),
-    (re.compile(r"^condition_embedder\.text_embedder\.linear_2\."), "text_embedding.2."),
-    (re.compile(r"^condition_embedder\.time_proj\."), "time_projection.1."),
-    (re.compile(r"^scale_shift_table$"), "head.modulation"),
-    (re.compile(r"^proj_out\."), "head.head."),
-    (re.compile(r"^(blocks\.\d+)\.scale_shift_table$"), r"\1.modulation"),
-    (re.compile(r"^(blocks\.\d+)\.norm2\."), r"\1.norm3."),
-    (re.compile(r"^(blocks\.\d+)\.ffn\.net\.0\.proj\."), r"\1.ffn.0."),
-    (re.compile(r"^(blocks\.\d+)\.ffn\.net\.2\."), r"\1.ffn.2."),
-    (re.compile(r"^(blocks\.\d+)\.attn1\.to_out\.0\."), r"\1.self_attn.o."),
-    (re.compile(r"^(blocks\.\d+)\.attn2\.to_out\.0\."), r"\1.cross_attn.o."),
-    (re.compile(r"^(blocks\.\d+)\.attn1\.to_([qkv])\."), r"\1.self_attn.\2."),
-    (re.compile(r"^(blocks\.\d+)\.attn2\.to_([qkv])\."), r"\1.cross_attn.\2."),
-    (re.compile(r"^(blocks\.\d+)\.attn1\.norm_([qk])\."), r"\1.self_attn.norm_\2."),
-    (re.compile(r"^(blocks\.\d+)\.attn2\.norm_([qk])\."), r"\1.cross_attn.norm_\2."),
+# (official, diffusers `WanTransformer3DModel`) name pairs; `#` is a block index. An entry ending in "." is a
+# prefix, any other a whole key. diffusers swapped the LayerNorm names: its affine `norm2` is the official
+# cross-attention `norm3`.
+_DIT_PAIRS = [
+    ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
+    ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
+    ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
+    ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
+    ("time_projection.1.", "condition_embedder.time_proj."),
+    ("head.modulation", "scale_shift_table"),
+    ("head.head.", "proj_out."),
+    ("blocks.#.modulation", "blocks.#.scale_shift_table"),
+    ("blocks.#.norm3.", "blocks.#.norm2."),
+    ("blocks.#.ffn.0.", "blocks.#.ffn.net.0.proj."),
+    ("blocks.#.ffn.2.", "blocks.#.ffn.net.2."),
+    *[(f"blocks.#.{ours}.{p}.", f"blocks.#.{theirs}.to_{p}.") for ours, theirs in
+      (("self_attn", "attn1"), ("cross_attn", "attn2")) for p in "qkv"],
+    ("blocks.#.self_attn.o.", "blocks.#.attn1.to_out.0."),
+    ("blocks.#.cross_attn.o.", "blocks.#.attn2.to_out.0."),
+    *[(f"blocks.#.{ours}.norm_{p}.", f"blocks.#.{theirs}.norm_{p}.") for ours, theirs in
+      (("self_attn", "attn1"), ("cross_attn", "attn2")) for p in "qk"],
 ]
 
 
-def dit_key_from_diffusers(key: str) -> str:
-    for pattern, repl in _DIT_FROM_DIFFUSERS:
-        new, n = pattern.subn(repl, key)
+def _compile(source: str, target: str) -> tuple[re.Pattern, str]:
+    pattern = "^" + re.escape(source).replace("\\#", r"(\d+)") + ("" if source.endswith(".") else "$")
+    return re.compile(pattern), target.replace("#", r"\1")
+
+
+_FROM_DIFFUSERS = [_compile(theirs, ours) for ours, theirs in _DIT_PAIRS]
+_TO_DIFFUSERS = [_compile(ours, theirs) for ours, theirs in _DIT_PAIRS]
+
+
+def _apply(rules: list[tuple[re.Pattern, str]], key: str) -> str:
+    for pattern, repl in rules:
+        new, n = pattern.subn(repl, key, count=1)
         if n:
             return new
     return key
+
+
+def dit_key_from_diffusers(key: str) -> str:
+    return _apply(_FROM_DIFFUSERS, key)
+
+
+def dit_key_to_diffusers(key: str) -> str:
+    """Official -> diffusers, for writing diffusers-layout files (fixtures, conversions)."""
+    return _apply(_TO_DIFFUSERS, key)
 
 
 def strip_comfy_prefix(key: str) -> str:
     for prefix in COMFY_PREFIXES:
         if key.startswith(prefix):
             return key[len(prefix):]
-    return key
-
-
-# official -> diffusers, for writing diffusers-layout files (fixtures, conversions); inverse of the table above.
-_DIT_TO_DIFFUSERS = [
-    (re.compile(r"^time_embedding\.([02])\."), lambda m: f"condition_embedder.time_embedder.linear_{int(m[1]) // 2 + 1}."),
-    (re.compile(r"^text_embedding\.([02])\."), lambda m: f"condition_embedder.text_embedder.linear_{int(m[1]) // 2 + 1}."),
-    (re.compile(r"^time_projection\.1\."), "condition_embedder.time_proj."),
-    (re.compile(r"^head\.modulation$"), "scale_shift_table"),
-    (re.compile(r"^head\.head\."), "proj_out."),
-    (re.compile(r"^(blocks\.\d+)\.modulation$"), r"\1.scale_shift_table"),
-    (re.compile(r"^(blocks\.\d+)\.norm3\."), r"\1.norm2."),
-    (re.compile(r"^(blocks\.\d+)\.ffn\.0\."), r"\1.ffn.net.0.proj."),
-    (re.compile(r"^(blocks\.\d+)\.ffn\.2\."), r"\1.ffn.net.2."),
-    (re.compile(r"^(blocks\.\d+)\.self_attn\.o\."), r"\1.attn1.to_out.0."),
-    (re.compile(r"^(blocks\.\d+)\.cross_attn\.o\."), r"\1.attn2.to_out.0."),
-    (re.compile(r"^(blocks\.\d+)\.self_attn\.([qkv])\."), r"\1.attn1.to_\2."),
-    (re.compile(r"^(blocks\.\d+)\.cross_attn\.([qkv])\."), r"\1.attn2.to_\2."),
-    (re.compile(r"^(blocks\.\d+)\.self_attn\.norm_([qk])\."), r"\1.attn1.norm_\2."),
-    (re.compile(r"^(blocks\.\d+)\.cross_attn\.norm_([qk])\."), r"\1.attn2.norm_\2."),
-]
-
-
-def dit_key_to_diffusers(key: str) -> str:
-    for pattern, repl in _DIT_TO_DIFFUSERS:
-        new, n = pattern.subn(repl, key)
-        if n:
-            return new
     return key
