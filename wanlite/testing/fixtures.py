@@ -5,15 +5,13 @@ Layouts: "official" (HF `Wan-AI/Wan2.2-*` repos), "diffusers" (`*-Diffusers` rep
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from wanlite.loading.keymaps import dit_key_to_diffusers
 from wanlite.loading.vae_keymap import vae_key_to_diffusers
+from wanlite.loading.writers import save_pth, save_safetensors, write_json, write_shards
 from wanlite.models.dit import WanDiT
 from wanlite.models.t5 import build_umt5, official_name_from_umt5, umt5_config
 from wanlite.models.vae import WanVAE
@@ -22,39 +20,6 @@ from wanlite.testing.tokenizer import write_tiny_tokenizer
 
 LAYOUTS = ("official", "diffusers", "comfy")
 BOUNDARY = {"t2v-A14B": 0.875, "i2v-A14B": 0.9}
-
-
-def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def _torch_save(obj, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(obj, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2), encoding="utf-8")
-
-
-def _write_shards(folder: Path, stem: str, tensors: dict[str, torch.Tensor], shards: int = 2):
-    """Split into `stem-0000k-of-0000n.safetensors` plus the `.index.json` the HF loaders read."""
-    keys = list(tensors)
-    per = -(-len(keys) // shards)
-    weight_map = {}
-    for i in range(shards):
-        name = f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: tensors[k] for k in keys[i * per:(i + 1) * per]}
-        _save(part, folder / name)
-        weight_map.update(dict.fromkeys(part, name))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    _write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, folder / f"{stem}.safetensors.index.json")
 
 
 def official_dit_config(spec: DiTSpec) -> dict:
@@ -104,37 +69,37 @@ def write_fixture(task: str, layout: str, out: Path, seed: int = 0) -> Path:
     if layout == "official":
         for role, dit in dits.items():
             folder = out if role == "main" else out / f"{role}_model"
-            _write_shards(folder, "diffusion_pytorch_model", dict(dit.state_dict()))  # fp32, as released
-            _write_json(official_dit_config(spec), folder / "config.json")
+            write_shards(folder, "diffusion_pytorch_model", dict(dit.state_dict()))  # fp32, as released
+            write_json(official_dit_config(spec), folder / "config.json")
         t5_official = {official_name_from_umt5(k): v.to(torch.bfloat16) for k, v in _t5_hf_tensors(t5).items()}
-        _torch_save(t5_official, out / "models_t5_umt5-xxl-enc-bf16.pth")
-        _torch_save(dict(vae.state_dict()), out / f"Wan{version}_VAE.pth")
+        save_pth(t5_official, out / "models_t5_umt5-xxl-enc-bf16.pth")
+        save_pth(dict(vae.state_dict()), out / f"Wan{version}_VAE.pth")
         write_tiny_tokenizer(out / "google" / "umt5-xxl", TINY_T5.vocab_size)
     elif layout == "diffusers":
         index = {"_class_name": "WanPipeline", "expand_timesteps": task == "ti2v-5B"}
         if task in BOUNDARY:
             index["boundary_ratio"] = BOUNDARY[task]
-        _write_json(index, out / "model_index.json")
+        write_json(index, out / "model_index.json")
         for role, dit in dits.items():
             folder = out / ("transformer_2" if role == "low_noise" else "transformer")
-            _save({dit_key_to_diffusers(k): v for k, v in dit.state_dict().items()},
+            save_safetensors({dit_key_to_diffusers(k): v for k, v in dit.state_dict().items()},
                   folder / "diffusion_pytorch_model.safetensors")
-            _write_json(diffusers_dit_config(spec), folder / "config.json")
-        _save(_t5_hf_tensors(t5), out / "text_encoder" / "model.safetensors")
-        _write_json(umt5_config(TINY_T5).to_dict(), out / "text_encoder" / "config.json")
+            write_json(diffusers_dit_config(spec), folder / "config.json")
+        save_safetensors(_t5_hf_tensors(t5), out / "text_encoder" / "model.safetensors")
+        write_json(umt5_config(TINY_T5).to_dict(), out / "text_encoder" / "config.json")
         write_tiny_tokenizer(out / "tokenizer", TINY_T5.vocab_size)
-        _save({vae_key_to_diffusers(k, version == "2.2"): v for k, v in vae.state_dict().items()},
+        save_safetensors({vae_key_to_diffusers(k, version == "2.2"): v for k, v in vae.state_dict().items()},
               out / "vae" / "diffusion_pytorch_model.safetensors")
-        _write_json({"_class_name": "AutoencoderKLWan", "z_dim": vae.spec.z_dim}, out / "vae" / "config.json")
+        write_json({"_class_name": "AutoencoderKLWan", "z_dim": vae.spec.z_dim}, out / "vae" / "config.json")
     else:
         kind = task.split("-")[0]
         for role, dit in dits.items():
             name = (f"wan2.2_{kind}_{role}_14B_fp16.safetensors" if role != "main"
                     else "wan2.2_ti2v_5B_fp16.safetensors")
-            _save({f"model.diffusion_model.{k}": v.half() for k, v in dit.state_dict().items()},
+            save_safetensors({f"model.diffusion_model.{k}": v.half() for k, v in dit.state_dict().items()},
                   out / "diffusion_models" / name)
-        _save({k: v.half() for k, v in _t5_hf_tensors(t5).items()}, out / "text_encoders" / "umt5_xxl_fp16.safetensors")
+        save_safetensors({k: v.half() for k, v in _t5_hf_tensors(t5).items()}, out / "text_encoders" / "umt5_xxl_fp16.safetensors")
         write_tiny_tokenizer(out / "text_encoders" / "umt5-xxl", TINY_T5.vocab_size)
         vae_name = "wan_2.1_vae.safetensors" if version == "2.1" else "wan2.2_vae.safetensors"
-        _save(dict(vae.state_dict()), out / "vae" / vae_name)
+        save_safetensors(dict(vae.state_dict()), out / "vae" / vae_name)
     return out

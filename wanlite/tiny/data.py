@@ -1,0 +1,94 @@
+"""Procedural training clips for the bundled tiny models: coloured shapes moving on plain backgrounds.
+
+Every clip is a pure function of its seed, so training is reproducible and evaluation knows the ground truth
+(which colour moves where).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 235), "yellow": (235, 220, 50),
+           "white": (245, 245, 245)}
+SHAPES = ("square", "circle")
+MOTIONS = {"moving left": (-1, 0), "moving right": (1, 0), "moving up": (0, -1), "moving down": (0, 1),
+           "standing still": (0, 0)}
+BACKGROUNDS = {"black": (0, 0, 0), "grey": (110, 110, 110)}
+
+
+@dataclass(frozen=True)
+class Sprite:
+    colour: str
+    shape: str
+    motion: str
+    start: tuple[float, float]  # centre (x, y) in pixels at frame 0
+
+
+@dataclass(frozen=True)
+class Clip:
+    sprites: tuple[Sprite, ...]
+    background: str
+    caption: str
+
+
+def caption_for(sprites: tuple[Sprite, ...], background: str) -> str:
+    parts = [f"a {s.colour} {s.shape} {s.motion}" for s in sprites]
+    return " and ".join(parts) + f" on a {background} background"
+
+
+def random_clip(rng: np.random.Generator, size: int, frames: int, speed: float, two_prob: float = 0.25) -> Clip:
+    """One or two sprites with distinct colours; start positions leave room for the whole motion."""
+    count = 2 if rng.random() < two_prob else 1
+    colours = rng.choice(list(COLOURS), size=count, replace=False)
+    background = str(rng.choice(list(BACKGROUNDS)))
+    travel = speed * (frames - 1)
+    sprites = []
+    for colour in colours:
+        motion = str(rng.choice(list(MOTIONS)))
+        dx, dy = MOTIONS[motion]
+        margin = size * 0.16
+        lo_x = margin + (travel if dx < 0 else 0)
+        hi_x = size - margin - (travel if dx > 0 else 0)
+        lo_y = margin + (travel if dy < 0 else 0)
+        hi_y = size - margin - (travel if dy > 0 else 0)
+        start = (float(rng.uniform(lo_x, hi_x)), float(rng.uniform(lo_y, hi_y)))
+        sprites.append(Sprite(str(colour), str(rng.choice(SHAPES)), motion, start))
+    sprites = tuple(sprites)
+    return Clip(sprites, background, caption_for(sprites, background))
+
+
+def render(clip: Clip, size: int, frames: int, speed: float) -> np.ndarray:
+    """uint8 [F, H, W, 3]."""
+    video = np.empty((frames, size, size, 3), np.uint8)
+    video[:] = BACKGROUNDS[clip.background]
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    radius = size * 0.14
+    for f in range(frames):
+        for s in clip.sprites:
+            dx, dy = MOTIONS[s.motion]
+            cx, cy = s.start[0] + dx * speed * f, s.start[1] + dy * speed * f
+            if s.shape == "circle":
+                mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2
+            else:
+                mask = (np.abs(xx - cx) <= radius) & (np.abs(yy - cy) <= radius)
+            video[f][mask] = COLOURS[s.colour]
+    return video
+
+
+def to_model_video(frames: np.ndarray) -> torch.Tensor:
+    """uint8 [F, H, W, 3] -> float [3, F, H, W] in [-1, 1]."""
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+
+
+def centroid_track(frames: np.ndarray, colour: str, tolerance: float = 60.0) -> np.ndarray:
+    """Per-frame (x, y) centroid of the pixels close to `colour`; NaN where the colour is absent."""
+    target = np.array(COLOURS[colour], np.float32)
+    dist = np.linalg.norm(frames.astype(np.float32) - target, axis=-1)  # [F, H, W]
+    track = np.full((len(frames), 2), np.nan)
+    for f, d in enumerate(dist):
+        ys, xs = np.nonzero(d < tolerance)
+        if len(xs) >= 3:
+            track[f] = (xs.mean(), ys.mean())
+    return track
