@@ -122,6 +122,28 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from pathlib import Path
+
+    from wanlite.pipelines.progress import ProgressPrinter
+    from wanlite.pipelines.request import Request
+    from wanlite.pipelines.run import generate
+    from wanlite.pipelines.video_io import unique_path
+    from wanlite.tiny import checkpoint_dir
+
+    out = unique_path(Path(args.output_dir), "demo")
+    request = Request(task=args.task, prompt=args.prompt, ckpt_dir=checkpoint_dir(args.task),
+                      image=None if args.image is None else Path(args.image), seed=args.seed, device=args.device,
+                      dtype="fp32", save_file=out, preview=True)
+    with ProgressPrinter() as progress:
+        result = generate(request, progress=progress)
+    s = result.settings
+    print(f"wrote {result.path} and {result.preview}")
+    print(f"{s.task}: \"{s.prompt}\" seed {s.seed}, {s.size[0]}x{s.size[1]}, {s.frames} frames at {s.fps} fps, "
+          f"{s.steps} {s.solver} steps, shift {s.shift}, guidance {s.guide_scale[0]:g}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from wanlite import __version__
 
@@ -156,8 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--offload_model", default=None, help=argparse.SUPPRESS)
     gen.add_argument("--convert_model_dtype", action="store_true", help=argparse.SUPPRESS)
     gen.set_defaults(func=cmd_generate)
+    demo = sub.add_parser("demo", help="generate a clip with the bundled tiny model (no download, CPU is fine)")
+    demo.add_argument("--prompt", default="a red square moving right on a black background")
+    demo.add_argument("--task", default="tiny-t2v", choices=["tiny-t2v", "tiny-ti2v"])
+    demo.add_argument("--image", default=None, help="first frame for tiny-ti2v (image-to-video)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--device", default="auto")
+    demo.add_argument("--output-dir", default=".", help="demo.mp4 (or demo_N.mp4) and its PNG go here")
+    demo.set_defaults(func=cmd_demo)
     check = sub.add_parser("check", help="find and verify a checkpoint folder for a task (headers and shapes only)")
-    check.add_argument("--task", required=True, choices=["t2v-A14B", "i2v-A14B", "ti2v-5B"])
+    check.add_argument("--task", required=True, choices=["t2v-A14B", "i2v-A14B", "ti2v-5B", "tiny-t2v", "tiny-ti2v"])
     check.add_argument("--ckpt_dir", required=True, help="checkpoint folder (official, diffusers or ComfyUI files)")
     check.set_defaults(func=cmd_check)
     return parser

@@ -157,6 +157,7 @@ class TaskSpec:
     sizes: tuple[tuple[int, int], ...]  # official presets
     boundary: float | None = None  # switch to the low-noise expert once t < boundary * 1000
     solver: str = "unipc"
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
 
     @property
     def stride(self) -> int:
@@ -176,3 +177,11 @@ TASKS = {
                         steps=50, shift=5.0, guide_scale=(5.0, 5.0), frames=121, fps=24, size=(1280, 704),
                         sizes=((1280, 704), (704, 1280))),
 }
+
+# The bundled tiny models (wanlite.tiny): real architectures at toy sizes, trained here on coloured shapes.
+TASKS["tiny-t2v"] = TaskSpec("tiny-t2v", "t2v-A14B", "vae2.1", ("high_noise", "low_noise"), "text", "forbidden",
+                             steps=20, shift=5.0, guide_scale=(4.0, 4.0), frames=17, fps=8, size=(64, 64),
+                             sizes=((64, 64),), boundary=0.875, negative_prompt="")
+TASKS["tiny-ti2v"] = TaskSpec("tiny-ti2v", "ti2v-5B", "vae2.2", ("main",), "first_frame", "optional",
+                              steps=20, shift=5.0, guide_scale=(4.0, 4.0), frames=17, fps=8, size=(128, 128),
+                              sizes=((128, 128),), negative_prompt="")

@@ -174,7 +174,8 @@ def discover(path: Path) -> CheckpointSet:
             continue
         kind, naming, prefixed = kind_naming
         folder = group[0].parent
-        if prefixed or (len(group) == 1 and kind == "dit" and folder.name not in EXPERT_DIRS):
+        lone_file = len(group) == 1 and not SHARD_NAME.match(group[0].name)  # a one-shard set is still a set
+        if prefixed or (lone_file and kind == "dit" and folder.name not in EXPERT_DIRS):
             layout = "comfy"
         elif naming in ("diffusers", "hf") and (folder.parent / "model_index.json").is_file():
             layout = "diffusers"

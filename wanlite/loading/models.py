@@ -103,7 +103,12 @@ def vae_spec_from_shapes(shapes: dict[str, tuple[int, ...]], where) -> VAESpec:
     z_dim = _need(shapes, "conv2.weight", where)[0]
     if z_dim != base.z_dim:
         raise CheckpointError(f"{where}: latent width {z_dim} does not match the Wan{version} VAE ({base.z_dim})")
-    return replace(base, dim=enc_dim, dec_dim=dec_dim)
+    # every encoder stage holds num_res_blocks residual blocks (the real VAEs 2, the bundled tiny ones fewer)
+    blocks = sum(1 for k in shapes if k.startswith("encoder.downsamples.") and k.endswith("residual.0.gamma"))
+    num_res_blocks, rest = divmod(blocks, len(base.dim_mult))
+    if rest or not num_res_blocks:
+        raise CheckpointError(f"{where}: {blocks} encoder residual blocks do not fit a Wan{version} VAE")
+    return replace(base, dim=enc_dim, dec_dim=dec_dim, num_res_blocks=num_res_blocks)
 
 
 def prepare_vae(comp: Component, task: str) -> Prepared:

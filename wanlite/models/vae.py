@@ -376,8 +376,9 @@ class WanVAE(nn.Module):
         mean, std = self._stats(mu)
         return (mu - mean) / std
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """normalised latents [B, z, T, h, w] -> video [B, 3, 1 + 4(T-1), h*s, w*s] clamped to [-1, 1]."""
+    def decode(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """normalised latents [B, z, T, h, w] -> video [B, 3, 1 + 4(T-1), h*s, w*s] clamped to [-1, 1].
+        Training passes clamp=False: the clamp has no gradient outside [-1, 1]."""
         if latents.ndim != 5 or latents.shape[1] != self.spec.z_dim:
             raise ValueError(f"decode takes latents [B, {self.spec.z_dim}, T, h, w], got {tuple(latents.shape)}")
         z = latents.to(self.conv2.weight.dtype)
@@ -388,4 +389,5 @@ class WanVAE(nn.Module):
         for i in range(x.shape[2]):
             cache.start_chunk()
             outs.append(self.decoder(x[:, :, i:i + 1], cache, first_chunk=i == 0))
-        return self._unpatchify(torch.cat(outs, dim=2)).clamp(-1, 1)
+        video = self._unpatchify(torch.cat(outs, dim=2))
+        return video.clamp(-1, 1) if clamp else video

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from wanlite.errors import WanliteError
-from wanlite.specs import DEFAULT_NEGATIVE_PROMPT, TASKS, TaskSpec
+from wanlite.specs import TASKS, TaskSpec
 
 SOLVERS = ("unipc", "dpm++", "euler")
 
@@ -117,7 +117,7 @@ def resolve(req: Request, seed: int) -> Settings:
     if solver not in SOLVERS:
         raise WanliteError(f"--sample_solver {solver!r} is unknown; choose one of {', '.join(SOLVERS)}")
     guide = req.guide_scale or task.guide_scale
-    negative = req.negative_prompt if req.negative_prompt else DEFAULT_NEGATIVE_PROMPT
+    negative = req.negative_prompt or task.negative_prompt  # official: an empty one means the default
     return Settings(task=task.name, prompt=req.prompt, negative_prompt=negative, seed=seed, steps=steps,
                     shift=shift, guide_scale=tuple(guide), solver=solver, size=tuple(size), frames=frames,
                     fps=task.fps, image=None if req.image is None else str(req.image))

@@ -1,4 +1,4 @@
-"""A tiny umT5-style tokenizer (pad 0, eos 1, unk 2, `</s>` appended): one token per word of the caption grammar."""
+"""A tiny umT5-style sentencepiece tokenizer (pad 0, eos 1, unk 2, `</s>` appended) trained on the caption grammar."""
 from __future__ import annotations
 
 import itertools
@@ -20,22 +20,22 @@ def captions() -> list[str]:
 
 
 def write_tiny_tokenizer(folder: Path, vocab_size: int = 384) -> Path:
-    """Build a word-level tokenizer over `captions()` and save it where `AutoTokenizer.from_pretrained` finds it.
-    Word-level keeps every caption word one token, which the tiny text encoder learns far more easily."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    """Train a sentencepiece model on `captions()` and save it like `google/umt5-xxl/` (spiece.model plus the
+    transformers files), so `AutoTokenizer.from_pretrained` loads it offline. BPE rather than unigram: on a corpus
+    this small, unigram training prunes down to single characters, while BPE keeps each grammar word one piece."""
+    import io
 
-    specials = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2, as in umT5
-    words = sorted({w for line in captions() for w in line.split()})
-    vocab = {tok: i for i, tok in enumerate(specials + [f"\u2581{w}" for w in words])}
-    if len(vocab) > vocab_size:
-        raise ValueError(f"the caption grammar needs {len(vocab)} tokens, more than vocab_size {vocab_size}")
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    import sentencepiece
+    from transformers import T5Tokenizer
+
+    pieces = min(256, vocab_size)
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(captions()), model_writer=model, model_type="bpe", vocab_size=pieces,
+        hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,  # umT5's special ids
+        character_coverage=1.0, num_threads=1, minloglevel=2)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(str(folder))
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    T5Tokenizer.from_pretrained(str(folder), extra_ids=0).save_pretrained(str(folder))
     return folder

@@ -1,0 +1,111 @@
+"""The bundled tiny models: they load like real checkpoints, follow the prompt, and keep a given first frame."""
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wanlite import generate
+from wanlite.eval import DEFAULT_PROMPTS, measure_motion, psnr, run_suite, ssim, summarize
+from wanlite.loading.checkpoints import discover
+from wanlite.loading.models import check_checkpoint
+from wanlite.tiny import checkpoint_dir
+from wanlite.tiny.data import Clip, Sprite, random_clip, render
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_data_is_deterministic_and_captioned():
+    a = random_clip(np.random.default_rng(3), 64, 17, 2.0)
+    b = random_clip(np.random.default_rng(3), 64, 17, 2.0)
+    assert a == b and a.caption.endswith("background") and (" moving " in a.caption or " still " in a.caption)
+    assert np.array_equal(render(a, 64, 17, 2.0), render(b, 64, 17, 2.0))
+
+
+def test_motion_measure_on_rendered_ground_truth():
+    clip = Clip((Sprite("red", "square", "moving left", (44.0, 30.0)),), "black", "a red square moving left")
+    motion = measure_motion(render(clip, 64, 17, 2.0), "red")
+    assert motion.direction == "left" and abs(motion.dx + 32) < 1.5 and abs(motion.dy) < 0.5
+    frames = render(clip, 64, 17, 2.0)
+    assert psnr(frames, frames) == float("inf") and ssim(frames, frames) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("task", ["tiny-t2v", "tiny-ti2v"])
+def test_bundled_weights_load_through_the_real_loaders(task):
+    ckpt = discover(checkpoint_dir(task))
+    found = check_checkpoint(ckpt, task)
+    assert {c.layout for _, c, _ in found} == {"official"}
+    total = sum(f.stat().st_size for f in checkpoint_dir(task).rglob("*") if f.is_file())
+    assert total < 10e6  # both models together stay under 20 MB
+
+
+@pytest.fixture(scope="module")
+def t2v_suite():
+    return run_suite({"fp32": {}}, prompts=DEFAULT_PROMPTS, seeds=(0, 1))
+
+
+def test_tiny_t2v_draws_the_prompted_colour(t2v_suite):
+    """Every clip of the suite shows the named colour, seen in at least half of its frames."""
+    assert len(t2v_suite) == 16
+    assert all(r.seen_frames >= 0.5 for r in t2v_suite), [(r.colour, r.seed, r.seen_frames) for r in t2v_suite]
+
+
+@pytest.mark.xfail(strict=False, reason="issue 4 open: the bundled tiny-t2v does not yet follow the prompted "
+                                        "direction (see bench/results/quality.json)")
+def test_tiny_t2v_follows_the_prompted_direction(t2v_suite):
+    """4 directions x 2 colours x 2 seeds: the named colour must move the prompted way in >= 90 % of clips."""
+    row = summarize(t2v_suite)[0]
+    assert row["direction_accuracy"] >= 0.9, [(r.colour, r.direction, r.seed, r.measured) for r in t2v_suite]
+
+
+@pytest.fixture(scope="module")
+def ti2v_clip(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ti2v")
+    clip = Clip((Sprite("red", "square", "moving right", (40.0, 64.0)),), "black",
+                "a red square moving right on a black background")
+    first = render(clip, 128, 1, 4.0)[0]
+    Image.fromarray(first).save(tmp / "first.png")
+    out = generate(task="tiny-ti2v", prompt=clip.caption, ckpt_dir=checkpoint_dir("tiny-ti2v"),
+                   image=tmp / "first.png", seed=0, dtype="fp32", output_dir=tmp)
+    return first, out.frames
+
+
+def test_tiny_ti2v_keeps_the_given_first_frame(ti2v_clip):
+    first, frames = ti2v_clip
+    assert frames.shape == (17, 128, 128, 3)
+    assert psnr(frames[0], first) >= 25
+
+
+@pytest.mark.xfail(strict=False, reason="issue 4 open: tiny-ti2v does not yet reliably move the shape as prompted")
+def test_tiny_ti2v_moves_the_shape_as_prompted(ti2v_clip):
+    assert measure_motion(ti2v_clip[1], "red").direction == "right"
+
+
+def test_demo_command(tmp_path):
+    run = subprocess.run([sys.executable, "cli.py", "demo", "--output-dir", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "demo.mp4").is_file() and (tmp_path / "demo.png").is_file()
+    assert f"wrote {tmp_path / 'demo.mp4'}" in run.stdout and "tiny-t2v" in run.stdout and "seed 0" in run.stdout
+
+
+def test_training_runs_and_is_reproducible(tmp_path, monkeypatch):
+    """The real training entry point at a few steps: two runs with one seed give identical weights."""
+    import wanlite.tiny.train as train
+
+    for name, recipe in list(train.RECIPES.items()):
+        monkeypatch.setitem(train.RECIPES, name, dataclasses.replace(recipe, vae_steps=2, vae_video_steps=2, dit_steps=2, clips=16))
+    for out in ("a", "b"):
+        assert train.main(["--only", "tiny-t2v", "--out", str(tmp_path / out)]) == 0
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.safetensors"))
+    assert files
+    from safetensors.torch import load_file
+
+    for f in files:
+        a, b = load_file(tmp_path / "a" / f), load_file(tmp_path / "b" / f)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert check_checkpoint(discover(tmp_path / "a" / "tiny-t2v"), "tiny-t2v")

@@ -1,0 +1,150 @@
+"""Quality harness on the bundled tiny models: does the named colour move where the prompt says, and how far
+does a variant (quantized weights, caching, tiling, offload, ...) drift from the reference run?
+
+A variant is a dict of `generate()` keyword arguments; every variant runs the same prompts and seeds, and
+each clip is compared with the reference variant's clip of the same prompt and seed (PSNR, SSIM).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from wanlite.tiny.data import centroid_track
+
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+DEFAULT_PROMPTS = tuple((colour, direction) for colour in ("red", "blue") for direction in DIRECTIONS)
+
+
+def prompt_for(colour: str, direction: str, shape: str = "square", background: str = "black") -> str:
+    return f"a {colour} {shape} moving {direction} on a {background} background"
+
+
+@dataclass(frozen=True)
+class Motion:
+    dx: float  # centroid displacement from the first to the last frame where the colour is seen, pixels
+    dy: float
+    direction: str | None  # dominant axis and sign, None when the colour is missing or barely moves
+    seen_frames: float  # fraction of frames showing the colour
+
+    @property
+    def distance(self) -> float:
+        return float(np.hypot(self.dx, self.dy))
+
+
+def measure_motion(frames: np.ndarray, colour: str, min_pixels: float = 3.0) -> Motion:
+    """The named colour's centroid track reduced to its net displacement and dominant direction."""
+    track = centroid_track(frames, colour)
+    seen = ~np.isnan(track[:, 0])
+    fraction = float(seen.mean())
+    if seen.sum() < 2:
+        return Motion(0.0, 0.0, None, fraction)
+    first, last = track[seen][0], track[seen][-1]
+    dx, dy = float(last[0] - first[0]), float(last[1] - first[1])
+    if max(abs(dx), abs(dy)) < min_pixels:
+        return Motion(dx, dy, None, fraction)
+    if abs(dx) >= abs(dy):
+        return Motion(dx, dy, "right" if dx > 0 else "left", fraction)
+    return Motion(dx, dy, "down" if dy > 0 else "up", fraction)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def _blur(x: np.ndarray, sigma: float = 1.5) -> np.ndarray:
+    radius = int(3 * sigma)
+    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    k /= k.sum()
+    x = np.apply_along_axis(lambda r: np.convolve(r, k, mode="same"), -1, x)
+    return np.apply_along_axis(lambda c: np.convolve(c, k, mode="same"), -2, x)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM of the luma of two uint8 videos [F, H, W, 3] (Gaussian window, sigma 1.5; Wang et al. 2004)."""
+    weights = np.array([0.299, 0.587, 0.114])
+    x, y = (v.astype(np.float64) @ weights for v in (a, b))
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my = _blur(x), _blur(y)
+    vx, vy, cxy = _blur(x * x) - mx * mx, _blur(y * y) - my * my, _blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+@dataclass
+class ClipResult:
+    variant: str
+    colour: str
+    direction: str
+    seed: int
+    measured: str | None
+    distance: float
+    seen_frames: float
+    seconds: float
+    psnr_vs_reference: float | None = None
+    ssim_vs_reference: float | None = None
+
+    @property
+    def correct(self) -> bool:
+        return self.measured == self.direction
+
+
+def run_suite(variants: dict[str, dict], prompts=DEFAULT_PROMPTS, seeds=(0, 1), reference: str | None = None,
+              task: str = "tiny-t2v") -> list[ClipResult]:
+    """Generate every prompt x seed for every variant; compare each clip with the reference variant's."""
+    import tempfile
+
+    from wanlite.pipelines.run import generate
+    from wanlite.tiny import checkpoint_dir
+
+    reference = reference or next(iter(variants))
+    frames_of: dict[tuple, np.ndarray] = {}
+    results = []
+    scratch = tempfile.TemporaryDirectory(prefix="wanlite-eval-")
+    for name in [reference] + [v for v in variants if v != reference]:
+        for colour, direction in prompts:
+            for seed in seeds:
+                started = time.perf_counter()
+                kwargs = dict(task=task, prompt=prompt_for(colour, direction), seed=seed, dtype="fp32",
+                              output_dir=scratch.name)
+                kwargs.update(variants[name])
+                if "ckpt_dir" not in kwargs:
+                    kwargs["ckpt_dir"] = checkpoint_dir(task)
+                out = generate(**kwargs)
+                seconds = time.perf_counter() - started
+                motion = measure_motion(out.frames, colour)
+                result = ClipResult(name, colour, direction, seed, motion.direction, round(motion.distance, 1),
+                                    round(motion.seen_frames, 3), round(seconds, 2))
+                frames_of[name, colour, direction, seed] = out.frames
+                ref = frames_of.get((reference, colour, direction, seed))
+                if name != reference and ref is not None:
+                    result.psnr_vs_reference = round(psnr(out.frames, ref), 2)
+                    result.ssim_vs_reference = round(ssim(out.frames, ref), 4)
+                results.append(result)
+    scratch.cleanup()
+    return results
+
+
+def summarize(results: list[ClipResult]) -> list[dict]:
+    """One row per variant: direction accuracy, mean distance, seconds per clip, PSNR/SSIM vs the reference."""
+    rows = []
+    for name in dict.fromkeys(r.variant for r in results):
+        mine = [r for r in results if r.variant == name]
+        psnrs = [r.psnr_vs_reference for r in mine if r.psnr_vs_reference is not None]
+        ssims = [r.ssim_vs_reference for r in mine if r.ssim_vs_reference is not None]
+        rows.append({
+            "variant": name, "clips": len(mine),
+            "direction_accuracy": round(sum(r.correct for r in mine) / len(mine), 3),
+            "mean_distance_px": round(float(np.mean([r.distance for r in mine])), 1),
+            "colour_seen_frames": round(float(np.mean([r.seen_frames for r in mine])), 3),
+            "seconds_per_clip": round(float(np.mean([r.seconds for r in mine])), 2),
+            "psnr_vs_reference": round(float(np.mean(psnrs)), 2) if psnrs else None,
+            "ssim_vs_reference": round(float(np.mean(ssims)), 4) if ssims else None,
+        })
+    return rows
+
+
+def as_dicts(results: list[ClipResult]) -> list[dict]:
+    return [asdict(r) | {"correct": r.correct} for r in results]

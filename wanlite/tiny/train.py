@@ -1,0 +1,304 @@
+"""Train the bundled tiny models from scratch: `python -m wanlite.tiny.train [--out DIR]`.
+
+Same classes as the real suite at toy sizes: a Wan2.1-architecture VAE + a two-expert MoE DiT (`tiny-t2v`) and
+a Wan2.2-architecture VAE + one DiT doing text- and image-to-video (`tiny-ti2v`), with a frozen random tiny
+umT5 encoder. Objective: rectified flow (v = noise - x0), matching the samplers. Each result is written as an
+official-layout checkpoint folder, so it loads through the same loaders as the real models. Deterministic
+for a given seed and thread count; about 25 minutes on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wanlite.loading.writers import save_pth, write_json, write_shards
+from wanlite.models.dit import WanDiT
+from wanlite.models.t5 import TextEncoder, build_umt5, load_tokenizer, official_name_from_umt5
+from wanlite.models.vae import AttentionBlock, CausalConv3d, Resample, ResidualBlock, WanVAE
+from wanlite.specs import TASKS, TINY_T5, VAE_SPECS, DiTSpec
+from wanlite.testing.fixtures import official_dit_config
+from wanlite.testing.tokenizer import write_tiny_tokenizer
+from wanlite.tiny import CHECKPOINTS
+from wanlite.tiny.data import random_clip, render, to_model_video
+
+TEXT_LEN = 32
+AUX_FLOOR = 0.1
+
+
+@dataclass(frozen=True)
+class TinyRecipe:
+    """Sizes and step counts of one bundled model."""
+
+    task: str
+    vae: str
+    vae_dim: int
+    vae_dec_dim: int
+    vae_res_blocks: int
+    vae_steps: int  # image phase
+    vae_video_steps: int
+    vae_crop: int
+    dit: DiTSpec
+    dit_steps: int
+    size: int
+    speed: float  # pixels per frame
+    clips: int = 1024  # latent clips the DiT trains on
+    dit_lr: float = 1e-3
+    dit_batch: int = 24
+
+
+RECIPES = {
+    "tiny-t2v": TinyRecipe("tiny-t2v", "vae2.1", 8, 8, 1, 1500, 300, 32,
+                           DiTSpec("t2v", dim=128, ffn_dim=256, num_heads=2, num_layers=3, in_dim=16, out_dim=16,
+                                   text_dim=TINY_T5.d_model, text_len=TEXT_LEN),
+                           dit_steps=1600, size=64, speed=2.0),
+    "tiny-ti2v": TinyRecipe("tiny-ti2v", "vae2.2", 8, 12, 1, 1500, 300, 48,
+                            DiTSpec("ti2v", dim=128, ffn_dim=256, num_heads=2, num_layers=3, in_dim=48, out_dim=48,
+                                    text_dim=TINY_T5.d_model, text_len=TEXT_LEN),
+                            dit_steps=2400, size=128, speed=4.0),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def clip_batch(rng: np.random.Generator, recipe: TinyRecipe, batch: int, frames: int):
+    clips = [random_clip(rng, recipe.size, frames, recipe.speed) for _ in range(batch)]
+    video = torch.stack([to_model_video(render(c, recipe.size, frames, recipe.speed)) for c in clips])
+    return video, [c.caption for c in clips]
+
+
+def init_for_training(vae: WanVAE) -> None:
+    """Start as an image autoencoder applied frame by frame, as the official training init does for the temporal
+    resamplers: temporal convs see only the current frame, time up/down-sampling copies frames, and every
+    residual branch and attention output starts at zero. Without it the narrow tiny VAE collapses to
+    input-independent latents within a few hundred steps."""
+    with torch.no_grad():
+        for module in vae.modules():
+            if isinstance(module, CausalConv3d) and module.kernel_size[0] > 1:
+                module.weight[:, :, :-1].zero_()
+            if isinstance(module, Resample) and hasattr(module, "time_conv"):
+                conv = module.time_conv
+                conv.weight.zero_()
+                conv.bias.zero_()
+                eye = torch.eye(conv.in_channels)
+                for half in range(conv.out_channels // conv.in_channels):
+                    conv.weight[half * conv.in_channels:(half + 1) * conv.in_channels, :, -1, 0, 0] = eye
+            if isinstance(module, ResidualBlock):
+                module.residual[-1].weight.zero_()
+                module.residual[-1].bias.zero_()
+            if isinstance(module, AttentionBlock):
+                module.proj.weight.zero_()
+                module.proj.bias.zero_()
+
+
+def pooled_latent_target(video: torch.Tensor, stride: int) -> torch.Tensor:
+    """The clip on the latent grid: 4x4-average-pooled, folded into channels (3*(stride/4)^2 of them) and
+    averaged over each latent frame's pixel frames (the first alone, then groups of 4)."""
+    pooled = F.avg_pool3d(video, (1, 4, 4))
+    k = stride // 4
+    b, c, f, h, w = pooled.shape
+    pooled = pooled.view(b, c, f, h // k, k, w // k, k).permute(0, 1, 4, 6, 2, 3, 5)
+    pooled = pooled.reshape(b, c * k * k, f, h // k, w // k)
+    later = pooled[:, :, 1:].unflatten(2, ((f - 1) // 4, 4)).mean(dim=3)
+    return torch.cat([pooled[:, :, :1], later], dim=2)
+
+
+def train_vae(recipe: TinyRecipe, rng: np.random.Generator) -> WanVAE:
+    """Two phases through the real chunked encode/decode. Images first (1-frame videos are ~9x cheaper), with
+    the first latent channels pulled towards a pooled copy of the image early on: that gives the encoder a
+    direct signal and it learns several times faster. Then short clips train the temporal layers. A light
+    moment penalty keeps the normalised latents near unit scale, which the flow-matching DiT expects."""
+    spec = replace(VAE_SPECS[recipe.vae], dim=recipe.vae_dim, dec_dim=recipe.vae_dec_dim,
+                   num_res_blocks=recipe.vae_res_blocks)
+    vae = WanVAE(spec)
+    init_for_training(vae)
+    crop, stride = recipe.vae_crop, spec.stride[1]
+    for phase, steps, frames, batch, lr in (("image", recipe.vae_steps, 1, 16, 1e-3),
+                                             ("video", recipe.vae_video_steps, 9, 4, 3e-4)):
+        opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+        for step in range(steps):
+            video, _ = clip_batch(rng, recipe, batch, frames)
+            y0, x0 = (int(v) for v in rng.integers(0, recipe.size - crop + 1, 2))
+            video = video[..., y0:y0 + crop, x0:x0 + crop]
+            z = vae.encode(video)
+            recon = vae.decode(z, clamp=False)
+            moments = z.mean(dim=(0, 2, 3, 4)).pow(2).mean() + (z.var(dim=(0, 2, 3, 4)) - 1).pow(2).mean()
+            loss = F.l1_loss(recon, video) + F.mse_loss(recon, video) + 0.01 * moments
+            # strong at first, then a floor that keeps the latents image-like (smooth, local, colour in fixed
+            # channels), which the tiny DiT learns to generate far more easily than a free code
+            target = pooled_latent_target(video, stride)
+            weight = max(AUX_FLOOR, 1 - step / (0.6 * steps)) if phase == "image" else AUX_FLOOR
+            loss = loss + weight * F.mse_loss(z[:, :target.shape[1]], 1.5 * target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            if step % 250 == 0 or step == steps - 1:
+                psnr = -10 * torch.log10(F.mse_loss(recon.detach().clamp(-1, 1), video) / 4)
+                log(f"{recipe.task} vae {phase} step {step}: loss {loss.item():.4f} psnr {psnr.item():.1f} dB "
+                    f"z std {z.detach().std().item():.2f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        video, _ = clip_batch(rng, recipe, 4, TASKS[recipe.task].frames)
+        recon = vae.decode(vae.encode(video))
+        err = (recon - video).pow(2).mean(dim=(0, 1, 3, 4))
+        psnr = -10 * torch.log10(err / 4)
+        log(f"{recipe.task} vae full clips: frame 0 {psnr[0]:.1f} dB, later frames {psnr[1:].mean():.1f} dB")
+    return vae
+
+
+def encode_dataset(vae: WanVAE, recipe: TinyRecipe, rng: np.random.Generator, clips: int, frames: int):
+    latents, captions = [], []
+    with torch.no_grad():
+        for _ in range(clips // 16):
+            video, caps = clip_batch(rng, recipe, 16, frames)
+            latents.append(vae.encode(video))
+            captions += caps
+    return torch.cat(latents), captions
+
+
+class CaptionEmbeddings:
+    """Frozen tiny umT5: every caption embedded once, padded to TEXT_LEN rows."""
+
+    def __init__(self, encoder: TextEncoder):
+        self.encoder = encoder
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, captions: list[str]) -> list[torch.Tensor]:
+        missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        if missing:
+            self.cache.update(zip(missing, self.encoder.encode(missing)))
+        return [self.cache[c] for c in captions]
+
+
+def init_dit_for_training(dit: WanDiT) -> None:
+    """The official init: Xavier-uniform linears with zero biases, and a zero output head so every expert
+    starts by predicting zero velocity."""
+    with torch.no_grad():
+        for module in dit.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    module.bias.zero_()
+        dit.head.head.weight.zero_()
+        dit.head.head.bias.zero_()
+
+
+def train_dit(recipe: TinyRecipe, latents: torch.Tensor, captions: list[str], embed: CaptionEmbeddings,
+              rng: np.random.Generator, sigma_range: tuple[float, float], first_frame: bool, name: str) -> WanDiT:
+    """Rectified flow on precomputed latents. `first_frame`: half the batches keep latent frame 0 clean at
+    timestep 0 and train only the other frames (TI2V image-to-video)."""
+    torch.manual_seed(int(rng.integers(2**31)))
+    dit = WanDiT(recipe.dit)
+    init_dit_for_training(dit)
+    opt = torch.optim.AdamW(dit.parameters(), lr=recipe.dit_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.dit_lr, total_steps=recipe.dit_steps,
+                                                pct_start=0.05)
+    lo, hi = sigma_range
+    batch = recipe.dit_batch
+    for step in range(recipe.dit_steps):
+        idx = torch.from_numpy(rng.integers(0, len(latents), batch))
+        x0 = latents[idx]
+        caps = ["" if rng.random() < 0.1 else captions[i] for i in idx.tolist()]  # CFG dropout
+        sigma = torch.from_numpy(rng.uniform(lo, hi, batch)).float()
+        noise = torch.randn_like(x0)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        t = sigma * 1000
+        weight = torch.ones_like(x0)
+        if first_frame and rng.random() < 0.5:
+            xt[:, :, :1] = x0[:, :, :1]
+            t = t[:, None].repeat(1, x0.shape[2])
+            t[:, 0] = 0
+            weight[:, :, :1] = 0
+        v = dit(xt, t, embed(caps))
+        loss = ((v - (noise - x0)) ** 2 * weight).sum() / weight.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == recipe.dit_steps - 1:
+            log(f"{name} step {step}: loss {loss.item():.4f}")
+    return dit.eval().requires_grad_(False)
+
+
+def half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # bf16 keeps the bundle small; the loaders cast on load like any released checkpoint
+    return {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def write_checkpoint(out: Path, recipe: TinyRecipe, dits: dict[str, WanDiT], vae: WanVAE, t5, tokenizer_dir: Path):
+    """Official layout: expert folders (or root shards), the umT5 .pth, the VAE .pth, google/umt5-xxl/."""
+    for role, dit in dits.items():
+        folder = out if role == "main" else out / f"{role}_model"
+        write_shards(folder, "diffusion_pytorch_model", half(dit.state_dict()), shards=1)
+        write_json(official_dit_config(recipe.dit), folder / "config.json")
+    t5_state = {official_name_from_umt5(k): v for k, v in t5.state_dict().items()
+                if official_name_from_umt5(k) is not None}
+    save_pth(half(t5_state), out / "models_t5_umt5-xxl-enc-bf16.pth")
+    save_pth(half(vae.state_dict()), out / f"Wan{vae.spec.version}_VAE.pth")
+    tok_out = out / "google" / "umt5-xxl"
+    tok_out.mkdir(parents=True, exist_ok=True)
+    for f in tokenizer_dir.iterdir():
+        (tok_out / f.name).write_bytes(f.read_bytes())
+
+
+def train(name: str, out: Path, seed: int) -> dict:
+    recipe = RECIPES[name]
+    task = TASKS[name]
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    tokenizer_dir = write_tiny_tokenizer(out / ".tokenizer", TINY_T5.vocab_size)
+    t5 = build_umt5(TINY_T5)
+    with torch.no_grad():
+        for p in t5.parameters():
+            p.normal_(0, 0.5)  # frozen random encoder: token identity survives two random layers
+    embed = CaptionEmbeddings(TextEncoder(load_tokenizer(tokenizer_dir), t5, text_len=TEXT_LEN))
+
+    vae = train_vae(recipe, rng)
+    vae_seconds = time.perf_counter() - started
+    latents, captions = encode_dataset(vae, recipe, rng, clips=recipe.clips, frames=task.frames)
+    log(f"{name}: {len(latents)} latent clips {tuple(latents.shape[1:])}, std {latents.std():.2f}")
+    if task.boundary is None:
+        dits = {"main": train_dit(recipe, latents, captions, embed, rng, (0.0, 1.0),
+                                  first_frame=task.conditioning == "first_frame", name=f"{name} dit")}
+    else:
+        b = task.boundary
+        dits = {"high_noise": train_dit(recipe, latents, captions, embed, rng, (b, 1.0), False, f"{name} high"),
+                "low_noise": train_dit(recipe, latents, captions, embed, rng, (0.0, b), False, f"{name} low")}
+    write_checkpoint(out / name, recipe, dits, vae, t5, tokenizer_dir)
+    for f in tokenizer_dir.iterdir():
+        f.unlink()
+    tokenizer_dir.rmdir()
+    return {"task": name, "seed": seed, "seconds": round(time.perf_counter() - started, 1),
+            "vae_seconds": round(vae_seconds, 1)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wanlite.tiny.train", description=__doc__)
+    parser.add_argument("--out", default=str(CHECKPOINTS), help="where the checkpoint folders go")
+    parser.add_argument("--only", choices=list(RECIPES), help="train one model")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    report = [train(name, out, args.seed) for name in ([args.only] if args.only else RECIPES)]
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
