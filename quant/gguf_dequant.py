@@ -40,7 +40,7 @@ def _bits(qh: torch.Tensor, group: int, count: int, width: int) -> torch.Tensor:
 
 
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
-    return _f16(b[:, :2]) * b[:, 2:].contiguous().view(torch.int8).float()
+    return b[:, 2:].contiguous().view(torch.int8).float().mul_(_f16(b[:, :2]))
 
 
 def _legacy4(b: torch.Tensor, with_min: bool, with_high: bool) -> torch.Tensor:
@@ -56,8 +56,8 @@ def _legacy4(b: torch.Tensor, with_min: bool, with_high: bool) -> torch.Tensor:
         fifth = torch.cat([(qh >> i) & 1 for i in range(8)], dim=-1).reshape(b.shape[0], 32)
         q = q | (fifth << 4)
     if with_min:
-        return d * q.float() + m
-    return d * (q.float() - (16 if with_high else 8))
+        return q.float().mul_(d).add_(m)
+    return q.float().sub_(16 if with_high else 8).mul_(d)
 
 
 def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,14 +69,23 @@ def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
+def _unpack_nibbles_to(out: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
+    """Write the nibbles of qs [n, k, group] into out [n, k, 2, group] (low, then high) as floats, in one pass."""
+    out[:, :, 0] = qs & 0x0F
+    out[:, :, 1] = qs >> 4
+    return out
+
+
 def _q4_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
     sc, mn = _scale_min_k4(b[:, 4:4 + K_SCALE_SIZE])
-    scale = (d * sc.float()).reshape(n, -1, 1)
-    shift = (dmin * mn.float()).reshape(n, -1, 1)
-    q = _nibbles(b[:, 4 + K_SCALE_SIZE:], 32).float()
-    return (scale * q - shift).reshape(n, QK_K)
+    scale = (d * sc.float()).reshape(n, 4, 2, 1)
+    shift = (dmin * mn.float()).reshape(n, 4, 2, 1)
+    q = torch.empty(n, 4, 2, 32, dtype=torch.float32, device=b.device)
+    # in place: at 14B sizes every extra full-size temporary costs as much as the arithmetic
+    _unpack_nibbles_to(q, b[:, 4 + K_SCALE_SIZE:].reshape(n, 4, 32)).mul_(scale).sub_(shift)
+    return q.reshape(n, QK_K)
 
 
 def _q5_k(b: torch.Tensor) -> torch.Tensor:
@@ -88,7 +97,7 @@ def _q5_k(b: torch.Tensor) -> torch.Tensor:
     start = 4 + K_SCALE_SIZE
     high = _bits(b[:, start:start + QK_K // 8], 32, 8, 1)
     low = _nibbles(b[:, start + QK_K // 8:], 32)
-    return (scale * (low | (high << 4)).float() - shift).reshape(n, QK_K)
+    return (low | (high << 4)).float().mul_(scale).sub_(shift).reshape(n, QK_K)
 
 
 def _q6_k(b: torch.Tensor) -> torch.Tensor:
@@ -98,7 +107,7 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     d = _f16(b[:, -2:])
     scale = (d * scales).reshape(n, QK_K // 16, 1)
     q = _nibbles(ql, 64).reshape(n, -1, 32) | (_bits(qh, 32, 4, 2) << 4)
-    return (scale * (q.reshape(n, QK_K // 16, -1).float() - 32)).reshape(n, QK_K)
+    return q.reshape(n, QK_K // 16, -1).float().sub_(32).mul_(scale).reshape(n, QK_K)
 
 
 def _q2_k(b: torch.Tensor) -> torch.Tensor:
@@ -108,7 +117,7 @@ def _q2_k(b: torch.Tensor) -> torch.Tensor:
     scale = (d * (scales & 0x0F).float()).reshape(n, QK_K // 16, 1)
     shift = (dmin * (scales >> 4).float()).reshape(n, QK_K // 16, 1)
     q = _bits(b[:, 16:80], 32, 4, 2).reshape(n, QK_K // 16, 16).float()
-    return (scale * q - shift).reshape(n, QK_K)
+    return q.mul_(scale).sub_(shift).reshape(n, QK_K)
 
 
 def _q3_k(b: torch.Tensor) -> torch.Tensor:
@@ -119,7 +128,8 @@ def _q3_k(b: torch.Tensor) -> torch.Tensor:
     scale = (_f16(b[:, 108:110]) * scales).reshape(n, 16, 1)
     q = _bits(b[:, 32:96], 32, 4, 2).reshape(n, 16, 16)
     no_high_bit = _bits(b[:, :32], 32, 8, 1).reshape(n, 16, 16) ^ 1  # a set hmask bit means no -4 offset
-    return (scale * (q.float() - (no_high_bit << 2).float())).reshape(n, QK_K)
+    q = q.view(torch.int8) - (no_high_bit << 2).view(torch.int8)  # -4..3, exact
+    return q.float().mul_(scale).reshape(n, QK_K)
 
 
 IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
