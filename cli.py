@@ -146,6 +146,7 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from wanlite import __version__
+    from wanlite.specs import TASKS
 
     parser = argparse.ArgumentParser(prog="wanlite", description="Wan2.2 video generation on consumer GPUs.")
     parser.add_argument("--version", action="version", version=f"wanlite {__version__}")
@@ -156,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON including the full {key: shape} manifest")
     info.set_defaults(func=cmd_info)
     gen = sub.add_parser("generate", help="generate a video (official generate.py flags are accepted)")
-    gen.add_argument("--task", required=True, help="t2v-A14B, i2v-A14B or ti2v-5B")
+    gen.add_argument("--task", required=True, help="t2v-A14B, i2v-A14B or ti2v-5B (tiny-t2v, tiny-ti2v: the bundled models)")
     gen.add_argument("--ckpt_dir", required=True, help="checkpoint folder (official, diffusers or ComfyUI files)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative_prompt", default=None, help="default: the official negative prompt")
@@ -180,14 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     demo = sub.add_parser("demo", help="generate a clip with the bundled tiny model (no download, CPU is fine)")
     demo.add_argument("--prompt", default="a red square moving right on a black background")
-    demo.add_argument("--task", default="tiny-t2v", choices=["tiny-t2v", "tiny-ti2v"])
+    demo.add_argument("--task", default="tiny-t2v", choices=[t for t in TASKS if t.startswith("tiny-")])
     demo.add_argument("--image", default=None, help="first frame for tiny-ti2v (image-to-video)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="auto")
     demo.add_argument("--output-dir", default=".", help="demo.mp4 (or demo_N.mp4) and its PNG go here")
     demo.set_defaults(func=cmd_demo)
     check = sub.add_parser("check", help="find and verify a checkpoint folder for a task (headers and shapes only)")
-    check.add_argument("--task", required=True, choices=["t2v-A14B", "i2v-A14B", "ti2v-5B", "tiny-t2v", "tiny-ti2v"])
+    check.add_argument("--task", required=True, choices=list(TASKS))
     check.add_argument("--ckpt_dir", required=True, help="checkpoint folder (official, diffusers or ComfyUI files)")
     check.set_defaults(func=cmd_check)
     return parser

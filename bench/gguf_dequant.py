@@ -19,18 +19,9 @@ import numpy as np
 import torch
 
 from wanlite.quant.gguf_dequant import BLOCKS, dequantize
+from wanlite.testing.gguf_blocks import random_blocks
 
-HALF_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q5_0": (0,), "Q6_K": (208,), "Q5_K": (0, 2), "Q4_K": (0, 2),
-               "Q3_K": (108,), "Q2_K": (80, 82)}
-
-
-def blocks(qtype: str, numel: int) -> np.ndarray:
-    values, nbytes = BLOCKS[qtype]
-    rng = np.random.default_rng(0)
-    raw = rng.integers(0, 256, size=(numel // values, nbytes), dtype=np.uint8)
-    for at in HALF_FIELDS[qtype]:
-        raw[:, at:at + 2] = rng.normal(0, 0.05, size=(len(raw), 1)).astype(np.float16).view(np.uint8)
-    return raw
+BENCH_TYPES = ("Q8_0", "Q4_0", "Q5_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K")
 
 
 def best_of(fn, repeats: int) -> float:
@@ -53,8 +44,8 @@ def main() -> int:
     args = parser.parse_args()
     shape, numel = (args.rows, args.cols), args.rows * args.cols
     rows = []
-    for qtype in HALF_FIELDS:
-        raw = blocks(qtype, numel)
+    for qtype in BENCH_TYPES:
+        raw = random_blocks(qtype, numel // BLOCKS[qtype][0])
         raw_t = torch.from_numpy(raw.reshape(-1))
         want = reference(raw, GGMLQuantizationType[qtype]).reshape(shape)
         got = dequantize(raw_t, qtype, shape)

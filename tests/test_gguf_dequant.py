@@ -4,19 +4,11 @@ import pytest
 import torch
 
 from wanlite.quant.gguf_dequant import BLOCKS, UnsupportedQuantType, dequantize
-
-# byte offsets of each block's fp16 fields (scales and mins), to keep them finite in random blocks
-HALF_FIELDS = {"Q8_0": (0,), "IQ4_NL": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2),
-               "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+from wanlite.testing.gguf_blocks import HALF_FIELDS, random_blocks
 
 
-def random_blocks(qtype: str, n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    _, nbytes = BLOCKS[qtype]
-    raw = rng.integers(0, 256, size=(n, nbytes), dtype=np.uint8)
-    for at in HALF_FIELDS.get(qtype, ()):
-        raw[:, at:at + 2] = rng.normal(0, 0.05, size=(n, 1)).astype(np.float16).view(np.uint8)
-    return raw
+def test_every_block_type_is_covered():
+    assert set(HALF_FIELDS) == {t for t, (values, _) in BLOCKS.items() if values > 1}
 
 
 @pytest.mark.parametrize("qtype", list(HALF_FIELDS))

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from wanlite import generate
+from wanlite.errors import WanliteError
 from wanlite.eval import DEFAULT_PROMPTS, measure_motion, psnr, run_suite, ssim, summarize
 from wanlite.loading.checkpoints import discover
 from wanlite.loading.models import check_checkpoint
@@ -46,6 +47,14 @@ def test_bundled_weights_load_through_the_real_loaders(task):
 @pytest.fixture(scope="module")
 def t2v_suite():
     return run_suite({"fp32": {}}, prompts=DEFAULT_PROMPTS, seeds=(0, 1))
+
+
+def test_missing_bundle_says_how_to_rebuild(tmp_path, monkeypatch):
+    import wanlite.tiny
+
+    monkeypatch.setattr(wanlite.tiny, "CHECKPOINTS", tmp_path)
+    with pytest.raises(WanliteError, match="bundled tiny-t2v weights are missing at .*`python -m wanlite.tiny.train`"):
+        wanlite.tiny.checkpoint_dir("tiny-t2v")
 
 
 def test_tiny_t2v_draws_the_prompted_colour(t2v_suite):

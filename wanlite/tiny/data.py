@@ -61,10 +61,10 @@ def random_clip(rng: np.random.Generator, size: int, frames: int, speed: float, 
 
 
 def render(clip: Clip, size: int, frames: int, speed: float) -> np.ndarray:
-    """uint8 [F, H, W, 3]. A moving sprite leaves a fading motion-blur trail behind it: a cue of its direction
-    inside every single frame, which a tiny DiT ties to the caption far more easily than motion across frames
-    (its tokens know only relative positions). The trail's blended colours fall outside `centroid_track`'s
-    tolerance, so measured tracks follow the sprite itself."""
+    """uint8 [F, H, W, 3]. A moving sprite leaves a fading motion-blur trail behind it, so each single frame
+    shows its direction; meant to make the caption's direction easier for a tiny DiT to learn than motion
+    across frames alone (its tokens know only relative positions), though it has not been enough yet. The
+    trail's blended colours fall outside `centroid_track`'s tolerance, so tracks follow the sprite itself."""
     background = np.array(BACKGROUNDS[clip.background], np.float32)
     video = np.empty((frames, size, size, 3), np.float32)
     video[:] = background
