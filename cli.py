@@ -77,7 +77,7 @@ def cmd_check(args) -> int:
     for col in ("component", "layout", "files", "stored as", "parameters"):
         table.add_column(col)
     for label, comp, prepared in found:
-        dtypes = sorted({str(d).replace("torch.", "") for d in prepared.source.dtypes().values()})
+        dtypes = sorted(set(prepared.source.formats().values()))
         params = sum(p.numel() for p in prepared.model.parameters())
         where = comp.where.relative_to(ckpt.root) if comp.where != ckpt.root else comp.where.name
         table.add_row(label, comp.layout, f"{len(comp.files)} x {where}", ",".join(dtypes), f"{params:,}")
@@ -104,21 +104,49 @@ def _guide_scale(text: str | None):
 def cmd_generate(args) -> int:
     from pathlib import Path
 
+    from wanlite.loading.checkpoints import COMPONENT_FLAGS
     from wanlite.pipelines.progress import ProgressPrinter
     from wanlite.pipelines.request import Request, parse_size
     from wanlite.pipelines.run import generate
 
     request = Request(
-        task=args.task, prompt=args.prompt, ckpt_dir=Path(args.ckpt_dir), negative_prompt=args.negative_prompt,
+        task=args.task, prompt=args.prompt, ckpt_dir=None if args.ckpt_dir is None else Path(args.ckpt_dir),
+        negative_prompt=args.negative_prompt,
         image=None if args.image is None else Path(args.image),
         size=None if args.size is None else parse_size(args.size), frames=args.frame_num,
         steps=args.sample_steps, shift=args.sample_shift, guide_scale=_guide_scale(args.sample_guide_scale),
         solver=args.sample_solver, seed=args.base_seed, device=args.device, dtype=args.dtype,
         save_file=None if args.save_file is None else Path(args.save_file), output_dir=Path(args.output_dir),
-        preview=args.preview, t5_cpu=args.t5_cpu)
+        preview=args.preview, t5_cpu=args.t5_cpu, quant=args.quant, quant_backend=args.quant_backend,
+        **{flag: Path(getattr(args, flag)) for flag in COMPONENT_FLAGS if getattr(args, flag) is not None})
     with ProgressPrinter() as progress:
         result = generate(request, progress=progress)
     print(f"wrote {result.path}" + (f" and {result.preview}" if result.preview else ""))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from pathlib import Path
+
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    from wanlite.errors import WanliteError
+    from wanlite.quant.convert import TARGETS, convert
+
+    if args.to not in TARGETS:  # before the progress bar draws anything
+        raise WanliteError(f"--to {args.to!r} is unknown; choose one of {', '.join(TARGETS)}")
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, transient=False) as bar:
+        job = bar.add_task(f"{args.task} -> {args.to}", total=None)
+
+        def progress(done: int, total: int, role: str) -> None:
+            bar.update(job, completed=done, total=total, description=f"{args.task} {role} -> {args.to}")
+
+        results = convert(Path(args.ckpt_dir), args.task, args.to, Path(args.out), progress)
+    for r in results:
+        print(f"wrote {r.path} ({r.output_bytes / 1e6:,.1f} MB from {r.source_bytes / 1e6:,.1f} MB)")
     return 0
 
 
@@ -158,8 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
     gen = sub.add_parser("generate", help="generate a video (official generate.py flags are accepted)")
     gen.add_argument("--task", required=True, help="t2v-A14B, i2v-A14B or ti2v-5B (tiny-t2v, tiny-ti2v: the bundled models)")
-    gen.add_argument("--ckpt_dir", required=True, help="checkpoint folder (official, diffusers or ComfyUI files)")
+    gen.add_argument("--ckpt_dir", default=None, help="checkpoint folder (official, diffusers, ComfyUI or GGUF "
+                     "files); optional when every component is given as a file")
     gen.add_argument("--prompt", required=True)
+    gen.add_argument("--quant", default="auto", help="weights: auto (as the files store them), none, fp8, int8, "
+                     "gguf-q8_0, gguf-q6_k, gguf-q5_k, gguf-q4_k, gguf-q4_0 ...; quantized while loading")
+    gen.add_argument("--quant-backend", dest="quant_backend", default="torchao",
+                     help="int8 only: torchao (default), bnb or quanto")
+    for flag, what in (("high_noise_model", "the high-noise expert (A14B tasks)"),
+                       ("low_noise_model", "the low-noise expert (A14B tasks)"),
+                       ("dit", "the transformer of a single-model task (ti2v-5B)"),
+                       ("t5", "the umT5 text encoder"), ("vae", "the VAE")):
+        gen.add_argument(f"--{flag}", default=None, metavar="FILE",
+                         help=f"{what}: safetensors (bf16/fp16/fp32/fp8-scaled), GGUF or .pth; overrides --ckpt_dir")
     gen.add_argument("--negative_prompt", default=None, help="default: the official negative prompt")
     gen.add_argument("--image", default=None, help="input image (i2v-A14B: required; ti2v-5B: optional)")
     gen.add_argument("--size", default=None, help="WIDTH*HEIGHT, e.g. 1280*720 (default: the task's)")
@@ -187,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto")
     demo.add_argument("--output-dir", default=".", help="demo.mp4 (or demo_N.mp4) and its PNG go here")
     demo.set_defaults(func=cmd_demo)
+    conv = sub.add_parser("convert", help="quantize a task's transformer(s) once into fp8 / int8 / GGUF files")
+    conv.add_argument("--ckpt_dir", required=True, help="checkpoint folder holding the task's transformer(s)")
+    conv.add_argument("--task", required=True, choices=list(TASKS))
+    conv.add_argument("--to", required=True, help="fp8 (ComfyUI scaled fp8), int8, gguf-q8_0, gguf-q6_k, gguf-q5_k, "
+                      "gguf-q4_k or gguf-q4_0")
+    conv.add_argument("--out", required=True, help="output folder (A14B: both experts), or a file for one model")
+    conv.set_defaults(func=cmd_convert)
     check = sub.add_parser("check", help="find and verify a checkpoint folder for a task (headers and shapes only)")
     check.add_argument("--task", required=True, choices=list(TASKS))
     check.add_argument("--ckpt_dir", required=True, help="checkpoint folder (official, diffusers or ComfyUI files)")

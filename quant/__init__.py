@@ -1,11 +1,32 @@
-"""Weight formats (FP8, INT8, GGUF) and their storage cost; `quantize_` arrives with the quant issue.
+"""Weight formats (FP8, INT8, GGUF): `quantize_(model, config)`, the configs, and their storage cost.
 
-`FORMATS` is what the planner and `wanlite info` read: bytes per quantizable weight element, including the
-per-block or per-channel scales each format stores.
+`FORMATS` is what the planner and `wanlite info` read: bits per quantizable weight element, including the
+per-block or per-row scales each format stores. `parse_quant` turns `--quant` / `--quant-backend` into a config.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from wanlite.errors import WanliteError
+from wanlite.quant.base import (
+    HANDLERS,
+    DenseConfig,
+    QLinear,
+    QuantConfig,
+    QuantizedWeight,
+    build_linear,
+    is_quantizable,
+    quantize_,
+    sqnr,
+)
+from wanlite.quant.fp8 import Fp8WeightConfig
+from wanlite.quant.gguf import GGUFWeightConfig
+from wanlite.quant.gguf_dequant import BLOCKS
+from wanlite.quant.int8 import BACKENDS, Int8WeightConfig
+
+__all__ = ["quantize_", "QuantConfig", "DenseConfig", "Fp8WeightConfig", "Int8WeightConfig", "GGUFWeightConfig",
+           "QLinear", "QuantizedWeight", "build_linear", "is_quantizable", "sqnr", "HANDLERS", "FORMATS",
+           "QUANT_CHOICES", "parse_quant", "weight_bytes", "BACKENDS"]
 
 
 @dataclass(frozen=True)
@@ -16,19 +37,42 @@ class WeightFormat:
     row_scale_bytes: int = 0  # one scale per output row (per-channel formats)
 
 
+def _gguf(qtype: str, note: str) -> WeightFormat:
+    values, nbytes = BLOCKS[qtype]
+    return WeightFormat(qtype, nbytes * 8 / values, f"GGUF: {note}")
+
+
 FORMATS = {
     "bf16": WeightFormat("bf16", 16.0, "unquantized"),
     "fp8": WeightFormat("fp8", 8.0, "e4m3fn + one fp32 scale per output channel", row_scale_bytes=4),
     "int8": WeightFormat("int8", 8.0, "weight-only int8 + one fp32 scale per output channel", row_scale_bytes=4),
-    "Q8_0": WeightFormat("Q8_0", 34 * 8 / 32, "GGUF: 32 int8 + one fp16 scale per block"),
-    "Q4_K": WeightFormat("Q4_K", 144 * 8 / 256, "GGUF: 256 4-bit values + scales per super-block"),
+    "Q8_0": _gguf("Q8_0", "32 int8 + one fp16 scale per block"),
+    "Q6_K": _gguf("Q6_K", "6-bit, 16 int8 scales per 256-value super-block"),
+    "Q5_K": _gguf("Q5_K", "5-bit, 6-bit scales and mins per 32 values"),
+    "Q4_K": _gguf("Q4_K", "4-bit, 6-bit scales and mins per 32 values"),
+    "Q4_0": _gguf("Q4_0", "4-bit, one fp16 scale per 32 values"),
 }
 
+# --quant values: "auto" keeps what the files store, "none" dequantizes everything
+QUANT_CHOICES = ("auto", "none", "fp8", "fp8-e5m2", "int8", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k", "gguf-q4_k",
+                 "gguf-q5_1", "gguf-q5_0", "gguf-q4_1", "gguf-q4_0")
 
-def is_quantizable(name: str, shape) -> bool:
-    """The transformer blocks' matmul weights: the bulk of every model; embeddings, norms, modulation and the
-    head stay in bf16, as ComfyUI and GGUF releases keep them."""
-    return name.startswith("blocks.") and name.endswith(".weight") and len(shape) == 2
+
+def parse_quant(name: str, backend: str = "torchao") -> QuantConfig | None:
+    """`--quant` (+ `--quant-backend` for int8) -> a config; None means "keep the stored format"."""
+    if name not in QUANT_CHOICES:
+        raise WanliteError(f"--quant {name!r} is unknown; choose one of {', '.join(QUANT_CHOICES)}")
+    if backend not in BACKENDS:
+        raise WanliteError(f"--quant-backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        return None
+    if name == "none":
+        return DenseConfig()
+    if name.startswith("fp8"):
+        return Fp8WeightConfig(dtype="e5m2" if name.endswith("e5m2") else "e4m3fn")
+    if name == "int8":
+        return Int8WeightConfig(backend=backend)
+    return GGUFWeightConfig(qtype=name.removeprefix("gguf-").upper())
 
 
 def weight_bytes(manifest: dict[str, tuple[int, ...]], fmt: str) -> int:

@@ -23,6 +23,10 @@ ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
 WAN_KEYS = ("blocks.0.self_attn.norm_q.weight", "head.modulation")
 
 
+class NotWanGGUF(CheckpointError):
+    """A valid GGUF file for another architecture."""
+
+
 @dataclass(frozen=True)
 class GGUFTensor:
     name: str
@@ -94,6 +98,6 @@ def read_gguf(path: Path) -> dict[str, GGUFTensor]:
             shape = orig
         tensors[name] = GGUFTensor(name, qtype, shape, info.data.view(np.uint8))
     if arch != "wan" and not (arch is None and all(k in tensors for k in WAN_KEYS)):
-        raise CheckpointError(f"{path}: a GGUF for architecture {arch!r}, not a Wan model ('wan'); "
+        raise NotWanGGUF(f"{path}: a GGUF for architecture {arch!r}, not a Wan model ('wan'); "
                               "pick a Wan2.2 GGUF (e.g. city96 or QuantStack)")
     return tensors

@@ -16,9 +16,9 @@ from pathlib import Path
 from wanlite.errors import CheckpointError
 from wanlite.loading.keymaps import strip_comfy_prefix
 from wanlite.loading.safetensors_file import read_header
-from wanlite.loading.stream import PTH_SUFFIXES, PthSource
+from wanlite.loading.stream import PTH_SUFFIXES, PthSource, sniff
 
-WEIGHT_SUFFIXES = (".safetensors",) + tuple(s for s in PTH_SUFFIXES if s != ".bin")
+WEIGHT_SUFFIXES = (".safetensors", ".gguf") + tuple(s for s in PTH_SUFFIXES if s != ".bin")
 SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<total>\d{5})\.safetensors$")
 SKIP_DIRS = {"process_checkpoint", ".git", ".cache"}
 MAX_DEPTH = 4
@@ -43,7 +43,7 @@ class Component:
 
     kind: str  # "dit" | "t5" | "vae"
     naming: str  # "official" | "diffusers" | "hf"
-    layout: str  # "official" | "diffusers" | "comfy"
+    layout: str  # "official" | "diffusers" | "comfy" | "gguf"
     files: tuple[Path, ...]
     role: str = "main"  # "high_noise" | "low_noise" for A14B experts
     config: dict = field(default_factory=dict, compare=False)
@@ -118,17 +118,29 @@ def _group_files(files: list[Path]) -> list[tuple[Path, ...]]:
     return groups
 
 
-def _keys(group: tuple[Path, ...]) -> set[str]:
-    if group[0].suffix == ".safetensors":
+def _keys(group: tuple[Path, ...], strict: bool = False) -> set[str]:
+    kind = sniff(group[0])
+    if kind == "safetensors":
         keys: set[str] = set()
         for shard in group:
             keys.update(read_header(shard)[0])
         return keys
-    return set(PthSource(group[0]).tensors)
+    if kind == "gguf":
+        from wanlite.quant.gguf_file import NotWanGGUF, read_gguf
+
+        try:
+            return set(read_gguf(group[0]))
+        except NotWanGGUF:  # another model's GGUF (a text encoder, an LLM) lying in the folder
+            if strict:  # ...but named explicitly, the user deserves the reason
+                raise
+            return set()
+    if kind == "pth":
+        return set(PthSource(group[0]).tensors)
+    return set()
 
 
-def _classify(group: tuple[Path, ...]) -> tuple[str, str, bool] | None:
-    raw = _keys(group)
+def _classify(group: tuple[Path, ...], strict: bool = False) -> tuple[str, str, bool] | None:
+    raw = _keys(group, strict)
     keys = {strip_comfy_prefix(k) for k in raw}
     prefixed = any(strip_comfy_prefix(k) != k for k in raw)
     for kind, naming, signature in SIGNATURES:
@@ -175,7 +187,9 @@ def discover(path: Path) -> CheckpointSet:
         kind, naming, prefixed = kind_naming
         folder = group[0].parent
         lone_file = len(group) == 1 and not SHARD_NAME.match(group[0].name)  # a one-shard set is still a set
-        if prefixed or (lone_file and kind == "dit" and folder.name not in EXPERT_DIRS):
+        if sniff(group[0]) == "gguf":
+            layout = "gguf"
+        elif prefixed or (lone_file and kind == "dit" and folder.name not in EXPERT_DIRS):
             layout = "comfy"
         elif naming in ("diffusers", "hf") and (folder.parent / "model_index.json").is_file():
             layout = "diffusers"
@@ -200,3 +214,49 @@ def _find_tokenizer(root: Path) -> Path | None:
     candidates = [f.parent for f in _walk(root) if f.name in TOKENIZER_FILES]
     preferred = [c for c in candidates if c.name in ("umt5-xxl", "tokenizer")]
     return (preferred or candidates or [None])[0]
+
+
+# --flag -> (component kind, expert role)
+COMPONENT_FLAGS = {"high_noise_model": ("dit", "high_noise"), "low_noise_model": ("dit", "low_noise"),
+                   "dit": ("dit", "main"), "t5": ("t5", None), "vae": ("vae", None)}
+KIND_NAMES = {"dit": "a Wan transformer", "t5": "a umT5 text encoder", "vae": "a Wan VAE"}
+FLAGS_FOR_KIND = {"dit": "--dit (or --high_noise_model / --low_noise_model)", "t5": "--t5", "vae": "--vae"}
+
+
+def component_from_file(flag: str, path: Path) -> Component:
+    """The component a `--high_noise_model/--low_noise_model/--dit/--t5/--vae FILE` holds, recognised by its
+    tensors (safetensors of any dtype incl. fp8-scaled, GGUF or .pth), never by its name."""
+    path = Path(path).expanduser()
+    kind, role = COMPONENT_FLAGS[flag]
+    if not path.is_file():
+        raise CheckpointError(f"--{flag} {path}: no such file")
+    found = _classify((path,), strict=True)
+    if found is None:
+        raise CheckpointError(f"--{flag} {path}: not {KIND_NAMES[kind]} (none of its tensor names is one wanlite "
+                              "knows); check the file")
+    got, naming, _ = found
+    if got != kind:
+        raise CheckpointError(f"--{flag} {path}: holds {KIND_NAMES[got]}, not {KIND_NAMES[kind]}; "
+                              f"pass it with {FLAGS_FOR_KIND[got]}")
+    layout = "gguf" if sniff(path) == "gguf" else "comfy"
+    return Component(kind, naming, layout, (path,), role or "main", _config(path.parent))
+
+
+def with_components(ckpt: CheckpointSet | None, files: dict[str, Path]) -> CheckpointSet:
+    """`ckpt` (or nothing) with the components given on the command line put in place of its own."""
+    comps = {flag: component_from_file(flag, path) for flag, path in files.items()}
+    if ckpt is None:
+        if not comps:
+            raise CheckpointError("no checkpoint given; pass --ckpt_dir (or the component files: --dit / "
+                                  "--high_noise_model --low_noise_model, --t5, --vae)")
+        first = next(iter(comps.values())).files[0]
+        ckpt = CheckpointSet(first.parent, {}, None, None, None)
+    dits = dict(ckpt.dits)
+    given_dits = {c.role: c for c in comps.values() if c.kind == "dit"}
+    if given_dits:
+        dits = {**{r: c for r, c in dits.items() if r != "main" and "main" not in given_dits}, **given_dits}
+    t5 = comps["t5"] if "t5" in comps else ckpt.t5
+    tokenizer = ckpt.tokenizer
+    if tokenizer is None and t5 is not None:  # a ComfyUI text_encoders/ folder can hold the tokenizer files
+        tokenizer = _find_tokenizer(t5.files[0].parent)
+    return CheckpointSet(ckpt.root, dits, t5, comps["vae"] if "vae" in comps else ckpt.vae, tokenizer)

@@ -14,6 +14,7 @@ from wanlite.loading.keymaps import dit_key_from_diffusers, strip_comfy_prefix
 from wanlite.loading.stream import PthSource, SafetensorsSource, check_against, load_into, open_source
 from wanlite.models.blocks import keeps_fp32
 from wanlite.models.dit import WanDiT
+from wanlite.quant.base import QuantConfig
 from wanlite.specs import DIT_SPECS, MODEL_TYPE_CHANNELS, TASKS, VAE_SPECS, DiTSpec, VAESpec
 
 _BLOCK_INDEX = re.compile(r"^blocks\.(\d+)\.")
@@ -60,15 +61,16 @@ class Prepared:
     """A component built on meta with its opened source: check it (no data read) or load it."""
 
     model: torch.nn.Module
-    source: SafetensorsSource | PthSource
+    source: SafetensorsSource | PthSource  # or a GGUF / scaled-weight source from wanlite.quant
     rename: Callable[[str], str | None]
     what: str
 
     def check(self) -> None:
         check_against(self.model, self.source, self.rename, self.what)
 
-    def load(self, dtype_for: Callable[[str, torch.dtype], torch.dtype]) -> torch.nn.Module:
-        load_into(self.model, self.source, self.rename, dtype_for, self.what)
+    def load(self, dtype_for: Callable[[str, torch.dtype], torch.dtype],
+             quant: QuantConfig | None = None) -> torch.nn.Module:
+        load_into(self.model, self.source, self.rename, dtype_for, self.what, quant)
         return self.model.eval().requires_grad_(False)
 
 
@@ -88,9 +90,11 @@ def prepare_dit(comp: Component, task: str) -> Prepared:
     return Prepared(dit, source, rename, f"{task} transformer")
 
 
-def load_dit(comp: Component, task: str, dtype: torch.dtype = torch.bfloat16) -> WanDiT:
-    """Stream one DiT (or one A14B expert) into a meta-built WanDiT; weights land directly in `dtype`."""
-    return prepare_dit(comp, task).load(lambda name, _: torch.float32 if keeps_fp32(name) else dtype)
+def load_dit(comp: Component, task: str, dtype: torch.dtype = torch.bfloat16,
+             quant: QuantConfig | None = None) -> WanDiT:
+    """Stream one DiT (or one A14B expert) into a meta-built WanDiT; weights land directly in `dtype`, block
+    matmul weights in the `quant` format (None: as the file stores them)."""
+    return prepare_dit(comp, task).load(lambda name, _: torch.float32 if keeps_fp32(name) else dtype, quant)
 
 
 def vae_spec_from_shapes(shapes: dict[str, tuple[int, ...]], where) -> VAESpec:
@@ -148,9 +152,10 @@ def prepare_t5(comp: Component) -> Prepared:
     return Prepared(model, source, rename, "umT5 encoder")
 
 
-def load_t5(comp: Component, dtype: torch.dtype = torch.bfloat16):
-    """Stream the umT5 encoder into transformers' UMT5EncoderModel built on meta; every weight lands in `dtype`."""
-    return prepare_t5(comp).load(lambda name, stored: dtype)
+def load_t5(comp: Component, dtype: torch.dtype = torch.bfloat16, quant: QuantConfig | None = None):
+    """Stream the umT5 encoder into transformers' UMT5EncoderModel built on meta; every weight lands in `dtype`,
+    block matmul weights in the `quant` format."""
+    return prepare_t5(comp).load(lambda name, stored: dtype, quant)
 
 
 def check_checkpoint(ckpt: CheckpointSet, task: str) -> list[tuple[str, Component, Prepared]]:

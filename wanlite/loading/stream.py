@@ -15,6 +15,7 @@ from torch import nn
 
 from wanlite.errors import CheckpointError
 from wanlite.loading.safetensors_file import SafetensorsFile
+from wanlite.quant.base import DenseConfig, QuantConfig, build_linear, set_submodule, targets_linear
 
 PTH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 
@@ -40,6 +41,10 @@ class SafetensorsSource:
 
     def dtypes(self) -> dict[str, torch.dtype]:
         return {k: s.info(k).dtype for k, s in self.owner.items()}
+
+    def formats(self) -> dict[str, str]:
+        """How each tensor is stored, for `wanlite check` ("bfloat16", "float8_e4m3fn", "Q4_K", ...)."""
+        return {k: str(s.info(k).dtype).replace("torch.", "") for k, s in self.owner.items()}
 
     def metadata(self) -> dict[str, str]:
         merged: dict[str, str] = {}
@@ -91,6 +96,9 @@ class PthSource:
     def dtypes(self) -> dict[str, torch.dtype]:
         return {k: v.dtype for k, v in self.tensors.items()}
 
+    def formats(self) -> dict[str, str]:
+        return {k: str(v.dtype).replace("torch.", "") for k, v in self.tensors.items()}
+
     def metadata(self) -> dict[str, str]:
         return {}
 
@@ -100,14 +108,41 @@ class PthSource:
             yield key, out
 
 
-def open_source(paths: list[Path]) -> SafetensorsSource | PthSource:
-    """Open a checkpoint component by file content type (a list of shards, or one .pth)."""
+def sniff(path: Path) -> str | None:
+    """A weight file's container from its first bytes: "gguf", "pth" (zip or legacy pickle), "safetensors"."""
+    try:
+        with Path(path).open("rb") as f:
+            head = f.read(9)
+    except OSError:
+        return None
+    if head[:4] == b"GGUF":
+        return "gguf"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "pth"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    # unrecognised bytes: trust the suffix so the container's own reader says what is wrong with the file
+    return {".pth": "pth", ".pt": "pth", ".gguf": "gguf", ".safetensors": "safetensors"}.get(Path(path).suffix)
+
+
+def open_source(paths: list[Path]):
+    """Open a checkpoint component by file content (safetensors shards, one GGUF, or one .pth); fp8 / int8
+    safetensors come back as a source that hides their scale tensors."""
     paths = [Path(p) for p in paths]
-    if len(paths) == 1 and paths[0].suffix.lower() in PTH_SUFFIXES:
+    kinds = {sniff(p) for p in paths}
+    if kinds == {"gguf"} and len(paths) == 1:
+        from wanlite.quant.gguf import GGUFSource
+
+        return GGUFSource(paths[0])
+    if kinds == {"pth"} and len(paths) == 1:
         return PthSource(paths[0])
-    if all(p.suffix.lower() == ".safetensors" for p in paths):
-        return SafetensorsSource(paths)
-    raise CheckpointError(f"{paths[0]}: unsupported weight file type; expected .safetensors shards or one .pth")
+    if kinds == {"safetensors"}:
+        from wanlite.quant.scaled_file import ScaledSafetensorsSource, is_scaled
+
+        source = SafetensorsSource(paths)
+        return ScaledSafetensorsSource(paths) if is_scaled(source) else source
+    raise CheckpointError(f"{paths[0]}: not a safetensors, GGUF or PyTorch weight file (or a mix of them); "
+                          "check the file is complete")
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -163,29 +198,63 @@ def check_against(
 
 def load_into(
     model: nn.Module,
-    source: SafetensorsSource | PthSource,
+    source,
     rename: Callable[[str], str | None],
     dtype_for: Callable[[str, torch.dtype], torch.dtype],
     what: str,
+    quant: QuantConfig | None = None,
 ) -> nn.Module:
     """Materialize `model` (built on meta) from `source`; `rename` maps a checkpoint key to a state-dict name
     (None drops it); `dtype_for(name, stored_dtype)` picks each parameter's dtype. Everything is checked
-    (`check_against`) before the first byte of tensor data is read."""
+    (`check_against`) before the first byte of tensor data is read.
+
+    Quantizable Linears (the shared high-precision rule) are swapped once their weight and bias have arrived:
+    `quant=None` keeps pre-quantized weights as stored (fp8, int8, GGUF) and the rest dense, `DenseConfig`
+    dequantizes everything, any other config quantizes each weight as it arrives, so peak memory stays near
+    the quantized size."""
     pairs, aliases = check_against(model, source, rename, what)
     meta = model.state_dict(keep_vars=True)
     stored_dtypes = source.dtypes()
+    prequantized = source.quantized_keys() if hasattr(source, "quantized_keys") else set()
+    modules = dict(model.named_modules())
+    names = dict(pairs)
+    targets: dict[str, int] = {}  # Linear module -> tensors it waits for (weight, bias)
+    for key, name in pairs:
+        module_name, _, leaf = name.rpartition(".")
+        module = modules.get(module_name)
+        if leaf != "weight" or not targets_linear(module_name, module):
+            continue
+        if (key in prequantized) if quant is None else not isinstance(quant, DenseConfig):
+            targets[module_name] = 1 + (module.bias is not None)
+    arrived: dict[str, dict] = {}
+
+    def place(name: str, value) -> None:
+        module_name, _, leaf = name.rpartition(".")
+        if module_name in targets:
+            got = arrived.setdefault(module_name, {})
+            got[leaf] = value
+            if len(got) == targets[module_name]:
+                compute = dtype_for(module_name + ".weight", torch.bfloat16)
+                set_submodule(model, module_name,
+                              build_linear(quant, got["weight"], got.get("bias"), compute))
+                del arrived[module_name]
+            return
+        owner, leaf = _owner(model, name)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+        else:
+            owner._buffers[leaf] = value
+
     destinations = []
     for key, name in pairs:
+        if key in prequantized and name.rpartition(".")[0] in targets:
+            place(name, source.read_quantized(key))
+            continue
         meta_t = meta[name]
         dtype = dtype_for(name, stored_dtypes[key]) if meta_t.dtype.is_floating_point else meta_t.dtype
         destinations.append((key, torch.empty(meta_t.shape, dtype=dtype)))
-    names = dict(pairs)
     for key, tensor in source.fill(destinations):
-        owner, leaf = _owner(model, names[key])
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-        else:
-            owner._buffers[leaf] = tensor
+        place(names[key], tensor)
     for alias, name in aliases.items():
         alias_owner, alias_leaf = _owner(model, alias)
         owner, leaf = _owner(model, name)

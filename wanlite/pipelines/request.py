@@ -17,7 +17,7 @@ class Request:
 
     task: str
     prompt: str
-    ckpt_dir: Path
+    ckpt_dir: Path | None = None
     negative_prompt: str | None = None
     image: Path | None = None
     size: tuple[int, int] | None = None  # (width, height)
@@ -33,6 +33,18 @@ class Request:
     output_dir: Path = Path("outputs")
     preview: bool = False
     t5_cpu: bool = False
+    quant: str = "auto"  # "auto" keeps what the files store; see wanlite.quant.QUANT_CHOICES
+    quant_backend: str = "torchao"  # int8 only: torchao | bnb | quanto
+    # component files overriding what ckpt_dir provides (ComfyUI-style folders of separate files)
+    high_noise_model: Path | None = None
+    low_noise_model: Path | None = None
+    dit: Path | None = None
+    t5: Path | None = None
+    vae: Path | None = None
+
+    def component_files(self) -> dict[str, Path]:
+        return {flag: Path(getattr(self, flag)) for flag in ("high_noise_model", "low_noise_model", "dit", "t5", "vae")
+                if getattr(self, flag) is not None}
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,19 @@ def check_frames(frames: int) -> None:
                            f"nearest valid values: {low} or {low + 4}")
 
 
+def check_component_flags(task: TaskSpec, req: Request) -> None:
+    given = req.component_files()
+    if len(task.experts) > 1 and "dit" in given:
+        raise WanliteError(f"--dit is for single-model tasks; {task.name} has two experts: pass "
+                           "--high_noise_model FILE and --low_noise_model FILE")
+    if len(task.experts) == 1 and {"high_noise_model", "low_noise_model"} & set(given):
+        raise WanliteError(f"--high_noise_model / --low_noise_model are for the A14B tasks; {task.name} has one "
+                           "transformer: pass --dit FILE")
+    if req.ckpt_dir is None and not given:
+        raise WanliteError("pass --ckpt_dir DIR (or the component files: --dit / --high_noise_model "
+                           "--low_noise_model, --t5, --vae)")
+
+
 def resolve(req: Request, seed: int) -> Settings:
     """Validate a request against its task and fill the official defaults."""
     task = task_spec(req.task)
@@ -103,6 +128,7 @@ def resolve(req: Request, seed: int) -> Settings:
         raise WanliteError(f"{task.name} animates an image: pass --image PATH")
     if req.image is not None and not Path(req.image).is_file():
         raise WanliteError(f"--image {req.image} does not exist")
+    check_component_flags(task, req)
     size = req.size or task.size
     check_size(task, size)
     frames = task.frames if req.frames is None else req.frames

@@ -14,10 +14,11 @@ import torch
 
 from wanlite import __version__
 from wanlite.errors import WanliteError
-from wanlite.loading.checkpoints import CheckpointSet, Component, discover
+from wanlite.loading.checkpoints import CheckpointSet, Component, discover, with_components
 from wanlite.loading.models import check_checkpoint, expert_components, load_dit, load_t5, load_vae
 from wanlite.pipelines.denoise import Conditioning, Denoiser
 from wanlite.pipelines.request import Request, Settings, resolve
+from wanlite.quant import QuantConfig, parse_quant
 from wanlite.specs import TASKS, TaskSpec
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -58,15 +59,17 @@ def release(*models) -> None:
 class ExpertPool:
     """Loads the expert a step needs and releases the other: only one A14B expert is resident at a time."""
 
-    def __init__(self, components: dict[str, Component], task: str, dtype: torch.dtype, device: torch.device):
+    def __init__(self, components: dict[str, Component], task: str, dtype: torch.dtype, device: torch.device,
+                 quant: QuantConfig | None = None):
         self.components, self.task, self.dtype, self.device = components, task, dtype, device
+        self.quant = quant
         self.role: str | None = None
         self.model: torch.nn.Module | None = None
 
     def __call__(self, role: str) -> torch.nn.Module:
         if role != self.role:
             self.close()
-            self.model = load_dit(self.components[role], self.task, self.dtype).to(self.device)
+            self.model = load_dit(self.components[role], self.task, self.dtype, self.quant).to(self.device)
             self.role = role
         return self.model
 
@@ -76,12 +79,12 @@ class ExpertPool:
 
 
 def encode_text(ckpt: CheckpointSet, prompts: list[str], device: torch.device, dtype: torch.dtype,
-                text_len: int, emit: Progress) -> list[torch.Tensor]:
+                text_len: int, emit: Progress, quant: QuantConfig | None = None) -> list[torch.Tensor]:
     """Run umT5 once for [prompt, negative prompt], then free it before the DiT needs the memory."""
     from wanlite.models.t5 import TextEncoder, load_tokenizer
 
     tokenizer = load_tokenizer(ckpt.tokenizer)
-    model = load_t5(ckpt.t5, dtype).to(device)
+    model = load_t5(ckpt.t5, dtype, quant).to(device)
     encoder = TextEncoder(tokenizer, model, text_len=text_len)
     for which, prompt in zip(("prompt", "negative prompt"), prompts):
         n = encoder.count_tokens(prompt)
@@ -154,14 +157,16 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     out_path = _output_path(req, settings)
     image = None if settings.image is None else load_image(Path(settings.image))  # fail before any loading
 
-    ckpt = discover(req.ckpt_dir)
+    quant = parse_quant(req.quant, req.quant_backend)
+    ckpt = with_components(None if req.ckpt_dir is None else discover(req.ckpt_dir), req.component_files())
     check_checkpoint(ckpt, task.name)  # every component present and the right shape before any work
     experts = expert_components(ckpt, task.name)
 
     emit({"event": "stage", "name": "encode text"})
     t5_device = torch.device("cpu") if req.t5_cpu else device
     text_len = load_text_len(experts)
-    context = encode_text(ckpt, [settings.prompt, settings.negative_prompt], t5_device, dtype, text_len, emit)
+    context = encode_text(ckpt, [settings.prompt, settings.negative_prompt], t5_device, dtype, text_len, emit,
+                          quant)
 
     vae, y, first_frame, size = _condition(task, ckpt, settings, image, device, emit)
     if size != settings.size:
@@ -174,7 +179,7 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
 
     sigmas = make_sigmas(settings.solver, settings.steps, settings.shift)
     timesteps = model_timesteps(settings.solver, settings.steps, settings.shift).tolist()
-    pool = ExpertPool(experts, task.name, dtype, device)
+    pool = ExpertPool(experts, task.name, dtype, device, quant)
     cond = Conditioning(context=context, y=None if y is None else y.to(device),
                         first_frame=None if first_frame is None else first_frame.to(device))
     denoiser = Denoiser(task, pool, cond, timesteps, settings.guide_scale,
@@ -207,7 +212,8 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
     metadata = {**settings.to_dict(), "wanlite": __version__,
-                "plan": {"device": str(device), "dtype": req.dtype, "t5_device": str(t5_device)}}
+                "plan": {"device": str(device), "dtype": req.dtype, "t5_device": str(t5_device),
+                         "quant": req.quant if quant is None else quant.name}}
     path = write_mp4(frames, out_path, settings.fps, metadata)
     preview = contact_sheet(frames, path.with_suffix(".png")) if req.preview else None
     emit({"event": "done", "path": str(path)})
