@@ -193,12 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "gguf-q8_0, gguf-q6_k, gguf-q5_k, gguf-q4_k, gguf-q4_0 ...; quantized while loading")
     gen.add_argument("--quant-backend", dest="quant_backend", default="torchao",
                      help="int8 only: torchao (default), bnb or quanto")
-    for flag, what in (("high_noise_model", "the high-noise expert (A14B tasks)"),
-                       ("low_noise_model", "the low-noise expert (A14B tasks)"),
-                       ("dit", "the transformer of a single-model task (ti2v-5B)"),
-                       ("t5", "the umT5 text encoder"), ("vae", "the VAE")):
-        gen.add_argument(f"--{flag}", default=None, metavar="FILE",
-                         help=f"{what}: safetensors (bf16/fp16/fp32/fp8-scaled), GGUF or .pth; overrides --ckpt_dir")
+    dit_files = "safetensors (bf16/fp16/fp32/fp8-scaled), GGUF or .pth"
+    for flag, what in (("high_noise_model", f"the high-noise expert (A14B tasks): {dit_files}"),
+                       ("low_noise_model", f"the low-noise expert (A14B tasks): {dit_files}"),
+                       ("dit", f"the transformer of a single-model task (ti2v-5B): {dit_files}"),
+                       ("t5", "the umT5 text encoder: safetensors (bf16/fp16/fp32/fp8-scaled) or .pth (GGUF text "
+                              "encoders are not read yet)"),
+                       ("vae", "the VAE: safetensors or .pth")):
+        gen.add_argument(f"--{flag}", default=None, metavar="FILE", help=f"{what}; overrides --ckpt_dir")
     gen.add_argument("--negative_prompt", default=None, help="default: the official negative prompt")
     gen.add_argument("--image", default=None, help="input image (i2v-A14B: required; ti2v-5B: optional)")
     gen.add_argument("--size", default=None, help="WIDTH*HEIGHT, e.g. 1280*720 (default: the task's)")

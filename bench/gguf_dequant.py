@@ -33,33 +33,38 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
-def main() -> int:
+def measure(qtype: str, shape: tuple[int, int], repeats: int) -> dict:
+    """Decode random blocks of `qtype` with both decoders: bit-exactness first, then best-of timings."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize as reference
 
+    numel = shape[0] * shape[1]
+    raw = random_blocks(qtype, numel // BLOCKS[qtype][0])
+    raw_t = torch.from_numpy(raw.reshape(-1))
+    want = reference(raw, GGMLQuantizationType[qtype]).reshape(shape)
+    exact = bool(np.array_equal(dequantize(raw_t, qtype, shape).numpy(), want))
+    numpy_s = best_of(lambda: reference(raw, GGMLQuantizationType[qtype]), repeats)
+    torch_s = best_of(lambda: dequantize(raw_t, qtype, shape), repeats)
+    bf16_s = best_of(lambda: dequantize(raw_t, qtype, shape, dtype=torch.bfloat16), repeats)
+    return {"type": qtype, "bit_exact": exact, "gguf_py_s": round(numpy_s, 3), "torch_fp32_s": round(torch_s, 3),
+            "torch_bf16_out_s": round(bf16_s, 3), "gguf_py_mweights_per_s": round(numel / numpy_s / 1e6),
+            "torch_mweights_per_s": round(numel / torch_s / 1e6),
+            "dequant_speedup_vs_gguf_py": round(numpy_s / torch_s, 2)}
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=5120)
     parser.add_argument("--cols", type=int, default=13824)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    shape, numel = (args.rows, args.cols), args.rows * args.cols
+    shape = (args.rows, args.cols)
     rows = []
     for qtype in BENCH_TYPES:
-        raw = random_blocks(qtype, numel // BLOCKS[qtype][0])
-        raw_t = torch.from_numpy(raw.reshape(-1))
-        want = reference(raw, GGMLQuantizationType[qtype]).reshape(shape)
-        got = dequantize(raw_t, qtype, shape)
-        exact = bool(np.array_equal(got.numpy(), want))
-        numpy_s = best_of(lambda: reference(raw, GGMLQuantizationType[qtype]), args.repeats)
-        torch_s = best_of(lambda: dequantize(raw_t, qtype, shape), args.repeats)
-        bf16_s = best_of(lambda: dequantize(raw_t, qtype, shape, dtype=torch.bfloat16), args.repeats)
-        rows.append({"type": qtype, "bit_exact": exact, "gguf_py_s": round(numpy_s, 3), "torch_fp32_s": round(torch_s, 3),
-                     "torch_bf16_out_s": round(bf16_s, 3), "gguf_py_mweights_per_s": round(numel / numpy_s / 1e6),
-                     "torch_mweights_per_s": round(numel / torch_s / 1e6),
-                     "dequant_speedup_vs_gguf_py": round(numpy_s / torch_s, 2)})
+        rows.append(measure(qtype, shape, args.repeats))
         r = rows[-1]
-        print(f"{qtype:5s} exact={exact} gguf-py {r['gguf_py_mweights_per_s']:5d} Mw/s  torch {r['torch_mweights_per_s']:5d} "
-              f"Mw/s  speedup {r['dequant_speedup_vs_gguf_py']:.2f}x", flush=True)
+        print(f"{qtype:5s} exact={r['bit_exact']} gguf-py {r['gguf_py_mweights_per_s']:5d} Mw/s  torch "
+              f"{r['torch_mweights_per_s']:5d} Mw/s  speedup {r['dequant_speedup_vs_gguf_py']:.2f}x", flush=True)
     out = Path(__file__).resolve().parent / "results" / "gguf_dequant.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({

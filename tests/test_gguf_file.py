@@ -83,3 +83,36 @@ def test_unsupported_type_names_tensor_and_type(tmp_path):
     write_gguf(tmp_path / "iq.gguf", extra={"blocks.0.ffn.0.weight": (raw, kind)})
     with pytest.raises(CheckpointError, match="'blocks.0.ffn.0.weight' has GGUF type IQ2_XXS"):
         read_gguf(tmp_path / "iq.gguf")
+
+
+def _patch_tensor_info(data: bytes, name: str, dims=None, offset=None) -> bytes:
+    """Rewrite one tensor-info record of a GGUF header: name (u64 length + bytes), n_dims u32, dims u64[n],
+    type u32, offset u64."""
+    import struct
+
+    key = struct.pack("<Q", len(name)) + name.encode()
+    at = data.index(key) + len(key)
+    (n_dims,) = struct.unpack_from("<I", data, at)
+    out = bytearray(data)
+    if dims is not None:
+        struct.pack_into(f"<{n_dims}Q", out, at + 4, *dims)
+    if offset is not None:
+        struct.pack_into("<Q", out, at + 4 + 8 * n_dims + 4, offset)
+    return bytes(out)
+
+
+def test_tensor_offset_past_the_end_of_the_file(tmp_path):
+    write_gguf(tmp_path / "wan.gguf")
+    data = _patch_tensor_info((tmp_path / "wan.gguf").read_bytes(), "blocks.0.self_attn.q.weight", offset=1 << 30)
+    (tmp_path / "far.gguf").write_bytes(data)
+    with pytest.raises(CheckpointError, match="truncated or damaged|lies past the end of the file"):
+        read_gguf(tmp_path / "far.gguf")
+
+
+def test_row_that_is_not_a_whole_number_of_blocks(tmp_path):
+    write_gguf(tmp_path / "wan.gguf")
+    # Q8_0 packs 32 values per block: 250 values per row leave a truncated block
+    data = _patch_tensor_info((tmp_path / "wan.gguf").read_bytes(), "blocks.0.self_attn.q.weight", dims=(250, 64))
+    (tmp_path / "cut.gguf").write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"truncated or damaged GGUF file .*250.* not a multiple of Q8_0"):
+        read_gguf(tmp_path / "cut.gguf")
