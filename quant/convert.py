@@ -185,7 +185,7 @@ def convert(ckpt_dir: Path, task: str, to: str, out: Path, progress: Progress | 
         ok = False
         try:
             for (key, name), (_, shape) in zip(pairs[role], entries):  # one tensor in RAM at a time
-                for _, tensor in prep.source.fill([(key, torch.empty(shape, dtype=torch.float32))]):
+                for _, tensor in prep.source.fill([(key, torch.Size(shape), torch.float32)]):
                     sink.write(name, tensor)
                 done += tensor.numel() * dtypes_of[role][key].itemsize
                 if progress:

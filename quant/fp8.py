@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from wanlite.quant.base import KERNELS, Kernels, QLinear, QuantConfig, QuantizedWeight, register_quant
 
+ROWS_PER_CHUNK = 256
 FP8_DTYPES = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 QTYPE_OF = {dtype: name for name, dtype in FP8_DTYPES.items()}
 
@@ -38,12 +39,22 @@ class Fp8WeightConfig(QuantConfig):
 
 
 def fp8_from_hp(weight: torch.Tensor, dtype: str = "e4m3fn", granularity: str = "channel") -> QuantizedWeight:
-    """Scale each output row (or the whole tensor) so its largest magnitude lands on the format's maximum."""
+    """Scale each output row (or the whole tensor) so its largest magnitude lands on the format's maximum.
+
+    Works through ROWS_PER_CHUNK rows at a time: full-size fp32 temporaries of every weight, freed between
+    tensors, fragment the CPU heap and made quantize-on-load peak at several times the quantized model."""
     fp8 = FP8_DTYPES[dtype]
-    w = weight.float()
-    amax = w.abs().amax(dim=1, keepdim=True) if granularity == "channel" else w.abs().amax()
-    scale = (amax / torch.finfo(fp8).max).clamp(min=1e-12)
-    qdata = (w / scale).clamp(-torch.finfo(fp8).max, torch.finfo(fp8).max).to(fp8)
+    fmax = torch.finfo(fp8).max
+    chunks = [weight[i:i + ROWS_PER_CHUNK] for i in range(0, weight.shape[0], ROWS_PER_CHUNK)]
+    amax = torch.cat([c.abs().amax(dim=1).float() for c in chunks])
+    if granularity != "channel":
+        amax = amax.amax()
+    scale = (amax / fmax).clamp(min=1e-12)
+    qdata = torch.empty(weight.shape, dtype=fp8, device=weight.device)
+    row_scale = scale.reshape(-1, 1).expand(weight.shape[0], 1)
+    for i, c in enumerate(chunks):
+        rows = slice(i * ROWS_PER_CHUNK, i * ROWS_PER_CHUNK + c.shape[0])
+        qdata[rows] = (c.float() / row_scale[rows]).clamp_(-fmax, fmax).to(fp8)
     return QuantizedWeight("fp8", dtype, tuple(weight.shape), qdata, scale.reshape(-1).float())
 
 

@@ -92,6 +92,5 @@ class GGUFSource:
         return QuantizedWeight("gguf", t.qtype, t.shape, qdata)
 
     def fill(self, plan):
-        for key, out in plan:
-            out.copy_(self.tensors[key].dequantize(out.dtype).reshape(out.shape))
-            yield key, out
+        for key, shape, dtype in plan:
+            yield key, self.tensors[key].dequantize(dtype).reshape(shape)

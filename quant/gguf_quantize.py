@@ -134,16 +134,18 @@ def quantize(weight: torch.Tensor, qtype: str) -> torch.Tensor:
     rows, cols = weight.reshape(-1, weight.shape[-1]).shape
     if cols % values:
         raise ValueError(f"a row of {cols} values does not split into {qtype} blocks of {values}")
-    if qtype in K_ENCODERS:
-        w = weight.detach().reshape(rows, cols)
-        out = torch.empty(rows, cols // values * nbytes, dtype=torch.uint8)
-        for start in range(0, rows, ROWS_PER_CHUNK):
-            chunk = w[start:start + ROWS_PER_CHUNK].float().reshape(-1, values)
-            out[start:start + ROWS_PER_CHUNK] = K_ENCODERS[qtype](chunk).reshape(-1, out.shape[1])
-        return out
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize as gguf_quantize
 
-    array = weight.detach().float().reshape(rows, cols).cpu().numpy()
-    packed = gguf_quantize(array, GGMLQuantizationType[qtype])
-    return torch.from_numpy(np.ascontiguousarray(packed).view(np.uint8).reshape(rows, -1))
+    def legacy(chunk: torch.Tensor) -> torch.Tensor:
+        packed = gguf_quantize(chunk.reshape(-1, cols).cpu().numpy(), GGMLQuantizationType[qtype])
+        return torch.from_numpy(np.ascontiguousarray(packed).view(np.uint8))
+
+    encode = K_ENCODERS.get(qtype, legacy)
+    # a few rows at a time: whole-tensor fp32 temporaries fragment the heap and inflate quantize-on-load peaks
+    w = weight.detach().reshape(rows, cols)
+    out = torch.empty(rows, cols // values * nbytes, dtype=torch.uint8)
+    for start in range(0, rows, ROWS_PER_CHUNK):
+        chunk = w[start:start + ROWS_PER_CHUNK].float().reshape(-1, values)
+        out[start:start + ROWS_PER_CHUNK] = encode(chunk).reshape(-1, out.shape[1])
+    return out

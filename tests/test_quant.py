@@ -231,6 +231,30 @@ def test_quantize_on_load(t2v_expert, name, floor):
     assert sqnr(out, _run(model, inputs)) > floor
 
 
+@pytest.mark.parametrize("name", ["fp8", "gguf-q8_0"])
+def test_quantize_on_load_lets_each_dense_weight_go(t2v_expert, monkeypatch, name):
+    """Peak RAM follows the quantized size only if no dense block weight outlives its quantization."""
+    import weakref
+
+    from wanlite.loading.stream import SafetensorsSource
+
+    root, *_ = t2v_expert
+    seen, most_alive = [], 0
+    fill = SafetensorsSource.fill
+
+    def tracking_fill(self, plan):
+        nonlocal most_alive
+        for key, tensor in fill(self, plan):
+            if key.startswith("blocks.") and tensor.ndim == 2:
+                most_alive = max(most_alive, sum(r() is not None for r in seen))
+                seen.append(weakref.ref(tensor))
+            yield key, tensor
+
+    monkeypatch.setattr(SafetensorsSource, "fill", tracking_fill)
+    load_dit(discover(root).dits["high_noise"], "t2v-A14B", torch.bfloat16, parse_quant(name))
+    assert len(seen) > 10 and most_alive <= 1  # at most the one weight still waiting for its bias
+
+
 def test_t5_quantize_on_load(tmp_path):
     root = write_fixture("ti2v-5B", "diffusers", tmp_path / "ck")
     ckpt = discover(root)

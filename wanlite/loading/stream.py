@@ -52,18 +52,22 @@ class SafetensorsSource:
             merged.update(shard.metadata)
         return merged
 
-    def fill(self, plan: list[tuple[str, torch.Tensor]]):
-        """Fill each (key, destination) pair, shard by shard, in file order for sequential reads."""
-        by_shard: dict[int, list[tuple[str, torch.Tensor]]] = {}
+    def fill(self, plan: list[tuple[str, torch.Size, torch.dtype]]):
+        """Read each (key, shape, dtype) into a fresh tensor, shard by shard, in file order for sequential
+        reads. Each tensor is allocated just before its read and not kept: a caller that quantizes it and lets
+        it go holds one source tensor at a time."""
+        by_shard: dict[int, list[tuple[str, torch.Size, torch.dtype]]] = {}
         index = {id(s): i for i, s in enumerate(self.files)}
-        for key, out in plan:
-            by_shard.setdefault(index[id(self.owner[key])], []).append((key, out))
+        for item in plan:
+            by_shard.setdefault(index[id(self.owner[item[0]])], []).append(item)
         for i in sorted(by_shard):
             shard = self.files[i]
             with shard:
-                for key, out in sorted(by_shard[i], key=lambda item: shard.info(item[0]).begin):
+                for key, shape, dtype in sorted(by_shard[i], key=lambda item: shard.info(item[0]).begin):
+                    out = torch.empty(shape, dtype=dtype)
                     shard.read_into(key, out)
                     yield key, out
+                    del out
 
 
 class PthSource:
@@ -102,10 +106,9 @@ class PthSource:
     def metadata(self) -> dict[str, str]:
         return {}
 
-    def fill(self, plan: list[tuple[str, torch.Tensor]]):
-        for key, out in plan:
-            out.copy_(self.tensors[key])
-            yield key, out
+    def fill(self, plan: list[tuple[str, torch.Size, torch.dtype]]):
+        for key, shape, dtype in plan:
+            yield key, self.tensors[key].to(dtype, copy=True).reshape(shape)  # off the mmap
 
 
 def sniff(path: Path) -> str | None:
@@ -252,9 +255,10 @@ def load_into(
             continue
         meta_t = meta[name]
         dtype = dtype_for(name, stored_dtypes[key]) if meta_t.dtype.is_floating_point else meta_t.dtype
-        destinations.append((key, torch.empty(meta_t.shape, dtype=dtype)))
+        destinations.append((key, meta_t.shape, dtype))
     for key, tensor in source.fill(destinations):
         place(names[key], tensor)
+        del tensor  # a quantized weight's source copy goes now, not at the end of the load
     for alias, name in aliases.items():
         alias_owner, alias_leaf = _owner(model, alias)
         owner, leaf = _owner(model, name)
