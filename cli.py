@@ -118,6 +118,7 @@ def cmd_generate(args) -> int:
         solver=args.sample_solver, seed=args.base_seed, device=args.device, dtype=args.dtype,
         save_file=None if args.save_file is None else Path(args.save_file), output_dir=Path(args.output_dir),
         preview=args.preview, t5_cpu=args.t5_cpu, quant=args.quant, quant_backend=args.quant_backend,
+        vae_tile=args.vae_tile,
         **{flag: Path(getattr(args, flag)) for flag in COMPONENT_FLAGS if getattr(args, flag) is not None})
     with ProgressPrinter() as progress:
         result = generate(request, progress=progress)
@@ -210,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sample_shift", type=float, default=None)
     gen.add_argument("--sample_guide_scale", default=None, help="one value, or LOW,HIGH for the two A14B experts")
     gen.add_argument("--base_seed", type=int, default=-1, help="-1 picks a random seed (stored in the mp4)")
+    gen.add_argument("--vae-tile", dest="vae_tile", type=int, default=None, metavar="N",
+                     help="VAE decode in spatial tiles of N latent pixels (0: one piece; default: 256-pixel tiles "
+                          "when the frame is larger)")
     gen.add_argument("--save_file", default=None, help="output .mp4 path (default: a new name in --output-dir)")
     gen.add_argument("--output-dir", default="outputs")
     gen.add_argument("--preview", action="store_true", help="also write a contact-sheet PNG beside the mp4")

@@ -6,6 +6,8 @@ between chunks, so activation memory is set by one chunk, not by the clip length
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -321,6 +323,64 @@ class Decoder(nn.Module):
         return _run_head(self.head, x, cache)
 
 
+@dataclass(frozen=True)
+class Tiling:
+    """Spatial tiles for the VAE, in latent pixels: `tile` wide, neighbours sharing `overlap` (blended linearly)."""
+
+    tile: int = 32
+    overlap: int = 8
+
+    def __post_init__(self):
+        if self.tile < 2 or not 0 <= self.overlap < self.tile:
+            raise ValueError(f"Tiling(tile={self.tile}, overlap={self.overlap}): need tile >= 2 and "
+                             "0 <= overlap < tile")
+
+    def spans(self, length: int) -> list[tuple[int, int]]:
+        """[start, end) tiles covering 0..length; the last one is pulled back to end at `length`."""
+        if length <= self.tile:
+            return [(0, length)]
+        step = self.tile - self.overlap
+        starts = list(range(0, length - self.tile, step)) + [length - self.tile]
+        return [(a, a + self.tile) for a in dict.fromkeys(starts)]
+
+
+def _ramp(spans: list[tuple[int, int]], index: int, scale: int, device) -> torch.Tensor:
+    """Blend weights along one axis for tile `index`, in output pixels: rising across the part shared with the
+    previous tile, falling across the part shared with the next, 1 elsewhere (and at the image border)."""
+    start, end = spans[index]
+    pos = torch.arange(start * scale, end * scale, device=device, dtype=torch.float32) + 0.5
+    w = torch.ones_like(pos)
+    if index > 0:
+        shared_from, shared_to = start * scale, spans[index - 1][1] * scale
+        w = torch.minimum(w, ((pos - shared_from) / (shared_to - shared_from)).clamp(0, 1))
+    if index + 1 < len(spans):
+        shared_from, shared_to = spans[index + 1][0] * scale, end * scale
+        w = torch.minimum(w, ((shared_to - pos) / (shared_to - shared_from)).clamp(0, 1))
+    return w
+
+
+def blend_tiles(run, x: torch.Tensor, tiling: Tiling, in_scale: int, out_scale: int, out_device=None) -> torch.Tensor:
+    """Run `run` on overlapping spatial tiles of x [B, C, T, H, W] (tiles in units of `in_scale` pixels) and
+    blend the results (each `out_scale`/`in_scale` times larger spatially) into one tensor on `out_device`.
+    Only one tile's activations exist at a time; the output and the weight sums live on `out_device`."""
+    h, w = x.shape[-2] // in_scale, x.shape[-1] // in_scale
+    rows, cols = tiling.spans(h), tiling.spans(w)
+    out = weight = None
+    for i, (y0, y1) in enumerate(rows):
+        for j, (x0, x1) in enumerate(cols):
+            piece = run(x[..., y0 * in_scale:y1 * in_scale, x0 * in_scale:x1 * in_scale])
+            piece = piece.to(out_device or piece.device, torch.float32)
+            if out is None:
+                shape = (*piece.shape[:3], h * out_scale, w * out_scale)
+                out = torch.zeros(shape, device=piece.device)
+                weight = torch.zeros(shape[-2:], device=piece.device)
+            mask = _ramp(rows, i, out_scale, piece.device)[:, None] * _ramp(cols, j, out_scale, piece.device)[None]
+            region = (..., slice(y0 * out_scale, y1 * out_scale), slice(x0 * out_scale, x1 * out_scale))
+            out[region] += piece * mask
+            weight[region] += mask
+    return out / weight
+
+
 class WanVAE(nn.Module):
     """encode(video in [-1, 1]) -> normalised latents; decode(latents) -> video clamped to [-1, 1]."""
 
@@ -391,3 +451,19 @@ class WanVAE(nn.Module):
             outs.append(self.decoder(x[:, :, i:i + 1], cache, first_chunk=i == 0))
         video = self._unpatchify(torch.cat(outs, dim=2))
         return video.clamp(-1, 1) if clamp else video
+
+    def decode_tiled(self, latents: torch.Tensor, tiling: Tiling = Tiling(), out_device=None,
+                     clamp: bool = True) -> torch.Tensor:
+        """`decode` one overlapping spatial tile at a time (each with its own causal frame cache), blended
+        linearly; peak activation memory follows the tile, not the frame. The float32 result is gathered on
+        `out_device` (default: the latents' device)."""
+        video = blend_tiles(lambda z: self.decode(z, clamp=False), latents, tiling, 1, self.spec.stride[1],
+                            out_device)
+        return video.clamp(-1, 1) if clamp else video
+
+    def encode_tiled(self, video: torch.Tensor, tiling: Tiling = Tiling()) -> torch.Tensor:
+        """`encode` one overlapping spatial tile at a time (tiles in latent pixels), blended in latent space."""
+        stride = self.spec.stride[1]
+        if video.shape[-2] % stride or video.shape[-1] % stride:
+            raise ValueError(f"height and width must be multiples of {stride}, got {video.shape[-2]}x{video.shape[-1]}")
+        return blend_tiles(self.encode, video, tiling, stride, 1).to(self.conv1.weight.dtype)

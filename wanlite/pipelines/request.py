@@ -35,6 +35,7 @@ class Request:
     t5_cpu: bool = False
     quant: str = "auto"  # "auto" keeps what the files store; see wanlite.quant.QUANT_CHOICES
     quant_backend: str = "torchao"  # int8 only: torchao | bnb | quanto
+    vae_tile: int | None = None  # latent pixels per VAE tile; None: tile frames larger than the default, 0: off
     # component files overriding what ckpt_dir provides (ComfyUI-style folders of separate files)
     high_noise_model: Path | None = None
     low_noise_model: Path | None = None
@@ -142,6 +143,8 @@ def resolve(req: Request, seed: int) -> Settings:
     solver = req.solver or task.solver
     if solver not in SOLVERS:
         raise WanliteError(f"--sample_solver {solver!r} is unknown; choose one of {', '.join(SOLVERS)}")
+    if req.vae_tile is not None and req.vae_tile != 0 and req.vae_tile < 4:
+        raise WanliteError(f"--vae-tile {req.vae_tile}: give a tile of at least 4 latent pixels, or 0 for no tiling")
     guide = req.guide_scale or task.guide_scale
     negative = req.negative_prompt or task.negative_prompt  # official: an empty one means the default
     return Settings(task=task.name, prompt=req.prompt, negative_prompt=negative, seed=seed, steps=steps,

@@ -19,8 +19,10 @@ from wanlite.loading.models import check_checkpoint, expert_components, load_dit
 from wanlite.pipelines.denoise import Conditioning, Denoiser
 from wanlite.pipelines.request import Request, Settings, resolve
 from wanlite.quant import QuantConfig, parse_quant
+from wanlite.models.vae import Tiling
 from wanlite.specs import TASKS, TaskSpec
 
+DEFAULT_TILE_PX = 256  # VAE tile side in pixels when nothing else is asked (diffusers' and ComfyUI's default too)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 Progress = Callable[[dict], None]
 
@@ -206,18 +208,35 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
 
     emit({"event": "stage", "name": "decode"})
     vae.to(device)
+    tiling = vae_tiling(req.vae_tile, vae.spec.stride[1], x.shape[-2:])
     with torch.no_grad():
-        video = vae.decode(x.float())[0]  # [3, F, H, W] in [-1, 1]
+        if tiling is None:
+            video = vae.decode(x.float())[0]  # [3, F, H, W] in [-1, 1]
+        else:
+            video = vae.decode_tiled(x.float(), tiling, out_device="cpu")[0]
     release(vae)
     frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
     metadata = {**settings.to_dict(), "wanlite": __version__,
                 "plan": {"device": str(device), "dtype": req.dtype, "t5_device": str(t5_device),
-                         "quant": req.quant if quant is None else quant.name}}
+                         "quant": req.quant if quant is None else quant.name,
+                         "vae_tiling": None if tiling is None else [tiling.tile, tiling.overlap]}}
     path = write_mp4(frames, out_path, settings.fps, metadata)
     preview = contact_sheet(frames, path.with_suffix(".png")) if req.preview else None
     emit({"event": "done", "path": str(path)})
     return GenerationResult(path, frames, settings, preview)
+
+
+def vae_tiling(tile: int | None, stride: int, latent_hw) -> Tiling | None:
+    """The VAE's spatial tiles: `tile` latent pixels (0: none); by default 256-pixel tiles sharing 64 pixels
+    (where a decode's activations would pass a few GB), used only when the frame is larger than one tile."""
+    if tile == 0:
+        return None
+    if tile is None:
+        tile = max(4, DEFAULT_TILE_PX // stride)
+        if max(latent_hw) <= tile:
+            return None
+    return Tiling(tile, max(1, tile // 4))
 
 
 def load_text_len(experts: dict[str, Component]) -> int:
