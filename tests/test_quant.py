@@ -388,3 +388,17 @@ def test_parse_quant_names():
     assert json.dumps({"quant": parse_quant("gguf-q4_k").name}) == '{"quant": "gguf-q4_k"}'
     assert parse_quant("auto") is None and isinstance(parse_quant("fp8"), Fp8WeightConfig)
     assert np.isclose(FORMATS["Q4_K"].bits_per_weight, 4.5)
+
+
+@pytest.mark.parametrize("name,floor", [("fp8", 20), ("int8", 28), ("gguf-q8_0", 28), ("gguf-q4_k", 22)])
+def test_bundled_tiny_model_generates_quantized(name, floor, tmp_path):
+    """--quant on the bundled tiny-t2v: the same clip as the fp32 run, within a PSNR floor per format."""
+    from wanlite import generate
+    from wanlite.eval import psnr
+    from wanlite.tiny import checkpoint_dir
+
+    kw = dict(task="tiny-t2v", prompt="a red square moving right on a black background", seed=0, dtype="fp32",
+              ckpt_dir=checkpoint_dir("tiny-t2v"), output_dir=tmp_path)
+    reference = generate(**kw).frames
+    out = generate(**kw, quant=name)
+    assert out.frames.shape == reference.shape and psnr(out.frames, reference) >= floor
