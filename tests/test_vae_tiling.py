@@ -72,9 +72,20 @@ def test_generate_picks_and_records_the_tiling(tmp_path):
     assert vae_tiling(None, 8, (90, 160)) == Tiling(32, 8)  # 720p on the Wan2.1 VAE: 256-pixel tiles
     assert vae_tiling(None, 16, (44, 80)) == Tiling(16, 4)
     assert vae_tiling(0, 8, (90, 160)) is None and vae_tiling(6, 8, (8, 8)) == Tiling(6, 1)
+    from PIL import Image
+
+    from wanlite.eval import psnr as frame_psnr
+    from wanlite.tiny.data import Clip, Sprite, render
+
+    clip = Clip((Sprite("red", "square", "moving right", (40.0, 64.0)),), "black", "")
+    first = render(clip, 128, 1, 4.0)[0]
+    Image.fromarray(first).save(tmp_path / "first.png")
+    # image-to-video: the first frame is encoded in tiles too, and must survive them
     out = generate(task="tiny-ti2v", prompt="a red square moving right on a black background", seed=0,
-                   ckpt_dir=checkpoint_dir("tiny-ti2v"), dtype="fp32", vae_tile=6, steps=4, output_dir=tmp_path)
+                   ckpt_dir=checkpoint_dir("tiny-ti2v"), image=tmp_path / "first.png", dtype="fp32", vae_tile=6,
+                   steps=4, output_dir=tmp_path)
     assert out.frames.shape == (17, 128, 128, 3)
+    assert frame_psnr(out.frames[0], first) >= 25
     assert read_mp4_metadata(out.path)["plan"]["vae_tiling"] == [6, 1]
 
 

@@ -57,19 +57,25 @@ def best_output_size(image_wh: tuple[int, int], max_area: int, multiple: int = 3
     return min((w1, h1), (w2, h2), key=lambda wh: abs(math.log(wh[0] / wh[1] / ratio)))
 
 
-def i2v_condition(vae, image, size: tuple[int, int], frames: int) -> torch.Tensor:
-    """[1, 4 + z, F_lat, h, w]: the first-frame mask (4 channels) then the VAE latent of [image, 0, 0, ...]."""
+def _encode(vae, video: torch.Tensor, tiling) -> torch.Tensor:
+    video = video.to(next(vae.parameters()).device)
+    return vae.encode(video) if tiling is None else vae.encode_tiled(video, tiling)
+
+
+def i2v_condition(vae, image, size: tuple[int, int], frames: int, tiling=None) -> torch.Tensor:
+    """[1, 4 + z, F_lat, h, w]: the first-frame mask (4 channels) then the VAE latent of [image, 0, 0, ...]
+    (encoded in spatial tiles when `tiling` is given)."""
     w, h = size
     pixels = F.interpolate(to_tensor(image)[None], size=(h, w), mode="bicubic", align_corners=False)
     video = torch.zeros(1, 3, frames, h, w)
     video[:, :, 0] = pixels[0].clamp(-1, 1)
-    latent = vae.encode(video.to(next(vae.parameters()).device))
+    latent = _encode(vae, video, tiling)
     mask = torch.zeros(1, 4, *latent.shape[2:]).to(latent)
     mask[:, :, 0] = 1.0  # the 4 pixel frames packed into latent frame 0 are all "given"
     return torch.cat([mask, latent], dim=1)
 
 
-def first_frame_latent(vae, image, size: tuple[int, int]) -> torch.Tensor:
+def first_frame_latent(vae, image, size: tuple[int, int], tiling=None) -> torch.Tensor:
     """[1, z, 1, h, w]: the image resized (LANCZOS) to cover `size`, centre-cropped, encoded as one frame."""
     from PIL import Image
 
@@ -78,4 +84,4 @@ def first_frame_latent(vae, image, size: tuple[int, int]) -> torch.Tensor:
     resized = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
     left, top = (resized.width - w) // 2, (resized.height - h) // 2
     pixels = to_tensor(resized.crop((left, top, left + w, top + h)))
-    return vae.encode(pixels[None, :, None].to(next(vae.parameters()).device))
+    return _encode(vae, pixels[None, :, None], tiling)

@@ -113,7 +113,7 @@ def _output_path(req: Request, settings: Settings) -> Path:
 
 
 def _condition(task: TaskSpec, ckpt: CheckpointSet, settings: Settings, image, device: torch.device,
-               emit: Progress):
+               emit: Progress, vae_tile: int | None = None):
     """Load the VAE and build the image conditioning the task needs; returns (vae, y, first_frame, size)."""
     from wanlite.pipelines.conditioning import best_output_size, first_frame_latent, i2v_condition, max_area_size
 
@@ -123,12 +123,15 @@ def _condition(task: TaskSpec, ckpt: CheckpointSet, settings: Settings, image, d
         max_area = size[0] * size[1]
         emit({"event": "stage", "name": "encode image"})
         with torch.no_grad():
+            stride = vae.spec.stride[1]
             if task.conditioning == "image_concat":
-                size = max_area_size(image.size, max_area, vae.spec.stride[1], 2)
-                y = i2v_condition(vae, image, size, settings.frames)
+                size = max_area_size(image.size, max_area, stride, 2)
+                tiling = vae_tiling(vae_tile, stride, (size[1] // stride, size[0] // stride))
+                y = i2v_condition(vae, image, size, settings.frames, tiling)
             else:
                 size = best_output_size(image.size, max_area, task.stride)
-                first = first_frame_latent(vae, image, size)
+                tiling = vae_tiling(vae_tile, stride, (size[1] // stride, size[0] // stride))
+                first = first_frame_latent(vae, image, size, tiling)
     return vae, y, first, size
 
 
@@ -170,7 +173,7 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     context = encode_text(ckpt, [settings.prompt, settings.negative_prompt], t5_device, dtype, text_len, emit,
                           quant)
 
-    vae, y, first_frame, size = _condition(task, ckpt, settings, image, device, emit)
+    vae, y, first_frame, size = _condition(task, ckpt, settings, image, device, emit, req.vae_tile)
     if size != settings.size:
         settings = Settings(**{**settings.to_dict(), "size": size})
     w, h = size
