@@ -327,8 +327,8 @@ class Decoder(nn.Module):
 class Tiling:
     """Spatial tiles for the VAE, in latent pixels: `tile` wide, neighbours sharing `overlap` (blended linearly)."""
 
-    tile: int = 32
-    overlap: int = 8
+    tile: int
+    overlap: int
 
     def __post_init__(self):
         if self.tile < 2 or not 0 <= self.overlap < self.tile:
@@ -452,7 +452,7 @@ class WanVAE(nn.Module):
         video = self._unpatchify(torch.cat(outs, dim=2))
         return video.clamp(-1, 1) if clamp else video
 
-    def decode_tiled(self, latents: torch.Tensor, tiling: Tiling = Tiling(), out_device=None,
+    def decode_tiled(self, latents: torch.Tensor, tiling: Tiling, out_device=None,
                      clamp: bool = True) -> torch.Tensor:
         """`decode` one overlapping spatial tile at a time (each with its own causal frame cache), blended
         linearly; peak activation memory follows the tile, not the frame. The float32 result is gathered on
@@ -461,7 +461,7 @@ class WanVAE(nn.Module):
                             out_device)
         return video.clamp(-1, 1) if clamp else video
 
-    def encode_tiled(self, video: torch.Tensor, tiling: Tiling = Tiling()) -> torch.Tensor:
+    def encode_tiled(self, video: torch.Tensor, tiling: Tiling) -> torch.Tensor:
         """`encode` one overlapping spatial tile at a time (tiles in latent pixels), blended in latent space."""
         stride = self.spec.stride[1]
         if video.shape[-2] % stride or video.shape[-1] % stride:

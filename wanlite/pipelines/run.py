@@ -18,8 +18,8 @@ from wanlite.loading.checkpoints import CheckpointSet, Component, discover, with
 from wanlite.loading.models import check_checkpoint, expert_components, load_dit, load_t5, load_vae
 from wanlite.pipelines.denoise import Conditioning, Denoiser
 from wanlite.pipelines.request import Request, Settings, resolve
-from wanlite.quant import QuantConfig, parse_quant
 from wanlite.models.vae import Tiling
+from wanlite.quant import QuantConfig, parse_quant
 from wanlite.specs import TASKS, TaskSpec
 
 DEFAULT_TILE_PX = 256  # VAE tile side in pixels when nothing else is asked (diffusers' and ComfyUI's default too)
