@@ -402,3 +402,28 @@ def test_bundled_tiny_model_generates_quantized(name, floor, tmp_path):
     reference = generate(**kw).frames
     out = generate(**kw, quant=name)
     assert out.frames.shape == reference.shape and psnr(out.frames, reference) >= floor
+
+
+def test_comfy_fp8_scaled_text_encoder_file(tmp_path):
+    """`--t5 umt5_xxl_fp8_e4m3fn_scaled.safetensors`: ComfyUI's scaled fp8 umT5 loads with its matmuls kept fp8."""
+    from safetensors.torch import load_file, save_file
+
+    from wanlite.loading.checkpoints import component_from_file
+
+    root = write_fixture("ti2v-5B", "comfy", tmp_path / "comfy")
+    dense = load_file(next((root / "text_encoders").glob("*.safetensors")))
+    scaled = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
+    for key, t in dense.items():
+        if key.endswith(".weight") and t.dim() == 2 and ".block." in key:
+            scale = t.abs().max().float() / 448
+            scaled[key] = (t.float() / scale).to(torch.float8_e4m3fn)
+            scaled[key.removesuffix("weight") + "scale_weight"] = scale.reshape(())
+        else:
+            scaled[key] = t
+    save_file(scaled, str(tmp_path / "umt5_fp8_scaled.safetensors"))
+    ref = load_t5(discover(root).t5, torch.float32)
+    fp8 = load_t5(component_from_file("t5", tmp_path / "umt5_fp8_scaled.safetensors"), torch.float32)
+    assert isinstance(fp8.encoder.block[0].layer[0].SelfAttention.q, QLinear)
+    ids = torch.randint(0, 100, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert sqnr(ref(input_ids=ids).last_hidden_state, fp8(input_ids=ids).last_hidden_state) > 30
