@@ -118,12 +118,21 @@ def cmd_generate(args) -> int:
         solver=args.sample_solver, seed=args.base_seed, device=args.device, dtype=args.dtype,
         save_file=None if args.save_file is None else Path(args.save_file), output_dir=Path(args.output_dir),
         preview=args.preview, t5_cpu=args.t5_cpu, quant=args.quant, quant_backend=args.quant_backend,
-        vae_tile=args.vae_tile,
+        vae_tile=args.vae_tile, offload=args.offload, resident_blocks=args.resident_blocks, prefetch=args.prefetch,
+        ram_mode=args.ram_mode, offload_cache=None if args.offload_cache is None else Path(args.offload_cache),
         **{flag: Path(getattr(args, flag)) for flag in COMPONENT_FLAGS if getattr(args, flag) is not None})
     with ProgressPrinter() as progress:
         result = generate(request, progress=progress)
     print(f"wrote {result.path}" + (f" and {result.preview}" if result.preview else ""))
+    print(_telemetry_line(result.telemetry.to_dict()))
     return 0
+
+
+def _telemetry_line(t: dict) -> str:
+    line = (f"memory: {t['bytes_moved_gb']:.2f} GB of weights moved to the device, "
+            f"{t['copy_wait_s']:.2f} s waiting on transfers, {t['read_wait_s']:.2f} s on disk reads, "
+            f"peak RSS {t['peak_rss_gb']:.2f} GB")
+    return line + (f", peak VRAM {t['peak_device_gb']:.2f} GB" if t["peak_device_gb"] else "")
 
 
 def cmd_convert(args) -> int:
@@ -214,6 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--vae-tile", dest="vae_tile", type=int, default=None, metavar="N",
                      help="VAE decode in spatial tiles of N latent pixels (0: one piece; default: 256-pixel tiles "
                           "when the frame is larger)")
+    gen.add_argument("--offload", default="auto", choices=["auto", "none", "model", "block"],
+                     help="transformer placement: none (all on the device), model (one expert at a time), block "
+                          "(stream blocks; for cards the expert does not fit); auto decides")
+    gen.add_argument("--resident_blocks", type=int, default=0, metavar="K",
+                     help="block offload: blocks kept on the device")
+    gen.add_argument("--prefetch", type=int, default=1, metavar="D",
+                     help="block offload: blocks copied ahead of the one computing")
+    gen.add_argument("--ram_mode", default="pinned", choices=["pinned", "mmap", "disk"],
+                     help="block offload host memory: pinned (weights in RAM), mmap (read from the checkpoint "
+                          "per block: for 16-32 GB PCs), disk (per-block cache files written once)")
+    gen.add_argument("--offload_cache", default=None, metavar="DIR",
+                     help="where --ram_mode disk writes its cache (default: the user cache folder)")
     gen.add_argument("--save_file", default=None, help="output .mp4 path (default: a new name in --output-dir)")
     gen.add_argument("--output-dir", default="outputs")
     gen.add_argument("--preview", action="store_true", help="also write a contact-sheet PNG beside the mp4")

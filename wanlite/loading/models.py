@@ -1,6 +1,7 @@
 """Build each Wan component on `meta`, check the checkpoint belongs to the task, then stream its weights in."""
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Callable
@@ -11,7 +12,7 @@ import torch
 from wanlite.errors import CheckpointError
 from wanlite.loading.checkpoints import CheckpointSet, Component
 from wanlite.loading.keymaps import dit_key_from_diffusers, strip_comfy_prefix
-from wanlite.loading.stream import PthSource, SafetensorsSource, check_against, load_into, open_source
+from wanlite.loading.stream import PthSource, SafetensorsSource, check_against, load_into, load_pairs, open_source
 from wanlite.models.blocks import keeps_fp32
 from wanlite.models.dit import WanDiT
 from wanlite.quant.base import QuantConfig
@@ -95,6 +96,47 @@ def load_dit(comp: Component, task: str, dtype: torch.dtype = torch.bfloat16,
     """Stream one DiT (or one A14B expert) into a meta-built WanDiT; weights land directly in `dtype`, block
     matmul weights in the `quant` format (None: as the file stores them)."""
     return prepare_dit(comp, task).load(lambda name, _: torch.float32 if keeps_fp32(name) else dtype, quant)
+
+
+class DiTPieces:
+    """One DiT read piece by piece, for offload modes that never hold the whole model in RAM: "pre" (the
+    embeddings before the blocks), "head", or block `i`, each materialized into a fresh module from the
+    checkpoint (checked once, up front) in the same dtype and format `load_dit` gives."""
+
+    def __init__(self, comp: Component, task: str, dtype: torch.dtype = torch.bfloat16,
+                 quant: QuantConfig | None = None):
+        prepared = prepare_dit(comp, task)
+        self.dtype_for = lambda name, _: torch.float32 if keeps_fp32(name) else dtype
+        self.model = prepared.model  # stays on meta: the shell offload binds device views into
+        for name, p in list(self.model.named_parameters()):  # the dtypes loading gives, so layouts match
+            owner = self.model.get_submodule(name.rpartition(".")[0])
+            owner._parameters[name.rpartition(".")[2]] = torch.nn.Parameter(
+                p.to(self.dtype_for(name, p.dtype)), requires_grad=False)
+        self.template = copy.deepcopy(self.model.blocks[0])  # pristine, so reads never touch the shell
+        self.source, self.quant = prepared.source, quant
+        self.pairs, _ = check_against(prepared.model, prepared.source, prepared.rename, prepared.what)
+        self.where = comp.where
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.model.blocks)
+
+    def load(self, piece: str | int) -> torch.nn.Module:
+        """A new module holding `piece`'s weights: block `i` as a WanBlock, "pre"/"head" as a module with the
+        DiT's own child names (so its layout matches the shell's)."""
+        holder = torch.nn.Module()
+        if isinstance(piece, int):
+            holder.blocks = torch.nn.ModuleDict({str(piece): copy.deepcopy(self.template)})
+            prefix = f"blocks.{piece}."
+        else:
+            names = ["head"] if piece == "head" else [n for n, _ in self.model.named_children()
+                                                      if n not in ("blocks", "head")]
+            for name in names:
+                setattr(holder, name, copy.deepcopy(getattr(self.model, name)))
+            prefix = tuple(n + "." for n in names)
+        pairs = [(k, n) for k, n in self.pairs if n.startswith(prefix)]
+        load_pairs(holder, self.source, pairs, {}, self.dtype_for, self.quant)
+        return holder.blocks[str(piece)] if isinstance(piece, int) else holder
 
 
 def vae_spec_from_shapes(shapes: dict[str, tuple[int, ...]], where) -> VAESpec:

@@ -216,6 +216,13 @@ def load_into(
     dequantizes everything, any other config quantizes each weight as it arrives, so peak memory stays near
     the quantized size."""
     pairs, aliases = check_against(model, source, rename, what)
+    return load_pairs(model, source, pairs, aliases, dtype_for, quant)
+
+
+def load_pairs(model: nn.Module, source, pairs: list[tuple[str, str]], aliases: dict[str, str],
+               dtype_for: Callable[[str, torch.dtype], torch.dtype], quant: QuantConfig | None = None) -> nn.Module:
+    """`load_into` after the check: read the checked (checkpoint key, state-dict name) `pairs` into `model`
+    (which may hold only part of the network, e.g. one block, under the same names)."""
     meta = model.state_dict(keep_vars=True)
     stored_dtypes = source.dtypes()
     prequantized = source.quantized_keys() if hasattr(source, "quantized_keys") else set()
@@ -260,6 +267,8 @@ def load_into(
         place(names[key], tensor)
         del tensor  # a quantized weight's source copy goes now, not at the end of the load
     for alias, name in aliases.items():
+        if name not in names.values():
+            continue
         alias_owner, alias_leaf = _owner(model, alias)
         owner, leaf = _owner(model, name)
         alias_owner._parameters[alias_leaf] = owner._parameters[leaf]

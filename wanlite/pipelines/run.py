@@ -19,8 +19,9 @@ from wanlite.loading.models import check_checkpoint, expert_components, load_dit
 from wanlite.pipelines.denoise import Conditioning, Denoiser
 from wanlite.pipelines.request import Request, Settings, resolve
 from wanlite.models.vae import Tiling
+from wanlite.offload import OffloadConfig, Telemetry
 from wanlite.quant import QuantConfig, parse_quant
-from wanlite.specs import TASKS, TaskSpec
+from wanlite.specs import TASKS, VAE_SPECS, TaskSpec
 
 DEFAULT_TILE_PX = 256  # VAE tile side in pixels when nothing else is asked (diffusers' and ComfyUI's default too)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -33,6 +34,7 @@ class GenerationResult:
     frames: np.ndarray  # uint8 [F, H, W, 3]
     settings: Settings
     preview: Path | None = None
+    telemetry: Telemetry | None = None
 
 
 def pick_device(name: str) -> torch.device:
@@ -58,26 +60,44 @@ def release(*models) -> None:
         torch.cuda.empty_cache()
 
 
-class ExpertPool:
-    """Loads the expert a step needs and releases the other: only one A14B expert is resident at a time."""
+class Transformers:
+    """The task's DiT expert(s) as the offload mode places them; `self(role)` returns a model ready to run.
+
+    `none` keeps every expert on the device, `model` keeps one whole expert there (the other is released at
+    the switch, so both are never resident), `block` streams blocks through the offload engine."""
 
     def __init__(self, components: dict[str, Component], task: str, dtype: torch.dtype, device: torch.device,
-                 quant: QuantConfig | None = None):
+                 quant: QuantConfig | None, offload: OffloadConfig, telemetry: Telemetry, emit: Progress):
         self.components, self.task, self.dtype, self.device = components, task, dtype, device
-        self.quant = quant
-        self.role: str | None = None
-        self.model: torch.nn.Module | None = None
+        self.quant, self.offload, self.telemetry, self.emit = quant, offload, telemetry, emit
+        self.models: dict[str, torch.nn.Module] = {}
+        self.engine = None
+
+    def set_schedule(self, schedule: list[str]) -> None:
+        if self.offload.mode == "block":
+            from wanlite.offload import open_offloaded
+
+            self.engine = open_offloaded(self.components, self.task, self.dtype, self.quant, self.offload,
+                                         self.device, self.emit, self.telemetry)
+            self.engine.set_schedule(schedule)
 
     def __call__(self, role: str) -> torch.nn.Module:
-        if role != self.role:
-            self.close()
-            self.model = load_dit(self.components[role], self.task, self.dtype, self.quant).to(self.device)
-            self.role = role
-        return self.model
+        if self.engine is not None:
+            return self.engine.activate(role)
+        if role not in self.models:
+            if self.offload.mode == "model":
+                self.close()
+            model = load_dit(self.components[role], self.task, self.dtype, self.quant).to(self.device)
+            self.telemetry.bytes_moved += sum(t.nbytes for t in model.state_dict().values())
+            self.models[role] = model
+        return self.models[role]
 
     def close(self) -> None:
-        release(self.model)
-        self.model, self.role = None, None
+        if self.engine is not None:
+            self.engine.finish()
+            self.engine = None
+        release(*self.models.values())
+        self.models.clear()
 
 
 def encode_text(ckpt: CheckpointSet, prompts: list[str], device: torch.device, dtype: torch.dtype,
@@ -114,25 +134,28 @@ def _output_path(req: Request, settings: Settings) -> Path:
 
 def _condition(task: TaskSpec, ckpt: CheckpointSet, settings: Settings, image, device: torch.device,
                emit: Progress, vae_tile: int | None = None):
-    """Load the VAE and build the image conditioning the task needs; returns (vae, y, first_frame, size)."""
+    """Encode the image conditioning the task needs with a VAE loaded for it and released after (the DiT
+    needs the memory next); returns (y, first_frame, size)."""
     from wanlite.pipelines.conditioning import best_output_size, first_frame_latent, i2v_condition, max_area_size
 
-    vae = load_vae(ckpt.vae, task.name).to(device)
     size, y, first = settings.size, None, None
-    if image is not None:
-        max_area = size[0] * size[1]
-        emit({"event": "stage", "name": "encode image"})
-        with torch.no_grad():
-            stride = vae.spec.stride[1]
-            if task.conditioning == "image_concat":
-                size = max_area_size(image.size, max_area, stride, 2)
-                tiling = vae_tiling(vae_tile, stride, (size[1] // stride, size[0] // stride))
-                y = i2v_condition(vae, image, size, settings.frames, tiling)
-            else:
-                size = best_output_size(image.size, max_area, task.stride)
-                tiling = vae_tiling(vae_tile, stride, (size[1] // stride, size[0] // stride))
-                first = first_frame_latent(vae, image, size, tiling)
-    return vae, y, first, size
+    if image is None:
+        return y, first, size
+    vae = load_vae(ckpt.vae, task.name).to(device)
+    max_area = size[0] * size[1]
+    emit({"event": "stage", "name": "encode image"})
+    with torch.no_grad():
+        stride = vae.spec.stride[1]
+        if task.conditioning == "image_concat":
+            size = max_area_size(image.size, max_area, stride, 2)
+            tiling = vae_tiling(vae_tile, stride, (size[1] // stride, size[0] // stride))
+            y = i2v_condition(vae, image, size, settings.frames, tiling)
+        else:
+            size = best_output_size(image.size, max_area, task.stride)
+            tiling = vae_tiling(vae_tile, stride, (size[1] // stride, size[0] // stride))
+            first = first_frame_latent(vae, image, size, tiling)
+    release(vae)
+    return y, first, size
 
 
 def generate(request: Request | None = None, progress: Progress | None = None, **kwargs) -> GenerationResult:
@@ -167,34 +190,38 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     check_checkpoint(ckpt, task.name)  # every component present and the right shape before any work
     experts = expert_components(ckpt, task.name)
 
+    telemetry = Telemetry()
     emit({"event": "stage", "name": "encode text"})
     t5_device = torch.device("cpu") if req.t5_cpu else device
     text_len = load_text_len(experts)
     context = encode_text(ckpt, [settings.prompt, settings.negative_prompt], t5_device, dtype, text_len, emit,
                           quant)
 
-    vae, y, first_frame, size = _condition(task, ckpt, settings, image, device, emit, req.vae_tile)
+    y, first_frame, size = _condition(task, ckpt, settings, image, device, emit, req.vae_tile)
     if size != settings.size:
         settings = Settings(**{**settings.to_dict(), "size": size})
     w, h = size
-    vt, vs, _ = vae.spec.stride
-    latent_shape = (1, vae.spec.z_dim, (settings.frames - 1) // vt + 1, h // vs, w // vs)
+    vae_spec = VAE_SPECS[task.vae]
+    vt, vs, _ = vae_spec.stride
+    latent_shape = (1, vae_spec.z_dim, (settings.frames - 1) // vt + 1, h // vs, w // vs)
     noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-    vae.to("cpu")  # the DiT gets the device to itself while denoising
 
     sigmas = make_sigmas(settings.solver, settings.steps, settings.shift)
     timesteps = model_timesteps(settings.solver, settings.steps, settings.shift).tolist()
-    pool = ExpertPool(experts, task.name, dtype, device, quant)
+    offload = offload_config(req, device, experts)
+    dits = Transformers(experts, task.name, dtype, device, quant, offload, telemetry, emit)
     cond = Conditioning(context=context, y=None if y is None else y.to(device),
                         first_frame=None if first_frame is None else first_frame.to(device))
-    denoiser = Denoiser(task, pool, cond, timesteps, settings.guide_scale,
+    denoiser = Denoiser(task, dits, cond, timesteps, settings.guide_scale,
                         on_expert=lambda role, step: emit({"event": "expert", "role": role, "step": step}))
     schedule = denoiser.schedule()
+    dits.set_schedule(schedule)
     started = time.perf_counter()
 
     def on_step(info: dict) -> None:
         i = info["i"]
         role = schedule[i]
+        telemetry.sample(device)
         emit({"event": "step", "i": i + 1, "total": len(schedule), "role": role,
               "role_i": schedule[: i + 1].count(role), "role_total": schedule.count(role),
               "elapsed": time.perf_counter() - started})
@@ -207,10 +234,10 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
         x = SAMPLERS[settings.solver](denoiser, x, sigmas, callback=on_step)
         if first_frame is not None:
             x[:, :, :1] = first_frame
-    pool.close()
+    dits.close()
 
     emit({"event": "stage", "name": "decode"})
-    vae.to(device)
+    vae = load_vae(ckpt.vae, task.name).to(device)
     tiling = vae_tiling(req.vae_tile, vae.spec.stride[1], x.shape[-2:])
     with torch.no_grad():
         if tiling is None:
@@ -218,16 +245,19 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
         else:
             video = vae.decode_tiled(x.float(), tiling, out_device="cpu")[0]
     release(vae)
+    telemetry.sample(device)
     frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
     metadata = {**settings.to_dict(), "wanlite": __version__,
                 "plan": {"device": str(device), "dtype": req.dtype, "t5_device": str(t5_device),
                          "quant": req.quant if quant is None else quant.name,
-                         "vae_tiling": None if tiling is None else [tiling.tile, tiling.overlap]}}
+                         "vae_tiling": None if tiling is None else [tiling.tile, tiling.overlap],
+                         "offload": offload.describe()},
+                "telemetry": telemetry.to_dict()}
     path = write_mp4(frames, out_path, settings.fps, metadata)
     preview = contact_sheet(frames, path.with_suffix(".png")) if req.preview else None
-    emit({"event": "done", "path": str(path)})
-    return GenerationResult(path, frames, settings, preview)
+    emit({"event": "done", "path": str(path), "telemetry": telemetry.to_dict()})
+    return GenerationResult(path, frames, settings, preview, telemetry)
 
 
 def vae_tiling(tile: int | None, stride: int, latent_hw) -> Tiling | None:
@@ -240,6 +270,20 @@ def vae_tiling(tile: int | None, stride: int, latent_hw) -> Tiling | None:
         if max(latent_hw) <= tile:
             return None
     return Tiling(tile, max(1, tile // 4))
+
+
+def offload_config(req: Request, device: torch.device, experts: dict[str, Component]) -> OffloadConfig:
+    """`--offload auto` until the planner decides: one whole expert on the device when the largest fits in
+    70% of the free VRAM (always on CPU), otherwise block streaming; explicit flags win."""
+    mode = req.offload
+    if mode == "auto":
+        mode = "model"
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            largest = max(sum(Path(p).stat().st_size for p in comp.files) for comp in experts.values())
+            mode = "block" if largest > 0.7 * free else "model"
+    return OffloadConfig(mode, resident_blocks=req.resident_blocks, prefetch=req.prefetch, ram_mode=req.ram_mode,
+                         cache_dir=req.offload_cache)
 
 
 def load_text_len(experts: dict[str, Component]) -> int:

@@ -1,0 +1,167 @@
+"""Offload: keep on the device only what the current computation needs (`attach_offload`, `open_offloaded`).
+
+Modes (`--offload`): `none` keeps every expert on the device, `model` keeps one whole expert there at a time
+(the other is released at the switch), `block` streams the transformer blocks through a few fixed device
+buffers (`OffloadEngine`). Host RAM modes for `block` (`--ram_mode`): `pinned` (the model in host RAM,
+page-locked up to a cap), `mmap` (read from the checkpoint per block; the page cache holds what RAM allows),
+`disk` (per-block files in the runtime format, written once, read ahead by a thread).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from wanlite.errors import WanliteError
+from wanlite.offload.memory import available_ram, total_ram
+from wanlite.offload.runner import Expert, OffloadEngine, Telemetry
+from wanlite.offload.stores import DiskCache, FileStore, PinBudget, RamStore, pieces, source_fingerprint
+
+__all__ = ["OffloadConfig", "OffloadEngine", "Telemetry", "attach_offload", "open_offloaded", "OFFLOAD_MODES",
+           "RAM_MODES", "default_cache_dir"]
+
+OFFLOAD_MODES = ("none", "model", "block")
+RAM_MODES = ("pinned", "mmap", "disk")
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """How the transformer(s) use the device; the planner fills it, `--offload` etc. override it."""
+
+    mode: str = "model"
+    resident_blocks: int = 0  # k: blocks kept on the device (the first k)
+    prefetch: int = 1  # d: blocks copied ahead of the one computing
+    ram_mode: str = "pinned"
+    pin_fraction: float = 0.5  # of physical RAM at most page-locked (Windows refuses much more)
+    cache_dir: Path | None = None  # disk mode; default: the user cache folder
+
+    def __post_init__(self):
+        if self.mode not in OFFLOAD_MODES:
+            raise WanliteError(f"--offload {self.mode!r} is unknown; choose one of {', '.join(OFFLOAD_MODES)}")
+        if self.ram_mode not in RAM_MODES:
+            raise WanliteError(f"--ram_mode {self.ram_mode!r} is unknown; choose one of {', '.join(RAM_MODES)}")
+        if self.resident_blocks < 0:
+            raise WanliteError(f"--resident_blocks {self.resident_blocks} must be 0 or more")
+        if self.prefetch < 0:
+            raise WanliteError(f"--prefetch {self.prefetch} must be 0 or more")
+
+    def describe(self) -> str:
+        if self.mode != "block":
+            return self.mode
+        return f"block (k={self.resident_blocks}, d={self.prefetch}, ram={self.ram_mode})"
+
+
+def default_cache_dir() -> Path:
+    """Per-user cache: %LOCALAPPDATA%\\wanlite on Windows, $XDG_CACHE_HOME/wanlite or ~/.cache/wanlite elsewhere."""
+    if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / "wanlite" / "cache"
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base) if base else Path.home() / ".cache") / "wanlite"
+
+
+def _budget(config: OffloadConfig) -> PinBudget:
+    return PinBudget(int(total_ram() * config.pin_fraction))
+
+
+def attach_offload(models: dict[str, nn.Module], config: OffloadConfig, device,
+                   telemetry: Telemetry | None = None) -> OffloadEngine:
+    """Stream already-loaded DiT(s) (on the host, any weight format) block by block to `device`.
+
+    Each model's weights move into per-piece host slabs (page-locked within the cap) and the models' tensors
+    are re-pointed at them; `engine.activate(role)` returns a model ready to call.
+
+    Example:
+        >>> engine = attach_offload({"main": dit}, OffloadConfig("block", resident_blocks=4, prefetch=2), "cuda")
+        >>> out = engine.activate("main")(x, t, context)
+    """
+    budget = _budget(config)
+    experts = {role: Expert(model, RamStore(model, budget)) for role, model in models.items()}
+    engine = OffloadEngine(experts, torch.device(device), config.resident_blocks, config.prefetch, telemetry)
+    engine.telemetry.pinned_bytes, engine.telemetry.pageable_bytes = budget.pinned, budget.pageable
+    return engine
+
+
+def open_offloaded(components: dict, task: str, dtype: torch.dtype, quant, config: OffloadConfig, device,
+                   emit: Callable[[dict], None] = lambda e: None,
+                   telemetry: Telemetry | None = None) -> OffloadEngine:
+    """Open the task's expert(s) for block offload in `config.ram_mode`, never holding more of them in RAM
+    than the mode allows (`pinned`: all of them; `mmap` / `disk`: a few blocks of one)."""
+    from wanlite.loading.models import DiTPieces, load_dit
+
+    ram_mode = config.ram_mode
+    if ram_mode == "pinned":
+        need = sum(_stored_bytes(comp) for comp in components.values())
+        if quant is not None:
+            need = min(need, sum(_quantized_bytes(comp, task, quant) for comp in components.values()))
+        if need > 0.9 * available_ram():
+            emit({"event": "warning", "message": (
+                f"--ram_mode pinned needs {need / 1e9:.1f} GB of RAM for the transformer weights but "
+                f"{available_ram() / 1e9:.1f} GB are free; using --ram_mode mmap instead")})
+            ram_mode = "mmap"
+    budget = _budget(config)
+    experts = {}
+    for role, comp in components.items():
+        if ram_mode == "pinned":
+            model = load_dit(comp, task, dtype, quant)
+            experts[role] = Expert(model, RamStore(model, budget))
+            continue
+        parts = DiTPieces(comp, task, dtype, quant)
+        staging = config.prefetch + 2
+        if ram_mode == "mmap":
+            experts[role] = Expert(parts.model, FileStore(parts.model, parts.load, staging, budget))
+            continue
+        cache = _disk_cache(config, comp, role, task, dtype, quant)
+        if not cache.valid(parts.model, parts.template, pieces(parts.num_blocks)):
+            _check_disk_space(cache.folder, _stored_bytes(comp))
+            emit({"event": "stage", "name": f"write offload cache ({role})", "path": str(cache.folder)})
+            cache.write(parts.load, pieces(parts.num_blocks))
+        for i, shell in cache.shells.items():
+            parts.model.blocks[i] = shell
+        experts[role] = Expert(parts.model, FileStore(parts.model, parts.load, staging, budget, cache))
+    engine = OffloadEngine(experts, torch.device(device), config.resident_blocks, config.prefetch, telemetry)
+    engine.telemetry.pinned_bytes, engine.telemetry.pageable_bytes = budget.pinned, budget.pageable
+    engine.ram_mode = ram_mode
+    return engine
+
+
+def _stored_bytes(comp) -> int:
+    return sum(Path(p).stat().st_size for p in comp.files)
+
+
+def _quantized_bytes(comp, task: str, quant) -> int:
+    from wanlite.loading.models import prepare_dit
+    from wanlite.quant import FORMATS, weight_bytes
+
+    name = quant.name
+    fmt = ("bf16" if name == "none" else "fp8" if name.startswith("fp8") else "int8" if name.startswith("int8")
+           else name.removeprefix("gguf-").upper())
+    if fmt not in FORMATS:
+        return _stored_bytes(comp)
+    manifest = {k: tuple(v.shape) for k, v in prepare_dit(comp, task).model.state_dict().items()}
+    return weight_bytes(manifest, fmt)
+
+
+def _disk_cache(config: OffloadConfig, comp, role: str, task: str, dtype: torch.dtype, quant) -> DiskCache:
+    root = Path(config.cache_dir) if config.cache_dir is not None else default_cache_dir() / "offload"
+    where = hashlib.sha256("|".join(str(Path(p).resolve()) for p in comp.files).encode()).hexdigest()[:12]
+    fingerprint = source_fingerprint(list(comp.files), {"task": task, "role": role, "dtype": str(dtype),
+                                                         "quant": None if quant is None else quant.name})
+    return DiskCache(root / f"{task}-{role}-{where}", fingerprint)
+
+
+def _check_disk_space(folder: Path, need: int) -> None:
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise WanliteError(f"--ram_mode disk needs up to {need / 1e9:.1f} GB for its cache in {folder} but only "
+                           f"{free / 1e9:.1f} GB are free; free space, point --offload_cache elsewhere, or use "
+                           "--ram_mode mmap")

@@ -1,0 +1,309 @@
+"""The block-streaming engine: fixed device buffers, a copy stream ahead of the compute stream, and the MoE
+expert switch prepared during the previous expert's last forward.
+
+Device memory is fixed for the whole run and shared by the experts: one buffer for the pre-block weights
+("pre"), one for the head, one per resident block (the first `k`) and a ring of `d + 1` buffers that the other
+blocks stream through. Every forward is one CFG batch (cond + uncond), so each block crosses the bus once per
+step. The order of all blocks of all forwards is known from the expert schedule, so the copy stream runs up to
+`d` blocks ahead, across forward and expert boundaries; when the next forward belongs to the other expert, its
+"pre" weights and resident blocks are copied into their buffers as soon as the current expert is done with
+them. Only the head (a few hundred KB) is copied at the switch itself.
+
+On CUDA, copies run on their own stream from pinned host memory and are ordered with events (no device-wide
+synchronize). On CPU the same code runs synchronously: every "copy" is a memcpy into the buffer.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+
+from wanlite.offload.slabs import Layout, bind, layout_of, piece_filter, unbind
+from wanlite.offload.stores import Piece, shell_of
+
+
+@dataclass
+class Telemetry:
+    """What offload cost in one generation (shown by `wanlite generate`, written into the mp4 metadata)."""
+
+    bytes_moved: int = 0  # host -> device, all pieces
+    copy_wait_s: float = 0.0  # compute waiting for a transfer to land
+    read_wait_s: float = 0.0  # the host waiting for a piece to be read from disk / page cache
+    switch_stall_s: float = 0.0  # compute waiting at the expert switch (part of copy_wait_s)
+    peak_device_bytes: int = 0
+    peak_rss_bytes: int = 0
+    pinned_bytes: int = 0
+    pageable_bytes: int = 0
+
+    def sample(self, device: torch.device | None = None) -> None:
+        """Fold the current RSS (and the device's allocation peak) into the peaks."""
+        from wanlite.offload.memory import rss_bytes
+
+        self.peak_rss_bytes = max(self.peak_rss_bytes, rss_bytes())
+        if device is not None and torch.device(device).type == "cuda":
+            self.peak_device_bytes = max(self.peak_device_bytes, torch.cuda.max_memory_allocated(device))
+
+    def to_dict(self) -> dict:
+        gb = 1e9
+        return {"bytes_moved_gb": round(self.bytes_moved / gb, 3), "copy_wait_s": round(self.copy_wait_s, 3),
+                "read_wait_s": round(self.read_wait_s, 3), "switch_stall_s": round(self.switch_stall_s, 3),
+                "peak_device_gb": round(self.peak_device_bytes / gb, 3),
+                "peak_rss_gb": round(self.peak_rss_bytes / gb, 3),
+                "pinned_gb": round(self.pinned_bytes / gb, 3), "pageable_gb": round(self.pageable_bytes / gb, 3)}
+
+
+class Buffer:
+    """A device byte buffer plus the events that order its reuse: `loaded` (its copy landed) and `free` (the
+    last computation reading it finished)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.data = torch.empty(0, dtype=torch.uint8, device=device)
+        self.loaded = self.free = None
+
+    def reserve(self, nbytes: int) -> torch.Tensor:
+        if self.data.numel() < nbytes:
+            if self.free is not None:
+                self.free.synchronize()  # the old allocation may still be read by queued kernels
+            self.data = torch.empty(0, dtype=torch.uint8, device=self.device)
+            self.data = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return self.data
+
+
+@dataclass
+class Expert:
+    model: nn.Module  # the WanDiT whose pieces are bound to device buffers while it is active
+    store: object  # RamStore | FileStore
+    bound: list = field(default_factory=list)  # what unbind() restores when the expert is released
+
+
+class OffloadEngine:
+    """Streams the experts' blocks through fixed device buffers. `activate(role)` makes an expert ready (its
+    pre/head/resident pieces bound) and the expert's `runner` streams the rest."""
+
+    def __init__(self, experts: dict[str, Expert], device: torch.device, resident: int, prefetch: int,
+                 telemetry: Telemetry | None = None):
+        self.experts, self.device = experts, torch.device(device)
+        self.num_blocks = len(next(iter(experts.values())).model.blocks)
+        self.resident = max(0, min(resident, self.num_blocks))
+        self.depth = max(0, prefetch)
+        self.telemetry = telemetry or Telemetry()
+        self.cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.pre, self.head = Buffer(self.device), Buffer(self.device)
+        self.resident_bufs = [Buffer(self.device) for _ in range(self.resident)]
+        self.ring = [Buffer(self.device) for _ in range(self.depth + 1)]
+        self.next_ring = 0
+        self.queue: deque = deque()  # (position, ring buffer) copies issued ahead of compute, in order
+        self.position = 0  # the next streamed-block position to issue
+        self.forward = 0
+        self.schedule: list[str] | None = None
+        self.active: str | None = None
+        self.preloaded: set[tuple[str, Piece]] = set()
+        self.stall_events: list = []  # (before, after) CUDA event pairs around each wait for a copy
+        self.switch_events: list = []
+        for role, expert in experts.items():
+            expert.model.runner = partial(self.run_blocks, role)
+
+    # ---------------------------------------------------------------- ordering
+    def set_schedule(self, roles: list[str]) -> None:
+        """The expert of every forward of the coming generation (from `Denoiser.schedule()`)."""
+        self.schedule, self.forward = list(roles), 0
+        self._reset_queue(0)
+
+    @property
+    def streamed(self) -> int:
+        return self.num_blocks - self.resident
+
+    def _item(self, position: int) -> tuple[int, str, int] | None:
+        """(forward, role, block) of the position-th streamed block of the run, None past the schedule."""
+        if self.streamed == 0:
+            return None
+        n, j = divmod(position, self.streamed)
+        if self.schedule is None:
+            role = self.active
+        elif n < len(self.schedule):
+            role = self.schedule[n]
+        else:
+            return None
+        return n, role, self.resident + j
+
+    def _reset_queue(self, position: int) -> None:
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()  # only the copy stream: drop copies no one will read
+        for _, buf in self.queue:
+            buf.loaded = None
+        self.queue.clear()
+        self.position = position
+
+    def _fill_ring(self) -> None:
+        while len(self.queue) < len(self.ring):
+            item = self._item(self.position)
+            if item is None or item[0] > self.forward + 1:  # look ahead one forward at most (one switch)
+                return
+            _, role, i = item
+            buf = self.ring[self.next_ring]
+            self.next_ring = (self.next_ring + 1) % len(self.ring)
+            self._copy(role, i, buf)
+            self.queue.append((self.position, buf))
+            self.position += 1
+        ahead = self._item(self.position)  # start the disk read of the next one while these copy
+        if ahead is not None and ahead[0] <= self.forward + 1:
+            self.experts[ahead[1]].store.prefetch(ahead[2])
+
+    # ---------------------------------------------------------------- copies
+    def _copy(self, role: str, piece: Piece, buf: Buffer) -> Layout:
+        """Copy one piece of `role` into `buf` (after its previous reader finished); returns its layout."""
+        expert = self.experts[role]
+        layout, host, shell = expert.store.fetch(piece)
+        if shell is not None:  # first read of a file-backed block: its module structure arrives with it
+            expert.model.blocks[piece] = shell
+        started = time.perf_counter()
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                if buf.free is not None:
+                    self.copy_stream.wait_event(buf.free)
+                dst = buf.reserve(layout.nbytes)
+                dst[: layout.nbytes].copy_(host[: layout.nbytes], non_blocking=True)
+                buf.loaded = torch.cuda.Event()
+                buf.loaded.record(self.copy_stream)
+            expert.store.release(host, buf.loaded)
+        else:
+            dst = buf.reserve(layout.nbytes)
+            dst[: layout.nbytes].copy_(host[: layout.nbytes])
+            expert.store.release(host)
+            self.telemetry.copy_wait_s += time.perf_counter() - started
+        self.telemetry.bytes_moved += layout.nbytes
+        return layout
+
+    def _wait(self, buf: Buffer) -> None:
+        """Make the compute stream wait for `buf`'s copy, timing the stall with a pair of events."""
+        if self.cuda and buf.loaded is not None:
+            stream = torch.cuda.current_stream(self.device)
+            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            before.record(stream)
+            stream.wait_event(buf.loaded)
+            after.record(stream)
+            self.stall_events.append((before, after))
+
+    def _done(self, buf: Buffer) -> None:
+        if self.cuda:
+            buf.free = torch.cuda.Event()
+            buf.free.record(torch.cuda.current_stream(self.device))
+
+    def _layout(self, role: str, piece: Piece) -> Layout:
+        expert = self.experts[role]
+        layout = expert.store.layout(piece)
+        return layout if layout is not None else layout_of(shell_of(expert.model, piece), piece_filter(piece))
+
+    # ---------------------------------------------------------------- experts
+    def activate(self, role: str) -> nn.Module:
+        """Bind `role`'s pre, head and resident pieces (copying what the previous forward did not prefetch);
+        the previous expert's views are dropped first, so both are never on the device together."""
+        if role == self.active:
+            return self.experts[role].model
+        switching = self.active is not None
+        if switching:
+            self._release(self.active)
+        expert = self.experts[role]
+        first_event, started = len(self.stall_events), time.perf_counter()
+        for piece, buf in (("pre", self.pre), ("head", self.head),
+                           *((i, self.resident_bufs[i]) for i in range(self.resident))):
+            if (role, piece) not in self.preloaded:
+                self._copy(role, piece, buf)
+            self._wait(buf)
+            layout = self._layout(role, piece)
+            expert.bound.append(bind(shell_of(expert.model, piece), layout, buf.data))
+        self.preloaded = {p for p in self.preloaded if p[0] != role}
+        if switching:
+            if self.cuda:
+                self.switch_events += self.stall_events[first_event:]
+            else:
+                self.telemetry.switch_stall_s += time.perf_counter() - started
+        self.active = role
+        if self.schedule is None:
+            self._reset_queue(self.forward * self.streamed)
+        return expert.model
+
+    def _release(self, role: str) -> None:
+        expert = self.experts[role]
+        for saved in reversed(expert.bound):
+            unbind(saved)
+        expert.bound.clear()
+        for buf in (self.pre, self.head, *self.resident_bufs):
+            self._done(buf)
+
+    def _next_role(self, forward: int) -> str | None:
+        if self.schedule is None or forward + 1 >= len(self.schedule):
+            return None
+        nxt = self.schedule[forward + 1]
+        return nxt if nxt != self.schedule[forward] else None
+
+    def _preload(self, role: str, piece: Piece, buf: Buffer) -> None:
+        self._done(buf)  # the current expert's last use of this buffer is now queued
+        self._copy(role, piece, buf)
+        self.preloaded.add((role, piece))
+
+    # ---------------------------------------------------------------- the runner
+    def run_blocks(self, role: str, blocks, x: torch.Tensor, inputs) -> torch.Tensor:
+        """`WanDiT.runner` for expert `role`: resident blocks in place, the others through the ring."""
+        if role != self.active:
+            self.activate(role)
+        n = self.forward
+        if self.schedule is not None and (n >= len(self.schedule) or self.schedule[n] != role):
+            self.schedule = None  # called outside the announced schedule: stream this expert only
+            self._reset_queue(n * self.streamed)
+        upcoming = self._next_role(n)
+        if upcoming is not None:
+            self._preload(upcoming, "pre", self.pre)  # this forward is past its embeddings
+            store = self.experts[upcoming].store
+            for i in range(self.resident):
+                store.prefetch(i)
+        for i in range(self.num_blocks):
+            if i < self.resident:
+                x = blocks[i](x, inputs)
+                if upcoming is not None:
+                    self._preload(upcoming, i, self.resident_bufs[i])
+                continue
+            position = n * self.streamed + (i - self.resident)
+            if not self.queue or self.queue[0][0] != position:
+                self._reset_queue(position)
+            self._fill_ring()
+            _, buf = self.queue.popleft()
+            self._wait(buf)
+            layout = self._layout(role, i)
+            saved = bind(blocks[i], layout, buf.data)
+            x = blocks[i](x, inputs)
+            unbind(saved)
+            self._done(buf)
+            self._fill_ring()
+        self.forward += 1
+        self.telemetry.sample(self.device)
+        return x
+
+    def finish(self) -> Telemetry:
+        """Release every device buffer and fold the timed stalls into the telemetry (one stream sync)."""
+        if self.active is not None:
+            self._release(self.active)
+            self.active = None
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+            self.copy_stream.synchronize()
+            stalls = [b.elapsed_time(a) / 1000 for b, a in self.stall_events]
+            self.telemetry.copy_wait_s += sum(stalls)
+            self.telemetry.switch_stall_s += sum(b.elapsed_time(a) / 1000 for b, a in self.switch_events)
+        self.telemetry.sample(self.device)
+        for expert in self.experts.values():
+            read_wait = getattr(expert.store, "read_wait_s", 0.0)
+            self.telemetry.read_wait_s += read_wait
+            expert.store.close()
+        self.queue.clear()
+        for buf in (self.pre, self.head, *self.resident_bufs, *self.ring):
+            buf.data, buf.loaded, buf.free = torch.empty(0, dtype=torch.uint8), None, None
+        self.stall_events.clear()
+        self.switch_events.clear()
+        return self.telemetry
