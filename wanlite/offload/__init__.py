@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from wanlite.errors import WanliteError
-from wanlite.offload.memory import available_ram, total_ram
+from wanlite.offload.memory import available_ram, return_large_frees_to_os, total_ram
 from wanlite.offload.runner import Expert, OffloadEngine, Telemetry
 from wanlite.offload.stores import DiskCache, FileStore, PinBudget, RamStore, pieces, source_fingerprint
 
@@ -81,6 +81,7 @@ def attach_offload(models: dict[str, nn.Module], config: OffloadConfig, device,
         >>> engine = attach_offload({"main": dit}, OffloadConfig("block", resident_blocks=4, prefetch=2), "cuda")
         >>> out = engine.activate("main")(x, t, context)
     """
+    return_large_frees_to_os()
     budget = _budget(config)
     experts = {role: Expert(model, RamStore(model, budget)) for role, model in models.items()}
     engine = OffloadEngine(experts, torch.device(device), config.resident_blocks, config.prefetch, telemetry)
@@ -95,6 +96,7 @@ def open_offloaded(components: dict, task: str, dtype: torch.dtype, quant, confi
     than the mode allows (`pinned`: all of them; `mmap` / `disk`: a few blocks of one)."""
     from wanlite.loading.models import DiTPieces, load_dit
 
+    return_large_frees_to_os()
     ram_mode = config.ram_mode
     if ram_mode == "pinned":
         need = sum(_stored_bytes(comp) for comp in components.values())

@@ -22,7 +22,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from wanlite.offload.slabs import Layout, bind, layout_of, piece_filter, unbind
+from wanlite.offload.slabs import Layout, layout_of, piece_filter, tables, unbind, views
 from wanlite.offload.stores import Piece, shell_of
 
 
@@ -64,21 +64,30 @@ class Buffer:
         self.device = device
         self.data = torch.empty(0, dtype=torch.uint8, device=device)
         self.loaded = self.free = None
+        self.cached_views: dict[int, tuple[Layout, list]] = {}  # id(layout) -> its tensors on this buffer
 
     def reserve(self, nbytes: int) -> torch.Tensor:
         if self.data.numel() < nbytes:
             if self.free is not None:
                 self.free.synchronize()  # the old allocation may still be read by queued kernels
+            self.cached_views.clear()
             self.data = torch.empty(0, dtype=torch.uint8, device=self.device)
             self.data = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         return self.data
+
+    def views(self, layout: Layout) -> list:
+        """The layout's tensors on this buffer, built once: binding a block is then only dict assignments."""
+        hit = self.cached_views.get(id(layout))
+        if hit is None or hit[0] is not layout:
+            hit = self.cached_views[id(layout)] = (layout, views(layout, self.data))
+        return hit[1]
 
 
 @dataclass
 class Expert:
     model: nn.Module  # the WanDiT whose pieces are bound to device buffers while it is active
     store: object  # RamStore | FileStore
-    bound: list = field(default_factory=list)  # what unbind() restores when the expert is released
+    homes: dict = field(default_factory=dict)  # (id(shell), id(layout)) -> its own tensors, restored on release
 
 
 class OffloadEngine:
@@ -106,6 +115,8 @@ class OffloadEngine:
         self.preloaded: set[tuple[str, Piece]] = set()
         self.stall_events: list = []  # (before, after) CUDA event pairs around each wait for a copy
         self.switch_events: list = []
+        self.places: dict = {}  # (id(shell), id(layout)) -> where each slot's tensor lives in the shell
+        self.plain_runners = {role: expert.model.runner for role, expert in experts.items()}
         for role, expert in experts.items():
             expert.model.runner = partial(self.run_blocks, role)
 
@@ -195,6 +206,19 @@ class OffloadEngine:
             buf.free = torch.cuda.Event()
             buf.free.record(torch.cuda.current_stream(self.device))
 
+    def _bind(self, expert: Expert, shell: nn.Module, layout: Layout, buf: Buffer) -> None:
+        """Point `shell` at `layout`'s views on `buf`. Its own tensors are saved the first time and put back
+        when the expert is released (not after every block: a streamed block is simply re-pointed next time)."""
+        key = (id(shell), id(layout))
+        hit = self.places.get(key)
+        if hit is None or hit[0] is not shell or hit[1] is not layout:
+            hit = self.places[key] = (shell, layout, tables(shell, layout))
+        where = hit[2]
+        if key not in expert.homes:
+            expert.homes[key] = [(table, leaf, table[leaf]) for table, leaf in where]
+        for (table, leaf), t in zip(where, buf.views(layout)):
+            table[leaf] = t
+
     def _layout(self, role: str, piece: Piece) -> Layout:
         expert = self.experts[role]
         layout = expert.store.layout(piece)
@@ -216,8 +240,7 @@ class OffloadEngine:
             if (role, piece) not in self.preloaded:
                 self._copy(role, piece, buf)
             self._wait(buf)
-            layout = self._layout(role, piece)
-            expert.bound.append(bind(shell_of(expert.model, piece), layout, buf.data))
+            self._bind(expert, shell_of(expert.model, piece), self._layout(role, piece), buf)
         self.preloaded = {p for p in self.preloaded if p[0] != role}
         if switching:
             if self.cuda:
@@ -231,9 +254,9 @@ class OffloadEngine:
 
     def _release(self, role: str) -> None:
         expert = self.experts[role]
-        for saved in reversed(expert.bound):
+        for saved in expert.homes.values():
             unbind(saved)
-        expert.bound.clear()
+        expert.homes.clear()
         for buf in (self.pre, self.head, *self.resident_bufs):
             self._done(buf)
 
@@ -275,14 +298,11 @@ class OffloadEngine:
             self._fill_ring()
             _, buf = self.queue.popleft()
             self._wait(buf)
-            layout = self._layout(role, i)
-            saved = bind(blocks[i], layout, buf.data)
+            self._bind(self.experts[role], blocks[i], self._layout(role, i), buf)
             x = blocks[i](x, inputs)
-            unbind(saved)
             self._done(buf)
             self._fill_ring()
         self.forward += 1
-        self.telemetry.sample(self.device)
         return x
 
     def finish(self) -> Telemetry:
@@ -297,13 +317,16 @@ class OffloadEngine:
             self.telemetry.copy_wait_s += sum(stalls)
             self.telemetry.switch_stall_s += sum(b.elapsed_time(a) / 1000 for b, a in self.switch_events)
         self.telemetry.sample(self.device)
-        for expert in self.experts.values():
+        for role, expert in self.experts.items():
+            expert.model.runner = self.plain_runners[role]  # detached: the model runs as it did before
             read_wait = getattr(expert.store, "read_wait_s", 0.0)
             self.telemetry.read_wait_s += read_wait
             expert.store.close()
         self.queue.clear()
         for buf in (self.pre, self.head, *self.resident_bufs, *self.ring):
             buf.data, buf.loaded, buf.free = torch.empty(0, dtype=torch.uint8), None, None
+            buf.cached_views.clear()
         self.stall_events.clear()
         self.switch_events.clear()
+        self.places.clear()
         return self.telemetry

@@ -131,15 +131,29 @@ def pack(block: nn.Module, layout: Layout, slab: torch.Tensor) -> None:
             part.view(slab).copy_(src.view(part.shape))
 
 
+def tables(block: nn.Module, layout: Layout) -> list[tuple[dict, str]]:
+    """The (parameter or buffer dict, name) each slot of `layout` lives in, resolved once per block."""
+    return [(_module_tensors(block, slot)[1], slot.leaf) for slot in layout.slots]
+
+
+def views(layout: Layout, slab: torch.Tensor) -> list[torch.Tensor]:
+    """Every slot of `layout` as a tensor on `slab` (parameters wrapped), ready to assign."""
+    return [nn.Parameter(slot.build(slab), requires_grad=False) if slot.is_param else slot.build(slab)
+            for slot in layout.slots]
+
+
+def bind_views(where: list[tuple[dict, str]], tensors: list[torch.Tensor]) -> list:
+    """Assign `tensors` into their places; returns what `unbind` needs to restore."""
+    saved = []
+    for (table, leaf), t in zip(where, tensors):
+        saved.append((table, leaf, table[leaf]))
+        table[leaf] = t
+    return saved
+
+
 def bind(block: nn.Module, layout: Layout, slab: torch.Tensor) -> list:
     """Point every tensor of `block` at views of `slab`; returns what `unbind` needs to restore."""
-    saved = []
-    for slot in layout.slots:
-        _, table = _module_tensors(block, slot)
-        saved.append((table, slot.leaf, table[slot.leaf]))
-        t = slot.build(slab)
-        table[slot.leaf] = nn.Parameter(t, requires_grad=False) if slot.is_param else t
-    return saved
+    return bind_views(tables(block, layout), views(layout, slab))
 
 
 def unbind(saved: list) -> None:

@@ -20,6 +20,7 @@ from wanlite.pipelines.denoise import Conditioning, Denoiser
 from wanlite.pipelines.request import Request, Settings, resolve
 from wanlite.models.vae import Tiling
 from wanlite.offload import OffloadConfig, Telemetry
+from wanlite.offload.memory import return_large_frees_to_os
 from wanlite.quant import QuantConfig, parse_quant
 from wanlite.specs import TASKS, VAE_SPECS, TaskSpec
 
@@ -174,6 +175,7 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     from wanlite.pipelines.samplers import SAMPLERS, make_sigmas, model_timesteps
     from wanlite.pipelines.video_io import contact_sheet, write_mp4
 
+    return_large_frees_to_os()  # loading streams tensor by tensor; keep freed ones from piling up in the heap
     req = request if request is not None else Request(**kwargs)
     emit = progress or (lambda event: None)
     seed = req.seed if req.seed >= 0 else secrets.randbelow(2**31)
