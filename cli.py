@@ -118,13 +118,108 @@ def cmd_generate(args) -> int:
         solver=args.sample_solver, seed=args.base_seed, device=args.device, dtype=args.dtype,
         save_file=None if args.save_file is None else Path(args.save_file), output_dir=Path(args.output_dir),
         preview=args.preview, t5_cpu=args.t5_cpu, quant=args.quant, quant_backend=args.quant_backend,
-        vae_tile=args.vae_tile, offload=args.offload, resident_blocks=args.resident_blocks, prefetch=args.prefetch,
-        ram_mode=args.ram_mode, offload_cache=None if args.offload_cache is None else Path(args.offload_cache),
+        vae_tile=args.vae_tile, profile=args.profile, offload=args.offload, resident_blocks=args.resident_blocks,
+        prefetch=args.prefetch, ram_mode=args.ram_mode, chunk_tokens=args.chunk_tokens,
+        offload_cache=None if args.offload_cache is None else Path(args.offload_cache),
         **{flag: Path(getattr(args, flag)) for flag in COMPONENT_FLAGS if getattr(args, flag) is not None})
     with ProgressPrinter() as progress:
         result = generate(request, progress=progress)
     print(f"wrote {result.path}" + (f" and {result.preview}" if result.preview else ""))
     print(_telemetry_line(result.telemetry.to_dict()))
+    return 0
+
+
+def _workload_args(parser) -> None:
+    parser.add_argument("--task", required=True, help="t2v-A14B, i2v-A14B or ti2v-5B")
+    parser.add_argument("--size", default=None, help="WIDTH*HEIGHT (default: the task's)")
+    parser.add_argument("--frame_num", type=int, default=None, help="frames, 4k+1 (default: the task's)")
+    parser.add_argument("--sample_steps", type=int, default=None)
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from wanlite.errors import WanliteError
+    from wanlite.pipelines.request import parse_size, task_spec
+    from wanlite.planner import Workload, hypothetical, load_or_probe, load_profile, make_plan, plan_to_toml
+    from wanlite.planner.plan import apply_profile
+
+    task = task_spec(args.task)
+    if task.name.startswith("tiny-"):
+        raise WanliteError(f"{task.name} is the bundled tiny model: it needs no plan (it fits anywhere)")
+    w, h = parse_size(args.size) if args.size else task.size
+    choices = {} if args.profile == "auto" else load_profile(args.profile)[0]
+    if args.vram is not None or args.ram is not None:
+        hw = hypothetical(args.vram, args.ram if args.ram is not None else 32, args.disk)
+    elif "vram_gb" in choices or "ram_gb" in choices:
+        hw = hypothetical(choices.get("vram_gb"), choices.get("ram_gb", 32), choices.get("disk_gbps", 2.0))
+    else:
+        hw = load_or_probe()
+    work = Workload(task.name, w, h, args.frame_num or task.frames, args.sample_steps or task.steps)
+    plan = apply_profile(make_plan(work, hw, args.quant), choices)
+    if args.save:
+        from pathlib import Path
+
+        out = Path(args.save)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(plan_to_toml(plan), encoding="utf-8")
+        tmp.replace(out)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        _print_plan(plan)
+    return 0
+
+
+def _print_plan(plan) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    p = plan.predicted
+    table = Table(title=f"{plan.task} {plan.width}*{plan.height}, {plan.frames} frames, {plan.steps} steps on "
+                        f"{plan.hardware}")
+    for col in ("component", "format", "placement", "predicted"):
+        table.add_column(col)
+    placement = plan.offload if plan.offload != "block" else (
+        f"block: {plan.resident_blocks} resident, prefetch {plan.prefetch}, host RAM {plan.ram_mode}")
+    chunks = f"; blocks in chunks of {plan.chunk_tokens} tokens" if plan.chunk_tokens else ""
+    table.add_row("transformer", plan.weight_format, f"{plan.device}, {placement}{chunks}",
+                  f"weights {p.vram_weights_gb} GB + activations {p.vram_activations_gb} GB + buffers "
+                  f"{p.vram_buffers_gb} GB")
+    table.add_row("text encoder", plan.weight_format if plan.weight_format in ("fp8", "int8") else "bf16",
+                  plan.t5_device, f"{p.vram_text_encoder_gb} GB VRAM" if plan.t5_device == "cuda" else "RAM")
+    table.add_row("VAE", "fp32", f"{plan.device}, " + ("whole frames" if not plan.vae_tile else
+                                                       f"tiles of {plan.vae_tile} latent px"), f"{p.vram_vae_gb} GB")
+    table.add_row("total", "", "", f"peak VRAM {p.peak_vram_gb} GB, peak RAM {p.peak_ram_gb} GB, "
+                                   f"{p.bytes_moved_per_step_gb} GB moved/step, ~{p.s_per_step} s/step")
+    console = Console()
+    console.print(table)
+    for reason in plan.reasons:
+        console.print(f"why: {reason}")
+
+
+def cmd_profile(args) -> int:
+    import json
+
+    from wanlite.planner import load_or_probe
+    from wanlite.planner.probe import cache_file
+
+    hw = load_or_probe(refresh=args.refresh)
+    if args.json:
+        print(json.dumps(hw.to_dict(), indent=2))
+        return 0
+    gb = 1e9
+    print(hw.describe())
+    if hw.gpu is not None:
+        print(f"  compute capability {hw.compute_capability}, free VRAM {hw.vram_free / gb:.1f} GB, "
+              f"fp8 matmul {'yes' if hw.fp8_matmul else 'no'}, flash attention {'yes' if hw.flash_attention else 'no'}")
+        print(f"  host->device {hw.h2d_pinned / gb:.1f} GB/s pinned, {hw.h2d_pageable / gb:.1f} GB/s pageable; "
+              f"pinnable {hw.pin_limit / gb:.0f} GB")
+    print(f"  RAM {hw.ram_total / gb:.1f} GB ({hw.ram_available / gb:.1f} free), disk read {hw.disk_read / gb:.1f} GB/s, "
+          f"bf16 matmul {hw.bf16_flops / 1e12:.2f} TFLOP/s")
+    for note in hw.notes:
+        print(f"  note: {note}")
+    print(f"  cached in {cache_file()} (re-measure with --refresh)")
     return 0
 
 
@@ -226,11 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--offload", default="auto", choices=["auto", "none", "model", "block"],
                      help="transformer placement: none (all on the device), model (one expert at a time), block "
                           "(stream blocks; for cards the expert does not fit); auto decides")
-    gen.add_argument("--resident_blocks", type=int, default=0, metavar="K",
-                     help="block offload: blocks kept on the device")
-    gen.add_argument("--prefetch", type=int, default=1, metavar="D",
-                     help="block offload: blocks copied ahead of the one computing")
-    gen.add_argument("--ram_mode", default="pinned", choices=["pinned", "mmap", "disk"],
+    gen.add_argument("--profile", default="auto",
+                     help="auto (measure this machine and plan), a preset (8gb, 12gb, 16gb, 24gb, notebook, cpu) "
+                          "or a .toml file; the flags below override its choices")
+    gen.add_argument("--resident_blocks", type=int, default=None, metavar="K",
+                     help="block offload: blocks kept on the device (default: the plan's)")
+    gen.add_argument("--prefetch", type=int, default=None, metavar="D",
+                     help="block offload: blocks copied ahead of the one computing (default: the plan's)")
+    gen.add_argument("--chunk_tokens", type=int, default=None, metavar="N",
+                     help="run each DiT block N tokens at a time (0: whole; default: the plan's)")
+    gen.add_argument("--ram_mode", default=None, choices=["pinned", "mmap", "disk"],
                      help="block offload host memory: pinned (weights in RAM), mmap (read from the checkpoint "
                           "per block: for 16-32 GB PCs), disk (per-block cache files written once)")
     gen.add_argument("--offload_cache", default=None, metavar="DIR",
@@ -253,6 +353,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto")
     demo.add_argument("--output-dir", default=".", help="demo.mp4 (or demo_N.mp4) and its PNG go here")
     demo.set_defaults(func=cmd_demo)
+    plan = sub.add_parser("plan", help="choose and explain how a generation runs on this (or a described) machine")
+    _workload_args(plan)
+    plan.add_argument("--vram", type=float, default=None, help="plan for a GPU with this many GB (0: no GPU)")
+    plan.add_argument("--ram", type=float, default=None, help="plan for this many GB of RAM")
+    plan.add_argument("--disk", type=float, default=2.0, help="disk read speed in GB/s for --vram/--ram")
+    plan.add_argument("--quant", default="auto", help="auto (the planner picks), none, fp8, int8, gguf-q8_0, ...")
+    plan.add_argument("--profile", default="auto", help="auto, a preset name or a .toml file")
+    plan.add_argument("--save", default=None, metavar="FILE", help="write the plan as a profile (.toml)")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=cmd_plan)
+    prof = sub.add_parser("profile", help="measure this machine (cached; --refresh measures again)")
+    prof.add_argument("--refresh", action="store_true")
+    prof.add_argument("--json", action="store_true")
+    prof.set_defaults(func=cmd_profile)
     conv = sub.add_parser("convert", help="quantize a task's transformer(s) once into fp8 / int8 / GGUF files")
     conv.add_argument("--ckpt_dir", required=True, help="checkpoint folder holding the task's transformer(s)")
     conv.add_argument("--task", required=True, choices=list(TASKS))

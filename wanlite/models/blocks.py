@@ -70,6 +70,7 @@ class BlockInputs:
     e0: torch.Tensor  # [B, Fe, 6, d] fp32 modulation from the timestep
     context: torch.Tensor  # [B, text_len, d] embedded text
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin: [L, head_dim/2]
+    chunk: int | None = None  # tokens per chunk for everything but the attention's keys/values (None: all)
 
 
 class WanSelfAttention(nn.Module):
@@ -117,6 +118,8 @@ class WanBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
         # x: [B, L, d] in the compute dtype
+        if inputs.chunk and inputs.chunk < x.shape[1]:
+            return self.forward_chunked(x, inputs, inputs.chunk)
         frames = inputs.e0.shape[1]
         mod = self.modulation.float().unsqueeze(0) + inputs.e0  # [B, Fe, 6, d]
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = mod.unsqueeze(2).unbind(3)
@@ -131,6 +134,65 @@ class WanBlock(nn.Module):
         h = per_frame(layer_norm_fp32(x, self.eps), frames) * (1 + scale_ffn) + shift_ffn
         y = self.ffn(h.flatten(1, 2).to(x.dtype))
         return (per_frame(x.float(), frames) + per_frame(y.float(), frames) * gate_ffn).flatten(1, 2).to(x.dtype)
+
+
+    def forward_chunked(self, x: torch.Tensor, inputs: BlockInputs, chunk: int) -> torch.Tensor:
+        """`forward` with every per-token step done `chunk` tokens at a time (whole latent frames when each
+        frame has its own timestep). Only the self-attention keys/values, the output and the input live at
+        full length: ~8 x B*L*d bytes in bf16 instead of ~28 (planner/estimate.py), the same numbers up to
+        GEMM rounding."""
+        b, length, d = x.shape
+        frames = inputs.e0.shape[1]
+        per_frame_tokens = length // frames
+        if frames > 1:
+            chunk = max(per_frame_tokens, chunk // per_frame_tokens * per_frame_tokens)
+        spans = [(s, min(s + chunk, length)) for s in range(0, length, chunk)]
+        mod = self.modulation.float().unsqueeze(0) + inputs.e0
+        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = mod.unsqueeze(2).unbind(3)
+
+        def frames_of(s: int, e: int) -> slice:
+            return slice(s // per_frame_tokens, e // per_frame_tokens) if frames > 1 else slice(0, 1)
+
+        def modulated(xc, s, e, shift, scale):
+            f = frames_of(s, e)
+            n = f.stop - f.start
+            return (per_frame(layer_norm_fp32(xc, self.eps), n) * (1 + scale[:, f]) + shift[:, f]).flatten(1, 2)
+
+        def gated(xc, yc, gate, s, e):
+            f = frames_of(s, e)
+            n = f.stop - f.start
+            return (per_frame(xc.float(), n) + per_frame(yc.float(), n) * gate[:, f]).flatten(1, 2).to(x.dtype)
+
+        cos, sin = inputs.rope
+        sa, ca = self.self_attn, self.cross_attn
+        def full_length() -> torch.Tensor:  # contiguous (x may be a transposed view): SDPA's fast kernels need it
+            return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+        keys, values = full_length(), full_length()
+        for s, e in spans:
+            h = modulated(x[:, s:e], s, e, shift_msa, scale_msa).to(x.dtype)
+            keys[:, s:e] = apply_rope(sa._heads(sa.norm_k(sa.k(h))), cos[s:e], sin[s:e]).flatten(2)
+            values[:, s:e] = sa.v(h)
+        keys, values = sa._heads(keys), sa._heads(values)
+        out = full_length()
+        for s, e in spans:
+            h = modulated(x[:, s:e], s, e, shift_msa, scale_msa).to(x.dtype)
+            q = apply_rope(sa._heads(sa.norm_q(sa.q(h))), cos[s:e], sin[s:e])
+            out[:, s:e] = gated(x[:, s:e], sa.o(attention(q, keys, values).flatten(2)), gate_msa, s, e)
+        del keys, values
+        text_k = ca._heads(ca.norm_k(ca.k(inputs.context)))
+        text_v = ca._heads(ca.v(inputs.context))
+        for s, e in spans:
+            xc = out[:, s:e]
+            h = layer_norm_fp32(xc, self.eps, self.norm3).to(x.dtype)
+            y = ca.o(attention(ca._heads(ca.norm_q(ca.q(h))), text_k, text_v).flatten(2))
+            xc.copy_((xc.float() + y.float()).to(x.dtype))
+        del text_k, text_v
+        for s, e in spans:
+            xc = out[:, s:e]
+            y = self.ffn(modulated(xc, s, e, shift_ffn, scale_ffn).to(x.dtype))
+            xc.copy_(gated(xc, y, gate_ffn, s, e))
+        return out
 
 
 class Head(nn.Module):

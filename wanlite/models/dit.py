@@ -47,6 +47,7 @@ class WanDiT(nn.Module):
             WanBlock(d, spec.ffn_dim, spec.num_heads, spec.eps) for _ in range(spec.num_layers))
         self.head = Head(d, spec.out_dim * math.prod(spec.patch_size), spec.eps)
         self.runner: Runner = run_blocks
+        self.chunk_tokens: int | None = None  # blocks work this many tokens at a time (the plan sets it)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -96,11 +97,13 @@ class WanDiT(nn.Module):
             raise ValueError(f"t must be [B] or [B, {f // pt}] (one per latent frame), got {tuple(t.shape)}")
         grid = (f // pt, h // ph, w // pw)
 
-        tokens = self.patch_embedding(x.to(self.compute_dtype)).flatten(2).transpose(1, 2)  # [B, L, d]
         e, e0 = self.embed_time(t)
         inputs = BlockInputs(e0=e0, context=self.embed_text(context),
-                             rope=rope_cos_sin(grid, self.spec.head_dim, device=x.device))
-        tokens = self.runner(self.blocks, tokens, inputs)
+                             rope=rope_cos_sin(grid, self.spec.head_dim, device=x.device), chunk=self.chunk_tokens)
+        # the embedded tokens [B, L, d] go straight into the runner, so no name here keeps them alive while the
+        # blocks run (the runner drops each block's input as the next one starts)
+        tokens = self.runner(self.blocks, self.patch_embedding(x.to(self.compute_dtype)).flatten(2).transpose(1, 2),
+                             inputs)
         return self.unpatchify(self.head(tokens, e), grid)
 
     def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:

@@ -53,6 +53,8 @@ class ProgressPrinter:
             self._print(f"{event['name']} ...")
         elif kind == "warning":
             self._print(f"warning: {event['message']}")
+        elif kind == "plan":
+            self._print(event["summary"])
         elif kind == "step":
             if self.rich is None:
                 self._print(step_line(event))

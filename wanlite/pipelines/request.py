@@ -36,10 +36,13 @@ class Request:
     quant: str = "auto"  # "auto" keeps what the files store; see wanlite.quant.QUANT_CHOICES
     quant_backend: str = "torchao"  # int8 only: torchao | bnb | quanto
     vae_tile: int | None = None  # latent pixels per VAE tile; None: tile frames larger than the default, 0: off
+    profile: str = "auto"  # auto (measure + plan) | a shipped profile name | a .toml path (wanlite.planner)
+    # None below means "as the plan says"
     offload: str = "auto"  # auto | none | model | block (wanlite.offload)
-    resident_blocks: int = 0  # block offload: blocks kept on the device
-    prefetch: int = 1  # block offload: blocks copied ahead of the one computing
-    ram_mode: str = "pinned"  # block offload: pinned | mmap | disk
+    resident_blocks: int | None = None  # block offload: blocks kept on the device
+    prefetch: int | None = None  # block offload: blocks copied ahead of the one computing
+    ram_mode: str | None = None  # block offload: pinned | mmap | disk
+    chunk_tokens: int | None = None  # DiT blocks work this many tokens at a time (0: whole)
     offload_cache: Path | None = None  # disk mode's cache folder (default: the user cache folder)
     # component files overriding what ckpt_dir provides (ComfyUI-style folders of separate files)
     high_noise_model: Path | None = None
@@ -152,10 +155,11 @@ def resolve(req: Request, seed: int) -> Settings:
         raise WanliteError(f"--vae-tile {req.vae_tile}: give a tile of at least 4 latent pixels, or 0 for no tiling")
     if req.offload not in ("auto", "none", "model", "block"):
         raise WanliteError(f"--offload {req.offload!r} is unknown; choose one of auto, none, model, block")
-    if req.ram_mode not in ("pinned", "mmap", "disk"):
+    if req.ram_mode not in (None, "pinned", "mmap", "disk"):
         raise WanliteError(f"--ram_mode {req.ram_mode!r} is unknown; choose one of pinned, mmap, disk")
-    if req.resident_blocks < 0 or req.prefetch < 0:
-        raise WanliteError("--resident_blocks and --prefetch must be 0 or more")
+    for flag in ("resident_blocks", "prefetch", "chunk_tokens"):
+        if getattr(req, flag) is not None and getattr(req, flag) < 0:
+            raise WanliteError(f"--{flag} {getattr(req, flag)} must be 0 or more")
     guide = req.guide_scale or task.guide_scale
     negative = req.negative_prompt or task.negative_prompt  # official: an empty one means the default
     return Settings(task=task.name, prompt=req.prompt, negative_prompt=negative, seed=seed, steps=steps,

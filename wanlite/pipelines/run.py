@@ -68,9 +68,11 @@ class Transformers:
     the switch, so both are never resident), `block` streams blocks through the offload engine."""
 
     def __init__(self, components: dict[str, Component], task: str, dtype: torch.dtype, device: torch.device,
-                 quant: QuantConfig | None, offload: OffloadConfig, telemetry: Telemetry, emit: Progress):
+                 quant: QuantConfig | None, offload: OffloadConfig, telemetry: Telemetry, emit: Progress,
+                 chunk_tokens: int | None = None):
         self.components, self.task, self.dtype, self.device = components, task, dtype, device
         self.quant, self.offload, self.telemetry, self.emit = quant, offload, telemetry, emit
+        self.chunk_tokens = chunk_tokens
         self.models: dict[str, torch.nn.Module] = {}
         self.engine = None
 
@@ -80,6 +82,8 @@ class Transformers:
 
             self.engine = open_offloaded(self.components, self.task, self.dtype, self.quant, self.offload,
                                          self.device, self.emit, self.telemetry)
+            for expert in self.engine.experts.values():
+                expert.model.chunk_tokens = self.chunk_tokens
             self.engine.set_schedule(schedule)
 
     def __call__(self, role: str) -> torch.nn.Module:
@@ -89,6 +93,7 @@ class Transformers:
             if self.offload.mode == "model":
                 self.close()
             model = load_dit(self.components[role], self.task, self.dtype, self.quant).to(self.device)
+            model.chunk_tokens = self.chunk_tokens
             self.telemetry.bytes_moved += sum(t.nbytes for t in model.state_dict().values())
             self.models[role] = model
         return self.models[role]
@@ -187,19 +192,27 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     out_path = _output_path(req, settings)
     image = None if settings.image is None else load_image(Path(settings.image))  # fail before any loading
 
-    quant = parse_quant(req.quant, req.quant_backend)
+    parse_quant(req.quant, req.quant_backend)  # a bad --quant fails before anything is read
     ckpt = with_components(None if req.ckpt_dir is None else discover(req.ckpt_dir), req.component_files())
-    check_checkpoint(ckpt, task.name)  # every component present and the right shape before any work
+    found = check_checkpoint(ckpt, task.name)  # every component present and the right shape before any work
     experts = expert_components(ckpt, task.name)
+    from wanlite.planner import plan_for_request
+
+    dit_spec = next(prepared.model.spec for label, _, prepared in found if label.startswith("transformer"))
+    placement = plan_for_request(req, *settings.size, settings.frames, settings.steps, device,
+                                 stored_quantized(experts), dit_spec)
+    if placement.plan is not None:
+        emit({"event": "plan", "summary": placement.plan.summary(), "reasons": list(placement.plan.reasons)})
+    quant = parse_quant(placement.quant, req.quant_backend)
 
     telemetry = Telemetry()
     emit({"event": "stage", "name": "encode text"})
-    t5_device = torch.device("cpu") if req.t5_cpu else device
+    t5_device = torch.device("cpu") if placement.t5_cpu else device
     text_len = load_text_len(experts)
     context = encode_text(ckpt, [settings.prompt, settings.negative_prompt], t5_device, dtype, text_len, emit,
                           quant)
 
-    y, first_frame, size = _condition(task, ckpt, settings, image, device, emit, req.vae_tile)
+    y, first_frame, size = _condition(task, ckpt, settings, image, device, emit, placement.vae_tile)
     if size != settings.size:
         settings = Settings(**{**settings.to_dict(), "size": size})
     w, h = size
@@ -210,8 +223,8 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
 
     sigmas = make_sigmas(settings.solver, settings.steps, settings.shift)
     timesteps = model_timesteps(settings.solver, settings.steps, settings.shift).tolist()
-    offload = offload_config(req, device, experts)
-    dits = Transformers(experts, task.name, dtype, device, quant, offload, telemetry, emit)
+    offload = offload_config(placement, req, device, experts)
+    dits = Transformers(experts, task.name, dtype, device, quant, offload, telemetry, emit, placement.chunk_tokens)
     cond = Conditioning(context=context, y=None if y is None else y.to(device),
                         first_frame=None if first_frame is None else first_frame.to(device))
     denoiser = Denoiser(task, dits, cond, timesteps, settings.guide_scale,
@@ -240,7 +253,7 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
 
     emit({"event": "stage", "name": "decode"})
     vae = load_vae(ckpt.vae, task.name).to(device)
-    tiling = vae_tiling(req.vae_tile, vae.spec.stride[1], x.shape[-2:])
+    tiling = vae_tiling(placement.vae_tile, vae.spec.stride[1], x.shape[-2:])
     with torch.no_grad():
         if tiling is None:
             video = vae.decode(x.float())[0]  # [3, F, H, W] in [-1, 1]
@@ -254,7 +267,8 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
                 "plan": {"device": str(device), "dtype": req.dtype, "t5_device": str(t5_device),
                          "quant": req.quant if quant is None else quant.name,
                          "vae_tiling": None if tiling is None else [tiling.tile, tiling.overlap],
-                         "offload": offload.describe()},
+                         "offload": offload.describe(), "chunk_tokens": placement.chunk_tokens,
+                         "planned": None if placement.plan is None else placement.plan.to_dict()},
                 "telemetry": telemetry.to_dict()}
     path = write_mp4(frames, out_path, settings.fps, metadata)
     preview = contact_sheet(frames, path.with_suffix(".png")) if req.preview else None
@@ -274,18 +288,32 @@ def vae_tiling(tile: int | None, stride: int, latent_hw) -> Tiling | None:
     return Tiling(tile, max(1, tile // 4))
 
 
-def offload_config(req: Request, device: torch.device, experts: dict[str, Component]) -> OffloadConfig:
-    """`--offload auto` until the planner decides: one whole expert on the device when the largest fits in
-    70% of the free VRAM (always on CPU), otherwise block streaming; explicit flags win."""
-    mode = req.offload
+def offload_config(placement, req: Request, device: torch.device,
+                   experts: dict[str, Component]) -> OffloadConfig:
+    """The placement's offload choices; `auto` (a tiny task, or no plan) keeps one whole expert on the device
+    when the largest fits in 70% of the free VRAM (always on CPU), otherwise streams blocks."""
+    mode = placement.offload
     if mode == "auto":
         mode = "model"
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             largest = max(sum(Path(p).stat().st_size for p in comp.files) for comp in experts.values())
             mode = "block" if largest > 0.7 * free else "model"
-    return OffloadConfig(mode, resident_blocks=req.resident_blocks, prefetch=req.prefetch, ram_mode=req.ram_mode,
-                         cache_dir=req.offload_cache)
+    return OffloadConfig(mode, resident_blocks=placement.resident_blocks, prefetch=placement.prefetch,
+                         ram_mode=placement.ram_mode, cache_dir=req.offload_cache)
+
+
+def stored_quantized(experts: dict[str, Component]) -> bool:
+    """True when the transformer files already hold quantized block weights (fp8, int8, GGUF): they run as
+    stored, the planner does not pick another format for them. Reads headers only."""
+    from wanlite.loading.stream import open_source
+
+    dense = ("float32", "float16", "bfloat16", "F32", "F16", "BF16")
+    for comp in experts.values():
+        formats = open_source(list(comp.files)).formats()
+        if any(fmt not in dense for key, fmt in formats.items() if "blocks." in key):
+            return True
+    return False
 
 
 def load_text_len(experts: dict[str, Component]) -> int:

@@ -1,0 +1,90 @@
+"""Hardware profiler and planner: `probe` / `load_or_probe` measure the machine, `make_plan` chooses, a
+`Plan` is data (printed, saved as a profile, replayed). `plan_for_request` is what `generate` uses."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from wanlite.errors import WanliteError
+from wanlite.planner.estimate import Workload
+from wanlite.planner.plan import QUANT_FLAG, Plan, apply_profile, make_plan, plan_to_toml, read_profile
+from wanlite.planner.probe import Hardware, hypothetical, load_or_probe
+
+__all__ = ["Plan", "Hardware", "Workload", "make_plan", "plan_to_toml", "read_profile", "load_profile",
+           "plan_for_request", "Placement", "PROFILES_DIR"]
+
+PROFILES_DIR = Path(importlib.import_module("wanlite.profiles").__file__).parent  # the shipped presets
+QUANT_FLAGS = tuple(QUANT_FLAG.values())
+
+
+def load_profile(name: str) -> tuple[dict, str]:
+    """A profile by name (`profiles/NAME.toml`, shipped presets) or path; returns (choices, where)."""
+    path = Path(name)
+    if path.suffix != ".toml":
+        path = PROFILES_DIR / f"{name}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PROFILES_DIR.glob("*.toml")) if PROFILES_DIR.is_dir() else []
+        raise WanliteError(f"--profile {name}: no such profile file; give a .toml path or one of: "
+                           f"{', '.join(['auto', *known])}")
+    return read_profile(path.read_text(encoding="utf-8"), str(path)), str(path)
+
+
+def hardware_for(choices: dict, device: torch.device) -> Hardware:
+    """The profile's [hardware] when it has one, else this machine (measured once and cached on a GPU)."""
+    if "vram_gb" in choices or "ram_gb" in choices:
+        return hypothetical(choices.get("vram_gb"), choices.get("ram_gb", 32), choices.get("disk_gbps", 2.0))
+    if device.type == "cuda":
+        return load_or_probe()
+    from wanlite.offload.memory import available_ram, total_ram
+
+    return Hardware(None, ram_total=total_ram(), ram_available=available_ram(), measured=True)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What `generate` applies: the plan's choices after explicit flags."""
+
+    plan: Plan | None  # None for the bundled tiny tasks
+    quant: str
+    offload: str
+    resident_blocks: int
+    prefetch: int
+    ram_mode: str
+    chunk_tokens: int | None
+    vae_tile: int | None
+    t5_cpu: bool
+
+
+def plan_for_request(req, width: int, height: int, frames: int, steps: int, device: torch.device,
+                     stored_quantized: bool, dit=None) -> Placement:
+    """Plan `req` (`--profile auto|NAME|PATH`) and merge it with the flags the user gave explicitly.
+
+    Files that already hold a quantized format run as stored (no re-quantizing); on the CPU nothing is
+    quantized unless asked. The bundled tiny tasks are not planned (a 20 MB model fits anywhere): only the
+    profile's choices and the flags apply. `dit`: the checkpoint's DiTSpec (default: the task's full size)."""
+    choices, _ = ({}, "auto") if req.profile == "auto" else load_profile(req.profile)
+    plan = None
+    if not req.task.startswith("tiny-"):
+        hw = hardware_for(choices, device)
+        free_format = not stored_quantized and req.quant in ("auto", *QUANT_FLAGS)
+        plan = make_plan(Workload(req.task, width, height, frames, steps, dit), hw,
+                         req.quant if req.quant in QUANT_FLAGS else "auto")
+        plan = apply_profile(plan, choices)
+        planned_quant = plan.quant if free_format and plan.device == "cuda" else "auto"
+    else:
+        planned_quant = choices.get("quant", "auto")
+    given = lambda key, default: getattr(plan, key) if plan is not None else choices.get(key, default)  # noqa: E731
+    return Placement(
+        plan,
+        req.quant if req.quant != "auto" else planned_quant,
+        req.offload if req.offload != "auto" else given("offload", "auto"),
+        req.resident_blocks if req.resident_blocks is not None else given("resident_blocks", 0),
+        req.prefetch if req.prefetch is not None else max(1, given("prefetch", 1)),
+        req.ram_mode if req.ram_mode is not None else given("ram_mode", "pinned"),
+        (req.chunk_tokens if req.chunk_tokens is not None else given("chunk_tokens", 0)) or None,
+        req.vae_tile if req.vae_tile is not None else (
+            given("vae_tile", 0) if "vae_tile" in choices or (plan is not None and plan.device == "cuda") else None),
+        req.t5_cpu or given("t5_device", "") == "cpu")

@@ -1,0 +1,126 @@
+"""What each part of a generation needs: weight bytes per format (from the full-size models built on `meta`),
+activation peaks (formulas below, validated against traced allocations in tests/test_planner.py), FLOPs and
+bytes moved per step.
+
+DiT forward, per CFG batch B (= 2), L video tokens, T = 512 text rows, hidden d, bf16 compute; the numbers
+are exact fits to allocations traced with `LiveBytes` on CPU (d = 256...1024, L = 2048...8192, any ffn/d):
+- a block run whole peaks at 26 x B*L*d bytes (its fp32 islands — LayerNorm, modulation, gated residual,
+  RMSNorm of q/k — keep several fp32 copies of the hidden state alive next to q and the attention output);
+- a block run in chunks of n tokens (`WanDiT.chunk_tokens`) peaks at 6 x B*L*d (keys, values, output) plus
+  20 x B*n*d for the chunk's temporaries;
+- besides the block: its input (2 x B*L*d), the embedded text (2 x B*T*d), RoPE tables (4 x L*head_dim) and
+  the fp32 modulation;
+- a weight-only quantized Linear dequantizes its weight before the GEMM: + the largest weight (d*ffn*2).
+VAE decode (causal, one latent frame -> 4 video frames at a time): the fp32 activations of a frame chunk,
+VAE_BYTES_PER_PIXEL[version] per pixel of the frame (traced on CPU with the full-size VAEs: 19.6 KB for 2.1,
+20.7 KB for 2.2, linear in pixels), plus the decoded video when it stays on the device; a spatial tile
+bounds the pixels to tile x tile.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+from wanlite.specs import DIT_SPECS, TASKS, VAE_SPECS, DiTSpec
+
+GB = 1e9
+WHOLE_BLOCK = 26.0  # bf16 block peak / (B * L * d), run whole
+CHUNKED_BLOCK = 6.0  # ... run in chunks, plus CHUNK_TEMPS * B * n * d
+CHUNK_TEMPS = 20.0
+VAE_BYTES_PER_PIXEL = {"2.1": 19650.0, "2.2": 20700.0}  # decode peak / pixels of one frame (traced, fp32)
+TEXT_LEN = 512
+CFG_BATCH = 2
+
+
+@dataclass(frozen=True)
+class Workload:
+    task: str
+    width: int
+    height: int
+    frames: int
+    steps: int
+    dit: DiTSpec | None = None  # the checkpoint's transformer when known; else the task's full-size one
+
+    @property
+    def spec(self) -> DiTSpec:
+        return self.dit if self.dit is not None else DIT_SPECS[TASKS[self.task].dit]
+
+    @property
+    def latent(self) -> tuple[int, int, int]:
+        """(latent frames, latent height, latent width)."""
+        vae = VAE_SPECS[TASKS[self.task].vae]
+        vt, vs, _ = vae.stride
+        return (self.frames - 1) // vt + 1, self.height // vs, self.width // vs
+
+    @property
+    def tokens(self) -> int:
+        f, h, w = self.latent
+        pt, ph, pw = self.spec.patch_size
+        return (f // pt) * (h // ph) * (w // pw)
+
+
+@lru_cache(maxsize=None)
+def dit_bytes(spec: DiTSpec, fmt: str) -> tuple[int, int]:
+    """(non-block bytes, bytes of one block) of one expert stored in `fmt` (the planner's weight numbers:
+    the model built on meta, every quantizable weight in `fmt`, the rest bf16)."""
+    import torch
+
+    from wanlite.models.dit import WanDiT
+    from wanlite.quant import weight_bytes
+
+    with torch.device("meta"):
+        full = {k: tuple(v.shape) for k, v in WanDiT(spec).state_dict().items()}
+    block0 = {k: v for k, v in full.items() if k.startswith("blocks.0.")}
+    rest = {k: v for k, v in full.items() if not k.startswith("blocks.")}
+    return weight_bytes(rest, "bf16"), weight_bytes(block0, fmt)
+
+
+@lru_cache(maxsize=None)
+def t5_bytes(fmt: str) -> int:
+    from wanlite.archs import manifest
+    from wanlite.quant import weight_bytes
+
+    return weight_bytes(manifest("umt5-xxl-encoder"), fmt if fmt in ("bf16", "fp8", "int8") else "bf16")
+
+
+@lru_cache(maxsize=None)
+def vae_bytes(version: str) -> int:
+    from wanlite.archs import manifest
+
+    return sum(4 * math.prod(s) for s in manifest("vae" + version).values())  # fp32, as the reference runs it
+
+
+def dit_activation_bytes(spec: DiTSpec, tokens: int, chunk: int | None = None, quantized: bool = False) -> int:
+    """Peak activation bytes of one bf16 DiT forward with CFG batched (module docstring)."""
+    b, d = CFG_BATCH, spec.dim
+    if chunk is None or chunk >= tokens:
+        block = WHOLE_BLOCK * b * tokens * d
+    else:
+        block = CHUNKED_BLOCK * b * tokens * d + CHUNK_TEMPS * b * chunk * d
+    held = 2 * b * tokens * d + 2 * b * TEXT_LEN * d + 4 * tokens * spec.head_dim + 4 * b * 6 * d
+    dequant = 2 * spec.dim * spec.ffn_dim if quantized else 0
+    return int(block + held + dequant)
+
+
+def t5_activation_bytes(dtype_bytes: int = 2) -> int:
+    """umT5-xxl on two prompts of 512 tokens: a few hidden states and one attention score tensor per layer."""
+    d_model, heads, ffn = 4096, 64, 10240
+    return int(CFG_BATCH * TEXT_LEN * (6 * d_model + 2 * ffn) * dtype_bytes + CFG_BATCH * heads * TEXT_LEN**2 * 4)
+
+
+def vae_decode_bytes(task: str, height: int, width: int, frames: int, tile_px: int | None) -> int:
+    """Peak device bytes of the VAE decode; tile_px = tile side in output pixels (None: whole frame). Untiled,
+    the decoded video (fp32) stays on the device too; tiles go to the host as they finish."""
+    version = VAE_SPECS[TASKS[task].vae].version
+    if tile_px is None:
+        return int(VAE_BYTES_PER_PIXEL[version] * height * width + 12 * frames * height * width)
+    return int(VAE_BYTES_PER_PIXEL[version] * min(height, tile_px) * min(width, tile_px))
+
+
+def dit_flops(spec: DiTSpec, tokens: int) -> float:
+    """FLOPs of one forward (CFG batch): the matmuls (2 per weight per token) plus attention."""
+    b, d, f = CFG_BATCH, spec.dim, spec.ffn_dim
+    per_token = 2 * (4 * d * d + 2 * d * d + 2 * d * f) + 2 * 2 * d * TEXT_LEN
+    attention = 4 * tokens * d  # QK^T and PV, per query token
+    return spec.num_layers * b * tokens * (per_token + attention) + 2 * b * TEXT_LEN * d * d * 2 * spec.num_layers

@@ -1,0 +1,329 @@
+"""Choose how to run a generation on a machine: `make_plan(workload, hardware, quant)` -> `Plan`.
+
+The planner enumerates weight formats (all, or the one `--quant` asks for) and, per format, the fastest
+placement that fits: every expert resident (`none`), one expert at a time (`model`), or block streaming
+(`block`) with as many resident blocks as the VRAM left after activations and ring buffers allows; host RAM
+`pinned` when both experts fit in free RAM, `mmap` otherwise. The text encoder runs on the GPU when it fits
+there alone, the VAE decodes whole frames when they fit and in the largest fitting tiles otherwise. Among the
+plans that fit (VRAM with a 10 % margin, RAM), the fastest predicted wins; within 3 % the higher-precision
+format wins. A `Plan` is plain data: printed, saved as TOML (a profile) and replayed.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+from wanlite.errors import WanliteError
+from wanlite.planner.estimate import (GB, Workload, dit_activation_bytes, dit_bytes, dit_flops, t5_activation_bytes,
+                                      t5_bytes, vae_bytes, vae_decode_bytes)
+from wanlite.planner.probe import Hardware
+from wanlite.specs import TASKS, VAE_SPECS
+
+# Weight formats from most to least precise (14B-block output error, bench/results/quant.json): bf16 0,
+# Q8_0 0.41 %, Q6_K 0.98 %, fp8 1.07 %, int8 1.13 %, Q5_K 1.74 %, Q4_K 3.36 %.
+PRECISION_ORDER = ("bf16", "Q8_0", "Q6_K", "fp8", "int8", "Q5_K", "Q4_K")
+QUANT_FLAG = {"bf16": "none", "Q8_0": "gguf-q8_0", "Q6_K": "gguf-q6_k", "fp8": "fp8", "int8": "int8",
+              "Q5_K": "gguf-q5_k", "Q4_K": "gguf-q4_k"}
+FORMAT_OF_FLAG = {v: k for k, v in QUANT_FLAG.items()}
+VRAM_MARGIN = 0.9  # of the free VRAM: the CUDA context, allocator rounding and fragmentation take the rest
+RAM_RESERVE = 3 * GB  # the OS, Python, torch and the page cache's working set
+MATMUL_EFFICIENCY = 0.55  # sustained fraction of the measured GEMM rate over a whole DiT forward
+TILES_PX = (512, 384, 256, 192, 128)
+CHUNKS = (None, 8192, 4096, 2048, 1024)  # tokens per block chunk (None: whole); smaller frees VRAM for blocks
+CHUNK_COST = 1.03  # chunked blocks recompute the LayerNorm/modulation for keys and values, and launch more
+
+
+def compute_factor(fmt: str, hw: Hardware) -> float:
+    """Time of a forward in `fmt` relative to bf16: fp8 GEMMs on sm >= 8.9, dequantize-then-GEMM elsewhere."""
+    if fmt == "bf16":
+        return 1.0
+    if fmt == "fp8" and hw.fp8_matmul:
+        return 0.8
+    return 1.1 if fmt in ("fp8", "int8") else 1.15  # GGUF: the dequant kernels run before each GEMM
+
+
+@dataclass(frozen=True)
+class Prediction:
+    peak_vram_gb: float
+    vram_weights_gb: float
+    vram_activations_gb: float
+    vram_buffers_gb: float
+    vram_vae_gb: float
+    vram_text_encoder_gb: float
+    peak_ram_gb: float
+    bytes_moved_per_step_gb: float
+    s_per_step: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything `generate` needs to decide, with what the planner predicted and why."""
+
+    task: str
+    width: int
+    height: int
+    frames: int
+    steps: int
+    device: str  # "cuda" | "cpu"
+    quant: str  # a --quant value
+    offload: str  # none | model | block
+    resident_blocks: int
+    prefetch: int
+    ram_mode: str
+    chunk_tokens: int  # 0: blocks run whole
+    t5_device: str
+    vae_tile: int  # latent pixels per tile; 0 = whole frames
+    hardware: str
+    predicted: Prediction
+    reasons: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def weight_format(self) -> str:
+        return FORMAT_OF_FLAG.get(self.quant, self.quant)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["reasons"] = list(self.reasons)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def summary(self) -> str:
+        p = self.predicted
+        placement = self.offload if self.offload != "block" else (
+            f"block k={self.resident_blocks} d={self.prefetch} ram={self.ram_mode}")
+        chunks = f", blocks in chunks of {self.chunk_tokens} tokens" if self.chunk_tokens else ""
+        return (f"plan: {self.weight_format} on {self.device}, offload {placement}{chunks}, text encoder on "
+                f"{self.t5_device}, VAE {'whole frames' if not self.vae_tile else f'tiles of {self.vae_tile}'}; "
+                f"predicted peak VRAM {p.peak_vram_gb:.1f} GB, RAM {p.peak_ram_gb:.1f} GB, "
+                f"{p.s_per_step:.1f} s/step")
+
+
+@dataclass(frozen=True)
+class _Option:
+    fmt: str
+    chunk: int | None
+    offload: str
+    resident: int
+    ram_mode: str
+    vram: float
+    ram: float
+    s_per_step: float
+    moved: float
+    weights: float
+    activations: float
+    buffers: float
+
+
+def _dit_options(work: Workload, hw: Hardware, fmt: str, budget: float, prefetch: int,
+                 chunk: int | None) -> list[_Option]:
+    task = TASKS[work.task]
+    spec = work.spec
+    experts = len(task.experts)
+    nonblock, block = dit_bytes(work.spec, fmt)
+    expert = nonblock + spec.num_layers * block
+    act = dit_activation_bytes(work.spec, work.tokens, chunk, quantized=fmt != "bf16")
+    compute = dit_flops(work.spec, work.tokens) / (hw.bf16_flops * MATMUL_EFFICIENCY) * compute_factor(fmt, hw)
+    compute *= 1.0 if chunk is None else CHUNK_COST
+    host_all = experts * expert + RAM_RESERVE
+    options = []
+    if experts * expert + act <= budget:
+        options.append(_Option(fmt, chunk, "none", spec.num_layers, "pinned", experts * expert + act, RAM_RESERVE,
+                               compute, 0.0, experts * expert, act, 0.0))
+    if expert + act <= budget:
+        # one expert resident: the other is loaded from disk at the switch (once per run, not per step)
+        options.append(_Option(fmt, chunk, "model", spec.num_layers, "pinned", expert + act, expert + RAM_RESERVE,
+                               compute, 0.0, expert, act, 0.0))
+    buffers = nonblock + (prefetch + 1) * block
+    resident = math.floor((budget - act - buffers) / block) if block else 0
+    if resident >= 0:
+        resident = min(resident, spec.num_layers)
+        streamed = (spec.num_layers - resident) * block
+        pinned_fits = host_all <= hw.ram_available
+        ram_mode = "pinned" if pinned_fits else "mmap"
+        rate = hw.h2d_pinned if pinned_fits else min(hw.h2d_pageable or hw.h2d_pinned, hw.disk_read or 1 * GB)
+        transfer = streamed / rate if rate else float("inf")
+        ram = host_all if pinned_fits else nonblock + (prefetch + 3) * block + RAM_RESERVE
+        options.append(_Option(fmt, chunk, "block", resident, ram_mode, act + buffers + resident * block, ram,
+                               max(compute, transfer), streamed, nonblock + resident * block, act, buffers))
+    return options
+
+
+def _vae_tile(work: Workload, budget: float) -> tuple[int, float, str]:
+    """(latent tile, device bytes, reason): whole frames when they fit, else the largest fitting tile."""
+    weights = vae_bytes(VAE_SPECS[TASKS[work.task].vae].version)
+    stride = VAE_SPECS[TASKS[work.task].vae].stride[1]
+    whole = weights + vae_decode_bytes(work.task, work.height, work.width, work.frames, None)
+    if whole <= budget:
+        return 0, whole, ""
+    for px in TILES_PX:
+        need = weights + vae_decode_bytes(work.task, work.height, work.width, work.frames, px)
+        if need <= budget:
+            return px // stride, need, (f"VAE in {px}-pixel tiles: whole frames need {whole / GB:.1f} GB, "
+                                        f"{budget / GB:.1f} GB are usable")
+    px = TILES_PX[-1]
+    return px // stride, weights + vae_decode_bytes(work.task, work.height, work.width, work.frames, px), \
+        "VAE in the smallest tiles, which still exceed the budget"
+
+
+def make_plan(work: Workload, hw: Hardware, quant: str = "auto", prefetch: int = 2) -> Plan:
+    """The fastest plan that fits `hw` (see the module docstring). `quant`: "auto" lets the planner pick the
+    format, any `--quant` value (none, fp8, int8, gguf-q8_0, ...) fixes it. Raises `WanliteError` naming the
+    nearest plan that fits when nothing does."""
+    if quant not in ("auto", *FORMAT_OF_FLAG):
+        raise WanliteError(f"the planner chooses among --quant auto, {', '.join(FORMAT_OF_FLAG)}; got {quant!r}")
+    formats = PRECISION_ORDER if quant == "auto" else (FORMAT_OF_FLAG[quant],)
+    if hw.gpu is None:
+        return _cpu_plan(work, hw, formats)
+    budget = hw.vram_free * VRAM_MARGIN
+    reasons = []
+    tile, vae_need, vae_reason = _vae_tile(work, budget)
+    if vae_reason:
+        reasons.append(vae_reason)
+    options = _candidates(work, hw, formats, budget, prefetch)
+    if not options:
+        raise WanliteError(_nothing_fits(work, hw, quant, budget, prefetch))
+    best_time = min(o.s_per_step for o in options)
+    fast = [o for o in options if o.s_per_step <= best_time * 1.03]
+    rank = {f: i for i, f in enumerate(PRECISION_ORDER)}
+    placement_rank = {"none": 0, "model": 1, "block": 2}
+    best = min(fast, key=lambda o: (rank[o.fmt], o.s_per_step, placement_rank[o.offload], -o.resident,
+                                    -(o.chunk or 1 << 30)))
+    reasons += _explain(work, hw, best, budget, formats)
+    # the text encoder runs alone before the DiT loads, in the DiT's format (bf16 / fp8 / int8; GGUF: bf16)
+    t5_fmt = best.fmt if best.fmt in ("fp8", "int8") else "bf16"
+    t5_vram = t5_bytes(t5_fmt) + t5_activation_bytes()
+    t5_device = "cuda" if t5_vram <= budget else "cpu"
+    if t5_device == "cpu":
+        reasons.append(f"text encoder on the CPU: in {t5_fmt} it needs {t5_vram / GB:.1f} GB, {budget / GB:.1f} GB "
+                       "of VRAM are usable")
+        t5_vram = 0
+    t5_ram = t5_bytes(t5_fmt) + RAM_RESERVE
+    predicted = Prediction(
+        peak_vram_gb=round(max(best.vram, vae_need, t5_vram) / GB, 2), vram_weights_gb=round(best.weights / GB, 2),
+        vram_activations_gb=round(best.activations / GB, 2), vram_buffers_gb=round(best.buffers / GB, 2),
+        vram_vae_gb=round(vae_need / GB, 2), vram_text_encoder_gb=round(t5_vram / GB, 2),
+        peak_ram_gb=round(max(best.ram, t5_ram) / GB, 2), bytes_moved_per_step_gb=round(best.moved / GB, 2),
+        s_per_step=round(best.s_per_step, 2))
+    return Plan(work.task, work.width, work.height, work.frames, work.steps, "cuda", QUANT_FLAG[best.fmt],
+                best.offload, best.resident if best.offload == "block" else 0,
+                prefetch if best.offload == "block" else 0, best.ram_mode, best.chunk or 0, t5_device, tile,
+                hw.describe(),
+                predicted, tuple(reasons))
+
+
+def _explain(work: Workload, hw: Hardware, best: _Option, budget: float, formats) -> list[str]:
+    reasons = []
+    experts = len(TASKS[work.task].experts)
+    if best.fmt != "bf16" and "bf16" in formats:
+        nonblock, block = dit_bytes(work.spec, "bf16")
+        expert = nonblock + work.spec.num_layers * block
+        reasons.append(f"{best.fmt} instead of bf16: bf16 experts need {experts * expert / GB:.1f} GB "
+                       f"({expert / GB:.1f} GB each); {budget / GB:.1f} GB of VRAM and "
+                       f"{hw.ram_available / GB:.1f} GB of RAM are usable")
+    if best.offload == "block":
+        reasons.append(f"block offload: {best.resident} of {work.spec.num_layers} blocks fit "
+                       f"next to {best.activations / GB:.1f} GB of activations; {best.moved / GB:.1f} GB cross the "
+                       "bus per step")
+    if best.ram_mode == "mmap":
+        reasons.append(f"--ram_mode mmap: the experts do not fit in {hw.ram_available / GB:.1f} GB of free RAM")
+    return reasons
+
+
+def _candidates(work: Workload, hw: Hardware, formats, budget: float, prefetch: int) -> list:
+    """Every placement that fits VRAM and RAM (the text encoder's RAM phase comes first and is released, so
+    it never adds to the DiT's; it needs at most its bf16 weights, which any candidate machine holds)."""
+    chunks = [c for c in CHUNKS if c is None or c < work.tokens]
+    t5_ram = t5_bytes("fp8") + RAM_RESERVE
+    return [opt for fmt in formats for chunk in chunks for opt in _dit_options(work, hw, fmt, budget, prefetch, chunk)
+            if max(opt.ram, t5_ram) <= hw.ram_available]
+
+
+def _nothing_fits(work: Workload, hw: Hardware, quant: str, budget: float, prefetch: int) -> str:
+    act = dit_activation_bytes(work.spec, work.tokens, CHUNKS[-1], quantized=True)
+    fitting = [f for f in PRECISION_ORDER if _candidates(work, hw, (f,), budget, prefetch)]
+    if fitting:
+        hint = f"the nearest plan that fits uses --quant {QUANT_FLAG[fitting[0]]}"
+    else:
+        hint = "no weight format fits; use a smaller --size or fewer --frame_num"
+    return (f"{work.task} at {work.width}*{work.height}, {work.frames} frames does not fit "
+            f"{hw.vram_free / GB:.1f} GB of free VRAM and {hw.ram_available / GB:.1f} GB of RAM with --quant "
+            f"{quant} (activations alone: {act / GB:.1f} GB of {budget / GB:.1f} GB usable); {hint}")
+
+
+def _cpu_plan(work: Workload, hw: Hardware, formats) -> Plan:
+    """No GPU: weights stay as stored (bf16 unless --quant says otherwise), one expert in RAM at a time."""
+    fmt = formats[0]
+    nonblock, block = dit_bytes(work.spec, fmt)
+    expert = nonblock + work.spec.num_layers * block
+    act = dit_activation_bytes(work.spec, work.tokens, None, quantized=fmt != "bf16")
+    seconds = dit_flops(work.spec, work.tokens) / (max(hw.bf16_flops, 1e9) * MATMUL_EFFICIENCY)
+    ram = expert + act + RAM_RESERVE
+    offload, ram_mode, reasons = "model", "pinned", ["no CUDA GPU: everything runs on the CPU"]
+    if ram > hw.ram_available:
+        offload, ram_mode = "block", "mmap"
+        ram = nonblock + 4 * block + act + RAM_RESERVE
+        reasons.append(f"--ram_mode mmap: one expert needs {expert / GB:.1f} GB, {hw.ram_available / GB:.1f} GB "
+                       "of RAM are free")
+    predicted = Prediction(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, round(ram / GB, 2), 0.0, round(seconds, 1))
+    return Plan(work.task, work.width, work.height, work.frames, work.steps, "cpu",
+                "auto" if len(formats) > 1 else QUANT_FLAG[fmt], offload, 0, 1 if offload == "block" else 0,
+                ram_mode, 0, "cpu", 0, hw.describe(), predicted, tuple(reasons))
+
+
+# ---------------------------------------------------------------------------------------------- profiles
+PROFILE_TYPES = {"vram_gb": (int, float), "ram_gb": (int, float), "disk_gbps": (int, float), "quant": str,
+                 "offload": str, "resident_blocks": int, "prefetch": int, "ram_mode": str, "t5_device": str,
+                 "chunk_tokens": int,
+                 "vae_tile": int, "description": str}
+
+
+def plan_to_toml(plan: Plan) -> str:
+    """A profile replaying `plan` on the same kind of machine (the predictions are kept as comments)."""
+    lines = [f"# wanlite profile saved from a plan for {plan.task} {plan.width}*{plan.height}, {plan.frames} "
+             f"frames on {plan.hardware}", f"# {plan.summary()}"]
+    lines += [f"# why: {r}" for r in plan.reasons]
+    lines += ["[plan]", f'quant = "{plan.quant}"', f'offload = "{plan.offload}"',
+              f"resident_blocks = {plan.resident_blocks}", f"prefetch = {plan.prefetch}",
+              f'ram_mode = "{plan.ram_mode}"', f"chunk_tokens = {plan.chunk_tokens}",
+              f't5_device = "{plan.t5_device}"', f"vae_tile = {plan.vae_tile}"]
+    return "\n".join(lines) + "\n"
+
+
+def read_profile(text: str, where: str) -> dict:
+    """Parse and validate a profile: `[hardware]` (vram_gb, ram_gb, disk_gbps) and/or `[plan]` choices;
+    an unknown key or a wrong type is named with its file."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise WanliteError(f"{where}: not valid TOML ({exc})") from None
+    out = {}
+    for section, values in data.items():
+        if section not in ("hardware", "plan") or not isinstance(values, dict):
+            raise WanliteError(f"{where}: unknown section [{section}]; a profile has [hardware] and [plan]")
+        for key, value in values.items():
+            if key not in PROFILE_TYPES:
+                raise WanliteError(f"{where}: unknown key {key!r} in [{section}]; known: "
+                                   f"{', '.join(sorted(PROFILE_TYPES))}")
+            want = PROFILE_TYPES[key]
+            if isinstance(value, bool) or not isinstance(value, want):
+                kind = "number" if isinstance(want, tuple) else {"str": "string", "int": "whole number"}[want.__name__]
+                raise WanliteError(f"{where}: {key} = {value!r} must be a {kind}")
+            out[key] = value
+    return out
+
+
+def apply_profile(plan: Plan, choices: dict) -> Plan:
+    """A plan with a profile's [plan] choices put in place of the planner's."""
+    keys = ("quant", "offload", "resident_blocks", "prefetch", "ram_mode", "chunk_tokens", "t5_device", "vae_tile")
+    given = {k: choices[k] for k in keys if k in choices}
+    if not given:
+        return plan
+    note = "choices from the profile: " + ", ".join(f"{k}={v}" for k, v in given.items())
+    return replace(plan, **given, reasons=plan.reasons + (note,))
