@@ -1,0 +1,90 @@
+"""The planner's table: for every task x {480p, 720p} x {8, 12, 16, 24 GB VRAM} x {16, 32, 64 GB RAM}, the plan
+it chooses for that (assumed) machine and its predictions: peak VRAM, peak RAM, s/step.
+
+Writes bench/results/plans.json and rewrites the hardware table in README.md between its markers.
+Predicted, not measured: the memory figures come from formulas validated against traced allocations
+(tests/test_planner.py); the times from assumed GPU FLOP rates (wanlite/planner/probe.py: ASSUMED_GPUS).
+Usage: python bench/plans.py
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {"480p": {"t2v-A14B": (832, 480), "i2v-A14B": (832, 480), "ti2v-5B": (832, 480)},
+         "720p": {"t2v-A14B": (1280, 720), "i2v-A14B": (1280, 720), "ti2v-5B": (1280, 704)}}
+VRAMS, RAMS = (8, 12, 16, 24), (16, 32, 64)
+BEGIN, END = "<!-- plans table: begin (python bench/plans.py) -->", "<!-- plans table: end -->"
+
+
+def main() -> int:
+    from wanlite.errors import WanliteError
+    from wanlite.planner import Workload, hypothetical, make_plan
+    from wanlite.specs import TASKS
+
+    rows = []
+    for task in ("t2v-A14B", "i2v-A14B", "ti2v-5B"):
+        spec = TASKS[task]
+        for res, sizes in SIZES.items():
+            w, h = sizes[task]
+            for vram in VRAMS:
+                for ram in RAMS:
+                    row = {"task": task, "resolution": res, "size": [w, h], "frames": spec.frames,
+                           "vram_gb": vram, "ram_gb": ram}
+                    try:
+                        plan = make_plan(Workload(task, w, h, spec.frames, spec.steps), hypothetical(vram, ram))
+                        row.update(fits=True, plan=plan.summary(), quant=plan.quant, offload=plan.offload,
+                                   resident_blocks=plan.resident_blocks, ram_mode=plan.ram_mode,
+                                   chunk_tokens=plan.chunk_tokens, vae_tile=plan.vae_tile,
+                                   predicted=plan.to_dict()["predicted"])
+                    except WanliteError as exc:
+                        row.update(fits=False, reason=str(exc))
+                    rows.append(row)
+    out = {"command": "python bench/plans.py", "machine": f"{platform.machine()} (planning only, no measurement)",
+           "date": datetime.date.today().isoformat(),
+           "note": "predictions for assumed machines (RTX 40xx of each VRAM size, PCIe 4.0, 2 GB/s disk)",
+           "rows": rows}
+    (ROOT / "bench" / "results" / "plans.json").write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    table = markdown(rows)
+    print(table)
+    readme = ROOT / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        readme.write_text(head + BEGIN + "\n" + table + END + tail, encoding="utf-8")
+    else:
+        print("README.md has no plans-table markers; not updated", file=sys.stderr)
+    return 0
+
+
+def markdown(rows: list[dict]) -> str:
+    """One line per task and resolution, one cell per VRAM size (RAM 32 GB; 16 and 64 GB noted where the
+    plan changes): format, placement and predicted peak VRAM / s per step, or 'no'."""
+    lines = ["| task | res | " + " | ".join(f"{v} GB VRAM" for v in VRAMS) + " |",
+             "|---|---|" + "---|" * len(VRAMS)]
+    for task in ("t2v-A14B", "i2v-A14B", "ti2v-5B"):
+        for res in SIZES:
+            cells = []
+            for vram in VRAMS:
+                r = next(x for x in rows if x["task"] == task and x["resolution"] == res and x["vram_gb"] == vram
+                         and x["ram_gb"] == 32)
+                if not r["fits"]:
+                    cells.append("does not fit")
+                    continue
+                p = r["predicted"]
+                where = r["offload"] if r["offload"] != "block" else f"block k={r['resident_blocks']}"
+                low_ram = next(x for x in rows if x["task"] == task and x["resolution"] == res
+                               and x["vram_gb"] == vram and x["ram_gb"] == 16)
+                note = "" if low_ram["fits"] else "; 16 GB RAM: no"
+                cells.append(f"{r['quant']}, {where}, {p['peak_vram_gb']:.1f} GB, ~{p['s_per_step']:.0f} s/step{note}")
+            lines.append(f"| {task} | {res} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
