@@ -64,7 +64,7 @@ def run(experts: dict, device, schedule, inputs, resident: int | None, prefetch:
         models = {r: m.to(device) for r, m in experts.items()}
         call = models.__getitem__
     else:
-        engine = attach_offload(experts, OffloadConfig("block", resident, prefetch), device)
+        engine = attach_offload(experts, OffloadConfig("block", resident, prefetch), device, copy_on_host=True)
         engine.set_schedule(schedule)
         call = engine.activate
     with torch.no_grad():

@@ -71,11 +71,12 @@ def _budget(config: OffloadConfig) -> PinBudget:
 
 
 def attach_offload(models: dict[str, nn.Module], config: OffloadConfig, device,
-                   telemetry: Telemetry | None = None) -> OffloadEngine:
+                   telemetry: Telemetry | None = None, copy_on_host: bool = False) -> OffloadEngine:
     """Stream already-loaded DiT(s) (on the host, any weight format) block by block to `device`.
 
     Each model's weights move into per-piece host slabs (page-locked within the cap) and the models' tensors
-    are re-pointed at them; `engine.activate(role)` returns a model ready to call.
+    are re-pointed at them; `engine.activate(role)` returns a model ready to call. With `device="cpu"` the
+    slabs are used in place (nothing to copy) unless `copy_on_host` asks for the device path's copies.
 
     Example:
         >>> engine = attach_offload({"main": dit}, OffloadConfig("block", resident_blocks=4, prefetch=2), "cuda")
@@ -84,14 +85,15 @@ def attach_offload(models: dict[str, nn.Module], config: OffloadConfig, device,
     return_large_frees_to_os()
     budget = _budget(config)
     experts = {role: Expert(model, RamStore(model, budget)) for role, model in models.items()}
-    engine = OffloadEngine(experts, torch.device(device), config.resident_blocks, config.prefetch, telemetry)
+    engine = OffloadEngine(experts, torch.device(device), config.resident_blocks, config.prefetch, telemetry,
+                           copy_on_host)
     engine.telemetry.pinned_bytes, engine.telemetry.pageable_bytes = budget.pinned, budget.pageable
     return engine
 
 
 def open_offloaded(components: dict, task: str, dtype: torch.dtype, quant, config: OffloadConfig, device,
                    emit: Callable[[dict], None] = lambda e: None,
-                   telemetry: Telemetry | None = None) -> OffloadEngine:
+                   telemetry: Telemetry | None = None, copy_on_host: bool = False) -> OffloadEngine:
     """Open the task's expert(s) for block offload in `config.ram_mode`, never holding more of them in RAM
     than the mode allows (`pinned`: all of them; `mmap` / `disk`: a few blocks of one)."""
     from wanlite.loading.models import DiTPieces, load_dit
@@ -127,7 +129,8 @@ def open_offloaded(components: dict, task: str, dtype: torch.dtype, quant, confi
         for i, shell in cache.shells.items():
             parts.model.blocks[i] = shell
         experts[role] = Expert(parts.model, FileStore(parts.model, parts.load, staging, budget, cache))
-    engine = OffloadEngine(experts, torch.device(device), config.resident_blocks, config.prefetch, telemetry)
+    engine = OffloadEngine(experts, torch.device(device), config.resident_blocks, config.prefetch, telemetry,
+                           copy_on_host)
     engine.telemetry.pinned_bytes, engine.telemetry.pageable_bytes = budget.pinned, budget.pageable
     engine.ram_mode = ram_mode
     return engine

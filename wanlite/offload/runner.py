@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from wanlite.offload.slabs import Layout, layout_of, piece_filter, tables, unbind, views
-from wanlite.offload.stores import Piece, shell_of
+from wanlite.offload.stores import Piece, RamStore, shell_of
 
 
 @dataclass
@@ -95,8 +95,12 @@ class OffloadEngine:
     pre/head/resident pieces bound) and the expert's `runner` streams the rest."""
 
     def __init__(self, experts: dict[str, Expert], device: torch.device, resident: int, prefetch: int,
-                 telemetry: Telemetry | None = None):
+                 telemetry: Telemetry | None = None, copy_on_host: bool = False):
         self.experts, self.device = experts, torch.device(device)
+        # When the device is the host and the weights are in RAM slabs, the slabs are already where the
+        # computation reads: nothing is copied unless asked (tests and the overhead bench force the copies).
+        self.in_place = {role: self.device.type == "cpu" and isinstance(e.store, RamStore) and not copy_on_host
+                         for role, e in experts.items()}
         self.num_blocks = len(next(iter(experts.values())).model.blocks)
         self.resident = max(0, min(resident, self.num_blocks))
         self.depth = max(0, prefetch)
@@ -235,8 +239,9 @@ class OffloadEngine:
             self._release(self.active)
         expert = self.experts[role]
         first_event, started = len(self.stall_events), time.perf_counter()
-        for piece, buf in (("pre", self.pre), ("head", self.head),
-                           *((i, self.resident_bufs[i]) for i in range(self.resident))):
+        pieces = () if self.in_place[role] else (("pre", self.pre), ("head", self.head),
+                                                 *((i, self.resident_bufs[i]) for i in range(self.resident)))
+        for piece, buf in pieces:
             if (role, piece) not in self.preloaded:
                 self._copy(role, piece, buf)
             self._wait(buf)
@@ -277,6 +282,11 @@ class OffloadEngine:
         if role != self.active:
             self.activate(role)
         n = self.forward
+        if self.in_place[role]:
+            for block in blocks:
+                x = block(x, inputs)
+            self.forward += 1
+            return x
         if self.schedule is not None and (n >= len(self.schedule) or self.schedule[n] != role):
             self.schedule = None  # called outside the announced schedule: stream this expert only
             self._reset_queue(n * self.streamed)
