@@ -36,6 +36,7 @@ class Request:
     quant: str = "auto"  # "auto" keeps what the files store; see wanlite.quant.QUANT_CHOICES
     quant_backend: str = "torchao"  # int8 only: torchao | bnb | quanto
     vae_tile: int | None = None  # latent pixels per VAE tile; None: tile frames larger than the default, 0: off
+    vae_dtype: str = "fp32"  # the VAE decode: fp32 (official) or bf16 (half the memory; bench/results/vae_bf16.json)
     profile: str = "auto"  # auto (measure + plan) | a shipped profile name | a .toml path (wanlite.planner)
     # None below means "as the plan says"
     offload: str = "auto"  # auto | none | model | block (wanlite.offload)
@@ -153,6 +154,8 @@ def resolve(req: Request, seed: int) -> Settings:
         raise WanliteError(f"--sample_solver {solver!r} is unknown; choose one of {', '.join(SOLVERS)}")
     if req.vae_tile is not None and req.vae_tile != 0 and req.vae_tile < 4:
         raise WanliteError(f"--vae-tile {req.vae_tile}: give a tile of at least 4 latent pixels, or 0 for no tiling")
+    if req.vae_dtype not in ("fp32", "bf16"):
+        raise WanliteError(f"--vae_dtype {req.vae_dtype!r} is unknown; choose fp32 or bf16")
     if req.offload not in ("auto", "none", "model", "block"):
         raise WanliteError(f"--offload {req.offload!r} is unknown; choose one of auto, none, model, block")
     if req.ram_mode not in (None, "pinned", "mmap", "disk"):

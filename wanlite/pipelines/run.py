@@ -252,13 +252,14 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     dits.close()
 
     emit({"event": "stage", "name": "decode"})
-    vae = load_vae(ckpt.vae, task.name).to(device)
+    vae_dtype = DTYPES[req.vae_dtype]
+    vae = load_vae(ckpt.vae, task.name, vae_dtype).to(device)
     tiling = vae_tiling(placement.vae_tile, vae.spec.stride[1], x.shape[-2:])
     with torch.no_grad():
         if tiling is None:
-            video = vae.decode(x.float())[0]  # [3, F, H, W] in [-1, 1]
+            video = vae.decode(x.to(vae_dtype))[0]  # [3, F, H, W] in [-1, 1]
         else:
-            video = vae.decode_tiled(x.float(), tiling, out_device="cpu")[0]
+            video = vae.decode_tiled(x.to(vae_dtype), tiling, out_device="cpu")[0]
     release(vae)
     telemetry.sample(device)
     frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
@@ -267,6 +268,7 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
                 "plan": {"device": str(device), "dtype": req.dtype, "t5_device": str(t5_device),
                          "quant": req.quant if quant is None else quant.name,
                          "vae_tiling": None if tiling is None else [tiling.tile, tiling.overlap],
+                         "vae_dtype": req.vae_dtype,
                          "offload": offload.describe(), "chunk_tokens": placement.chunk_tokens,
                          "planned": None if placement.plan is None else placement.plan.to_dict()},
                 "telemetry": telemetry.to_dict()}
