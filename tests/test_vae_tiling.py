@@ -115,3 +115,33 @@ def test_bf16_vae_decode_is_close_to_fp32(tmp_path):
     mse = np.mean((full.frames.astype(float) - half.frames.astype(float)) ** 2)
     assert mse == 0 or 10 * math.log10(255**2 / mse) > 30
     assert read_mp4_metadata(half.path)["plan"]["vae_dtype"] == "bf16"
+
+
+def test_untiled_decode_streams_frames_to_the_writer(tmp_path, monkeypatch):
+    """Without tiles, frames reach the mp4 as the causal decoder yields them: the whole-video `decode` is
+    never called, and the chunks concatenate to exactly what it returns."""
+    import numpy as np
+    import torch
+
+    from wanlite import generate
+    from wanlite.models.vae import WanVAE
+    from wanlite.specs import TINY_VAE_SPECS
+    from wanlite.testing.fixtures import write_fixture
+
+    torch.manual_seed(0)
+    vae = WanVAE(TINY_VAE_SPECS["vae2.1"]).eval()
+    z = torch.randn(1, 16, 3, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(vae.decode(z), torch.cat(list(vae.decode_chunks(z)), dim=2))
+
+    ckpt = write_fixture("t2v-A14B", "official", tmp_path / "ck")
+    args = dict(task="t2v-A14B", prompt="a red square", ckpt_dir=ckpt, size=(64, 32), frames=9, steps=2, seed=4,
+                dtype="fp32", vae_tile=0)
+    whole = generate(**args, save_file=tmp_path / "a.mp4")
+
+    def refuse(*a, **k):
+        raise AssertionError("the whole video was decoded at once")
+
+    monkeypatch.setattr(WanVAE, "decode", refuse)
+    streamed = generate(**args, save_file=tmp_path / "b.mp4")
+    assert np.array_equal(whole.frames, streamed.frames) and streamed.frames.shape[0] == 9

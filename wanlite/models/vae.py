@@ -441,16 +441,19 @@ class WanVAE(nn.Module):
         Training passes clamp=False: the clamp has no gradient outside [-1, 1]."""
         if latents.ndim != 5 or latents.shape[1] != self.spec.z_dim:
             raise ValueError(f"decode takes latents [B, {self.spec.z_dim}, T, h, w], got {tuple(latents.shape)}")
+        return torch.cat(list(self.decode_chunks(latents, clamp)), dim=2)
+
+    def decode_chunks(self, latents: torch.Tensor, clamp: bool = True):
+        """`decode` as a generator: the video of each latent frame ([B, 3, 1 or 4, H, W]) as soon as the
+        causal decoder produces it, so a writer can consume frames without the whole float video existing."""
         z = latents.to(self.conv2.weight.dtype)
         mean, std = self._stats(z)
         x = self.conv2(z * std + mean)
         cache = FeatureCache()
-        outs = []
         for i in range(x.shape[2]):
             cache.start_chunk()
-            outs.append(self.decoder(x[:, :, i:i + 1], cache, first_chunk=i == 0))
-        video = self._unpatchify(torch.cat(outs, dim=2))
-        return video.clamp(-1, 1) if clamp else video
+            video = self._unpatchify(self.decoder(x[:, :, i:i + 1], cache, first_chunk=i == 0))
+            yield video.clamp(-1, 1) if clamp else video
 
     def decode_tiled(self, latents: torch.Tensor, tiling: Tiling, out_device=None,
                      clamp: bool = True) -> torch.Tensor:

@@ -178,7 +178,7 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     """
     from wanlite.pipelines.conditioning import load_image
     from wanlite.pipelines.samplers import SAMPLERS, make_sigmas, model_timesteps
-    from wanlite.pipelines.video_io import contact_sheet, write_mp4
+    from wanlite.pipelines.video_io import Mp4Writer, contact_sheet
 
     return_large_frees_to_os()  # loading streams tensor by tensor; keep freed ones from piling up in the heap
     req = request if request is not None else Request(**kwargs)
@@ -255,15 +255,7 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     vae_dtype = DTYPES[req.vae_dtype]
     vae = load_vae(ckpt.vae, task.name, vae_dtype).to(device)
     tiling = vae_tiling(placement.vae_tile, vae.spec.stride[1], x.shape[-2:])
-    with torch.no_grad():
-        if tiling is None:
-            video = vae.decode(x.to(vae_dtype))[0]  # [3, F, H, W] in [-1, 1]
-        else:
-            video = vae.decode_tiled(x.to(vae_dtype), tiling, out_device="cpu")[0]
-    release(vae)
     telemetry.sample(device)
-    frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
-
     metadata = {**settings.to_dict(), "wanlite": __version__,
                 "plan": {"device": str(device), "dtype": req.dtype, "t5_device": str(t5_device),
                          "quant": req.quant if quant is None else quant.name,
@@ -271,11 +263,26 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
                          "vae_dtype": req.vae_dtype,
                          "offload": offload.describe(), "chunk_tokens": placement.chunk_tokens,
                          "planned": None if placement.plan is None else placement.plan.to_dict()},
-                "telemetry": telemetry.to_dict()}
-    path = write_mp4(frames, out_path, settings.fps, metadata)
+                "telemetry": telemetry.to_dict()}  # through denoising: the file is opened before the decode
+    pieces = []  # uint8 frames, for the caller and the contact sheet (a quarter of a float video)
+    with torch.no_grad(), Mp4Writer(out_path, (w, h), settings.fps, metadata) as writer:
+        chunks = (vae.decode_chunks(x.to(vae_dtype)) if tiling is None  # streamed as the decoder produces them
+                  else [vae.decode_tiled(x.to(vae_dtype), tiling, out_device="cpu")])
+        for chunk in chunks:
+            pieces.append(to_uint8(chunk[0]))
+            writer.append(pieces[-1])
+    frames = np.concatenate(pieces)
+    release(vae)
+    telemetry.sample(device)
+    path = out_path
     preview = contact_sheet(frames, path.with_suffix(".png")) if req.preview else None
     emit({"event": "done", "path": str(path), "telemetry": telemetry.to_dict()})
     return GenerationResult(path, frames, settings, preview, telemetry)
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """[3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3] on the host."""
+    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
 
 def vae_tiling(tile: int | None, stride: int, latent_hw) -> Tiling | None:

@@ -30,37 +30,57 @@ def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
 
 
+class Mp4Writer:
+    """Append uint8 frames [n, H, W, 3] to an H.264 mp4 as they are produced (yuv420p, +faststart, JSON
+    metadata); the file appears under its name only when the context exits cleanly (temp file + rename)."""
+
+    def __init__(self, path: Path, size: tuple[int, int], fps: int, metadata: dict | None = None,
+                 audio: Path | None = None, crf: int = 18):
+        import imageio_ffmpeg
+
+        w, h = size
+        if h % 2 or w % 2:
+            raise ValueError(f"yuv420p needs an even width and height, got {w}x{h}")
+        self.path, self.size = Path(path), (w, h)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = _temp_name(self.path)
+        params = ["-crf", str(crf), "-movflags", "+faststart"]
+        if metadata is not None:
+            params += ["-metadata", f"{METADATA_KEY}={json.dumps(metadata, ensure_ascii=False, separators=(',', ':'))}"]
+        self.writer = imageio_ffmpeg.write_frames(
+            str(self.tmp), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p", macro_block_size=1,
+            output_params=params, audio_path=None if audio is None else str(audio),
+            audio_codec=None if audio is None else "aac")
+        self.writer.send(None)
+
+    def append(self, frames: np.ndarray) -> None:
+        frames = np.ascontiguousarray(frames)
+        w, h = self.size
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (h, w, 3):
+            raise ValueError(f"frames must be uint8 [n, {h}, {w}, 3], got {frames.dtype} {frames.shape}")
+        for frame in frames:
+            self.writer.send(frame)
+
+    def __enter__(self) -> Mp4Writer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.writer.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
 def write_mp4(frames: np.ndarray, path: Path, fps: int, metadata: dict | None = None,
               audio: Path | None = None, crf: int = 18) -> Path:
     """frames: uint8 [F, H, W, 3] (even H and W). Writes H.264 yuv420p with +faststart and JSON metadata."""
-    import imageio_ffmpeg
-
     frames = np.ascontiguousarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {frames.shape}")
-    f, h, w, _ = frames.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"yuv420p needs an even width and height, got {w}x{h}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
-    params = ["-crf", str(crf), "-movflags", "+faststart"]
-    if metadata is not None:
-        params += ["-metadata", f"{METADATA_KEY}={json.dumps(metadata, ensure_ascii=False, separators=(',', ':'))}"]
-    writer = imageio_ffmpeg.write_frames(
-        str(tmp), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p", macro_block_size=1,
-        output_params=params, audio_path=None if audio is None else str(audio),
-        audio_codec=None if audio is None else "aac")
-    try:
-        writer.send(None)
-        for frame in frames:
-            writer.send(frame)
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with Mp4Writer(path, (frames.shape[2], frames.shape[1]), fps, metadata, audio, crf) as writer:
+        writer.append(frames)
+    return Path(path)
     return path
 
 
