@@ -315,9 +315,17 @@ class Decoder(nn.Module):
         self.head = _head(dims[-1], 3 * spec.patch_size**2)
 
     def forward(self, x: torch.Tensor, cache: FeatureCache | None, first_chunk: bool) -> torch.Tensor:
+        return self.upsample(self.middle_features(x, cache), cache, first_chunk)
+
+    def middle_features(self, x: torch.Tensor, cache: FeatureCache | None) -> torch.Tensor:
+        """conv1 and the middle block (with its frame-wide self-attention), at latent resolution."""
         x = cached_conv(self.conv1, x, cache)
         for layer in self.middle:
             x = layer(x, cache)
+        return x
+
+    def upsample(self, x: torch.Tensor, cache: FeatureCache | None, first_chunk: bool) -> torch.Tensor:
+        """Everything after the middle block: local convolutions only, so it can run tile by tile."""
         for layer in self.upsamples:
             x = layer(x, cache, first_chunk) if self.wan22 else layer(x, cache)
         return _run_head(self.head, x, cache)
@@ -360,15 +368,16 @@ def _ramp(spans: list[tuple[int, int]], index: int, scale: int, device) -> torch
 
 
 def blend_tiles(run, x: torch.Tensor, tiling: Tiling, in_scale: int, out_scale: int, out_device=None) -> torch.Tensor:
-    """Run `run` on overlapping spatial tiles of x [B, C, T, H, W] (tiles in units of `in_scale` pixels) and
-    blend the results (each `out_scale`/`in_scale` times larger spatially) into one tensor on `out_device`.
-    Only one tile's activations exist at a time; the output and the weight sums live on `out_device`."""
+    """Run `run(piece, k)` on the k-th overlapping spatial tile of x [B, C, T, H, W] (tiles in units of
+    `in_scale` pixels) and blend the results (each `out_scale`/`in_scale` times larger spatially) into one
+    tensor on `out_device`. Only one tile's activations exist at a time; the output and the weight sums live
+    on `out_device`."""
     h, w = x.shape[-2] // in_scale, x.shape[-1] // in_scale
     rows, cols = tiling.spans(h), tiling.spans(w)
     out = weight = None
     for i, (y0, y1) in enumerate(rows):
         for j, (x0, x1) in enumerate(cols):
-            piece = run(x[..., y0 * in_scale:y1 * in_scale, x0 * in_scale:x1 * in_scale])
+            piece = run(x[..., y0 * in_scale:y1 * in_scale, x0 * in_scale:x1 * in_scale], i * len(cols) + j)
             piece = piece.to(out_device or piece.device, torch.float32)
             if out is None:
                 shape = (*piece.shape[:3], h * out_scale, w * out_scale)
@@ -457,16 +466,36 @@ class WanVAE(nn.Module):
 
     def decode_tiled(self, latents: torch.Tensor, tiling: Tiling, out_device=None,
                      clamp: bool = True) -> torch.Tensor:
-        """`decode` one overlapping spatial tile at a time (each with its own causal frame cache), blended
-        linearly; peak activation memory follows the tile, not the frame. The float32 result is gathered on
-        `out_device` (default: the latents' device)."""
-        video = blend_tiles(lambda z: self.decode(z, clamp=False), latents, tiling, 1, self.spec.stride[1],
-                            out_device)
-        return video.clamp(-1, 1) if clamp else video
+        """`decode` with the upsampling stages run one overlapping spatial tile at a time, blended linearly; the
+        float32 result is gathered on `out_device` (default: the latents' device)."""
+        return torch.cat(list(self.decode_tiled_chunks(latents, tiling, out_device, clamp)), dim=2)
+
+    def decode_tiled_chunks(self, latents: torch.Tensor, tiling: Tiling, out_device=None, clamp: bool = True):
+        """`decode_chunks` with tiles: per latent frame, conv1 and the middle block (whose self-attention must see
+        the whole frame) run on the full latent frame — cheap at 1/8 or 1/16 resolution — and the upsampling
+        stages, where the memory is, run tile by tile, each tile with its own causal cache. Peak activation
+        memory follows the tile; each latent frame's video is yielded as soon as its tiles are blended."""
+        z = latents.to(self.conv2.weight.dtype)
+        mean, std = self._stats(z)
+        x = self.conv2(z * std + mean)
+        stride = self.spec.stride[1] // self.spec.patch_size
+        middle_cache, tile_caches = FeatureCache(), {}
+        for i in range(x.shape[2]):
+            middle_cache.start_chunk()
+            features = self.decoder.middle_features(x[:, :, i:i + 1], middle_cache)
+
+            def up(piece: torch.Tensor, k: int, first: bool = i == 0) -> torch.Tensor:
+                cache = tile_caches.setdefault(k, FeatureCache())
+                cache.start_chunk()
+                return self.decoder.upsample(piece, cache, first)
+
+            chunk = blend_tiles(up, features, tiling, 1, stride, out_device)
+            video = self._unpatchify(chunk)
+            yield video.clamp(-1, 1) if clamp else video
 
     def encode_tiled(self, video: torch.Tensor, tiling: Tiling) -> torch.Tensor:
         """`encode` one overlapping spatial tile at a time (tiles in latent pixels), blended in latent space."""
         stride = self.spec.stride[1]
         if video.shape[-2] % stride or video.shape[-1] % stride:
             raise ValueError(f"height and width must be multiples of {stride}, got {video.shape[-2]}x{video.shape[-1]}")
-        return blend_tiles(self.encode, video, tiling, stride, 1).to(self.conv1.weight.dtype)
+        return blend_tiles(lambda piece, k: self.encode(piece), video, tiling, stride, 1).to(self.conv1.weight.dtype)

@@ -266,8 +266,9 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
                 "telemetry": telemetry.to_dict()}  # through denoising: the file is opened before the decode
     pieces = []  # uint8 frames, for the caller and the contact sheet (a quarter of a float video)
     with torch.no_grad(), Mp4Writer(out_path, (w, h), settings.fps, metadata) as writer:
-        chunks = (vae.decode_chunks(x.to(vae_dtype)) if tiling is None  # streamed as the decoder produces them
-                  else [vae.decode_tiled(x.to(vae_dtype), tiling, out_device="cpu")])
+        # streamed: each latent frame's video goes to the writer as soon as it is decoded (and blended)
+        chunks = (vae.decode_chunks(x.to(vae_dtype)) if tiling is None
+                  else vae.decode_tiled_chunks(x.to(vae_dtype), tiling, out_device="cpu"))
         for chunk in chunks:
             pieces.append(to_uint8(chunk[0]))
             writer.append(pieces[-1])
