@@ -178,6 +178,16 @@ def test_disk_cache_is_rebuilt_when_the_checkpoint_changes(tmp_path, inputs):
     assert sum(e.get("name", "").startswith("write offload cache") for e in events) == 1
 
 
+def test_mmap_never_requantizes_per_step(ckpt, tmp_path):
+    """Quantizing on load under mmap would redo it for every block of every step: disk mode converts once."""
+    events = []
+    engine = open_offloaded(expert_components(ckpt, TASK), TASK, torch.bfloat16, Fp8WeightConfig(),
+                            OffloadConfig("block", 0, 1, "mmap", cache_dir=tmp_path), "cpu", events.append)
+    assert engine.ram_mode == "disk"
+    assert any("re-quantize every block" in e.get("message", "") for e in events)
+    engine.finish()
+
+
 def test_disk_mode_refuses_tensor_subclass_weights_with_a_clear_message(ckpt, tmp_path):
     comps = expert_components(ckpt, TASK)
     with pytest.raises(WanliteError, match="--ram_mode mmap"):

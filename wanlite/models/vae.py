@@ -466,32 +466,31 @@ class WanVAE(nn.Module):
 
     def decode_tiled(self, latents: torch.Tensor, tiling: Tiling, out_device=None,
                      clamp: bool = True) -> torch.Tensor:
-        """`decode` with the upsampling stages run one overlapping spatial tile at a time, blended linearly; the
-        float32 result is gathered on `out_device` (default: the latents' device)."""
-        return torch.cat(list(self.decode_tiled_chunks(latents, tiling, out_device, clamp)), dim=2)
-
-    def decode_tiled_chunks(self, latents: torch.Tensor, tiling: Tiling, out_device=None, clamp: bool = True):
-        """`decode_chunks` with tiles: per latent frame, conv1 and the middle block (whose self-attention must see
-        the whole frame) run on the full latent frame — cheap at 1/8 or 1/16 resolution — and the upsampling
-        stages, where the memory is, run tile by tile, each tile with its own causal cache. Peak activation
-        memory follows the tile; each latent frame's video is yielded as soon as its tiles are blended."""
+        """`decode` with the upsampling stages run one overlapping spatial tile at a time (each tile through all
+        frames with its own causal cache, freed before the next), blended linearly; the float32 result is
+        gathered on `out_device` (default: the latents' device). conv1 and the middle block, whose
+        self-attention must see the whole frame, run untiled first: at 1/8 or 1/16 resolution they are small
+        next to the upsampling stages, where the memory is."""
         z = latents.to(self.conv2.weight.dtype)
         mean, std = self._stats(z)
         x = self.conv2(z * std + mean)
-        stride = self.spec.stride[1] // self.spec.patch_size
-        middle_cache, tile_caches = FeatureCache(), {}
+        cache = FeatureCache()
+        features = []
         for i in range(x.shape[2]):
-            middle_cache.start_chunk()
-            features = self.decoder.middle_features(x[:, :, i:i + 1], middle_cache)
+            cache.start_chunk()
+            features.append(self.decoder.middle_features(x[:, :, i:i + 1], cache))
+        del cache
 
-            def up(piece: torch.Tensor, k: int, first: bool = i == 0) -> torch.Tensor:
-                cache = tile_caches.setdefault(k, FeatureCache())
-                cache.start_chunk()
-                return self.decoder.upsample(piece, cache, first)
+        def upsample(piece: torch.Tensor, k: int) -> torch.Tensor:
+            tile_cache, outs = FeatureCache(), []
+            for i in range(piece.shape[2]):
+                tile_cache.start_chunk()
+                outs.append(self.decoder.upsample(piece[:, :, i:i + 1], tile_cache, first_chunk=i == 0))
+            return torch.cat(outs, dim=2)
 
-            chunk = blend_tiles(up, features, tiling, 1, stride, out_device)
-            video = self._unpatchify(chunk)
-            yield video.clamp(-1, 1) if clamp else video
+        stride = self.spec.stride[1] // self.spec.patch_size
+        video = self._unpatchify(blend_tiles(upsample, torch.cat(features, dim=2), tiling, 1, stride, out_device))
+        return video.clamp(-1, 1) if clamp else video
 
     def encode_tiled(self, video: torch.Tensor, tiling: Tiling) -> torch.Tensor:
         """`encode` one overlapping spatial tile at a time (tiles in latent pixels), blended in latent space."""

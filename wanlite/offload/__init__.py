@@ -109,6 +109,11 @@ def open_offloaded(components: dict, task: str, dtype: torch.dtype, quant, confi
                 f"--ram_mode pinned needs {need / 1e9:.1f} GB of RAM for the transformer weights but "
                 f"{available_ram() / 1e9:.1f} GB are free; using --ram_mode mmap instead")})
             ram_mode = "mmap"
+    if ram_mode == "mmap" and _converts_on_load(quant):
+        emit({"event": "warning", "message": (
+            f"--ram_mode mmap would re-quantize every block to {quant.name} at every step; using --ram_mode disk "
+            "(quantized once into a cache) instead")})
+        ram_mode = "disk"
     budget = _budget(config)
     experts = {}
     for role, comp in components.items():
@@ -134,6 +139,14 @@ def open_offloaded(components: dict, task: str, dtype: torch.dtype, quant, confi
     engine.telemetry.pinned_bytes, engine.telemetry.pageable_bytes = budget.pinned, budget.pageable
     engine.ram_mode = ram_mode
     return engine
+
+
+def _converts_on_load(quant) -> bool:
+    """True when loading quantizes (the weights are not read as stored): wanlite's own formats, which the disk
+    cache can hold; torchao / quanto int8 tensors cannot be cached and stay on mmap."""
+    from wanlite.quant import DenseConfig, Int8WeightConfig
+
+    return quant is not None and not isinstance(quant, (DenseConfig, Int8WeightConfig))
 
 
 def _stored_bytes(comp) -> int:

@@ -198,9 +198,9 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     experts = expert_components(ckpt, task.name)
     from wanlite.planner import plan_for_request
 
-    dit_spec = next(prepared.model.spec for label, _, prepared in found if label.startswith("transformer"))
+    dits_found = [prepared for label, _, prepared in found if label.startswith("transformer")]
     placement = plan_for_request(req, *settings.size, settings.frames, settings.steps, device,
-                                 stored_quantized(experts), dit_spec)
+                                 stored_quantized([p.source for p in dits_found]), dits_found[0].model.spec)
     if placement.plan is not None:
         emit({"event": "plan", "summary": placement.plan.summary(), "reasons": list(placement.plan.reasons)})
     quant = parse_quant(placement.quant, req.quant_backend)
@@ -266,9 +266,10 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
                 "telemetry": telemetry.to_dict()}  # through denoising: the file is opened before the decode
     pieces = []  # uint8 frames, for the caller and the contact sheet (a quarter of a float video)
     with torch.no_grad(), Mp4Writer(out_path, (w, h), settings.fps, metadata) as writer:
-        # streamed: each latent frame's video goes to the writer as soon as it is decoded (and blended)
+        # untiled, each latent frame's video goes to the writer as soon as it is decoded; tiles are blended on
+        # the host first (each tile runs through all frames so only one tile's causal cache exists at a time)
         chunks = (vae.decode_chunks(x.to(vae_dtype)) if tiling is None
-                  else vae.decode_tiled_chunks(x.to(vae_dtype), tiling, out_device="cpu"))
+                  else [vae.decode_tiled(x.to(vae_dtype), tiling, out_device="cpu")])
         for chunk in chunks:
             pieces.append(to_uint8(chunk[0]))
             writer.append(pieces[-1])
@@ -313,17 +314,11 @@ def offload_config(placement, req: Request, device: torch.device,
                          ram_mode=placement.ram_mode, cache_dir=req.offload_cache)
 
 
-def stored_quantized(experts: dict[str, Component]) -> bool:
+def stored_quantized(sources) -> bool:
     """True when the transformer files already hold quantized block weights (fp8, int8, GGUF): they run as
     stored, the planner does not pick another format for them. Reads headers only."""
-    from wanlite.loading.stream import open_source
-
     dense = ("float32", "float16", "bfloat16", "F32", "F16", "BF16")
-    for comp in experts.values():
-        formats = open_source(list(comp.files)).formats()
-        if any(fmt not in dense for key, fmt in formats.items() if "blocks." in key):
-            return True
-    return False
+    return any(fmt not in dense for source in sources for key, fmt in source.formats().items() if "blocks." in key)
 
 
 def load_text_len(experts: dict[str, Component]) -> int:

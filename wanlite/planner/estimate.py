@@ -13,8 +13,8 @@ are exact fits to allocations traced with `LiveBytes` on CPU (d = 256...1024, L 
 - a weight-only quantized Linear dequantizes its weight before the GEMM: + the largest weight (d*ffn*2).
 VAE decode (causal, one latent frame -> 4 video frames at a time): the fp32 activations of a frame chunk,
 VAE_BYTES_PER_PIXEL[version] per pixel of the frame (traced on CPU with the full-size VAEs: 19.6 KB for 2.1,
-20.7 KB for 2.2, linear in pixels), plus the decoded video when it stays on the device; a spatial tile
-bounds the pixels to tile x tile.
+20.7 KB for 2.2, linear in pixels); frames stream to the writer as they are decoded; a spatial tile
+bounds the pixels to tile x tile (the middle block still sees the whole latent frame: small next to it).
 """
 from __future__ import annotations
 
@@ -110,12 +110,12 @@ def t5_activation_bytes(dtype_bytes: int = 2) -> int:
 
 
 def vae_decode_bytes(task: str, height: int, width: int, frames: int, tile_px: int | None) -> int:
-    """Peak device bytes of the VAE decode; tile_px = tile side in output pixels (None: whole frame). Untiled,
-    the decoded video (fp32) stays on the device too; tiles go to the host as they finish."""
+    """Peak device bytes of the VAE decode; tile_px = tile side in output pixels (None: whole frame). The
+    decoded frames go to the mp4 writer chunk by chunk, so the video itself is never held (`frames` only
+    matters to callers that keep it)."""
     version = VAE_SPECS[TASKS[task].vae].version
-    if tile_px is None:
-        return int(VAE_BYTES_PER_PIXEL[version] * height * width + 12 * frames * height * width)
-    return int(VAE_BYTES_PER_PIXEL[version] * min(height, tile_px) * min(width, tile_px))
+    pixels = height * width if tile_px is None else min(height, tile_px) * min(width, tile_px)
+    return int(VAE_BYTES_PER_PIXEL[version] * pixels)
 
 
 def dit_flops(spec: DiTSpec, tokens: int) -> float:
