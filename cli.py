@@ -121,12 +121,22 @@ def cmd_generate(args) -> int:
         vae_tile=args.vae_tile, vae_dtype=args.vae_dtype, profile=args.profile, offload=args.offload, resident_blocks=args.resident_blocks,
         prefetch=args.prefetch, ram_mode=args.ram_mode, chunk_tokens=args.chunk_tokens,
         offload_cache=None if args.offload_cache is None else Path(args.offload_cache),
+        cache=args.cache, cache_threshold=args.cache_threshold, cache_fn=args.cache_fn, cache_bn=args.cache_bn,
+        taylorseer_order=args.taylorseer_order, cache_force=args.cache_force,
         **{flag: Path(getattr(args, flag)) for flag in COMPONENT_FLAGS if getattr(args, flag) is not None})
     with ProgressPrinter() as progress:
         result = generate(request, progress=progress)
     print(f"wrote {result.path}" + (f" and {result.preview}" if result.preview else ""))
     print(_telemetry_line(result.telemetry.to_dict()))
+    if result.cache is not None:
+        print(_cache_line(result.cache))
     return 0
+
+
+def _cache_line(c: dict) -> str:
+    line = (f"cache ({c['policy']}): {c['skipped_fraction']:.0%} of block evaluations skipped "
+            f"({c['block_evals_saved_x']:.2f}x fewer), {c['bytes_not_moved_gb']:.2f} GB of weights not moved")
+    return line + (f"; calibration written to {c['calibration']}" if "calibration" in c else "")
 
 
 def _workload_args(parser) -> None:
@@ -337,6 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "per block: for 16-32 GB PCs), disk (per-block cache files written once)")
     gen.add_argument("--offload_cache", default=None, metavar="DIR",
                      help="where --ram_mode disk writes its cache (default: the user cache folder)")
+    gen.add_argument("--cache", default="off",
+                     choices=["off", "safe", "fast", "turbo", "dbcache", "taylorseer", "mag", "calibrate"],
+                     help="step caching: presets safe/fast/turbo (measured in README), or a policy for experts; "
+                          "calibrate records the MagCache curve `--cache mag` needs (default: off)")
+    gen.add_argument("--cache_threshold", type=float, default=None, metavar="X",
+                     help="DBCache/MagCache threshold (default: the preset's)")
+    gen.add_argument("--cache_fn", type=int, default=None, metavar="N", help="DBCache: front blocks always computed")
+    gen.add_argument("--cache_bn", type=int, default=None, metavar="N", help="DBCache: back blocks always computed")
+    gen.add_argument("--taylorseer_order", type=int, default=None, metavar="K",
+                     help="forecast skipped residuals with a Taylor series of this order (0-3)")
+    gen.add_argument("--cache_force", action="store_true",
+                     help="cache even schedules of 8 steps or fewer (distilled; off by default)")
     gen.add_argument("--save_file", default=None, help="output .mp4 path (default: a new name in --output-dir)")
     gen.add_argument("--output-dir", default="outputs")
     gen.add_argument("--preview", action="store_true", help="also write a contact-sheet PNG beside the mp4")

@@ -1,1 +1,91 @@
-"""Step caching (DBCache, TaylorSeer) attaches here as `wanlite.cache`; it arrives with the caching issue."""
+"""Step caching (`wanlite.cache`): DBCache, TaylorSeer and MagCache behind one runner seam.
+
+    cache = apply_cache(model, DBCacheConfig(front_blocks=1, threshold=0.08))
+    ...sample...; cache.stats.to_dict(); cache.detach()
+
+Presets (`--cache safe|fast|turbo`) are the configs picked from the sweep on the bundled tiny models recorded in
+bench/results/cache.json (see README: their measured savings and quality).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from wanlite.cache.base import POLICIES, CachePolicy, StepCache, register_cache
+from wanlite.cache.config import (CacheConfig, CalibrateConfig, DBCacheConfig, MagCacheConfig, TaylorSeerConfig,
+                                  describe)
+from wanlite.cache.dbcache import DBCachePolicy  # each policy module registers itself on import
+from wanlite.cache.magcache import CalibratePolicy, MagCachePolicy
+from wanlite.cache.taylorseer import TaylorSeerPolicy
+from wanlite.errors import WanliteError
+
+__all__ = ["apply_cache", "StepCache", "CacheConfig", "DBCacheConfig", "TaylorSeerConfig", "MagCacheConfig",
+           "CalibrateConfig", "CachePolicy", "POLICIES", "register_cache", "PRESETS", "cache_config", "describe",
+           "MIN_CACHED_STEPS", "DBCachePolicy", "TaylorSeerPolicy", "MagCachePolicy", "CalibratePolicy"]
+
+PRESETS: dict[str, CacheConfig] = {
+    "safe": DBCacheConfig(front_blocks=1, back_blocks=0, threshold=0.08, warmup_steps=2, max_consecutive_cached=2),
+    "fast": DBCacheConfig(front_blocks=1, back_blocks=0, threshold=0.16, warmup_steps=2, max_consecutive_cached=3,
+                          taylorseer=TaylorSeerConfig(order=1)),
+    "turbo": TaylorSeerConfig(order=1, interval=3, warmup_steps=2),
+}
+POLICY_NAMES = ("dbcache", "taylorseer", "mag", "calibrate")
+MIN_CACHED_STEPS = 9  # distilled schedules (<= 8 steps) are not cached unless forced: each step is too different
+
+
+def apply_cache(model: torch.nn.Module, config: CacheConfig, role: str = "model") -> StepCache:
+    """Put a step cache in front of `model`'s block loop (a plain loop or the offload engine).
+
+    Args:
+        model: a WanDiT (its `runner` is wrapped; weights and forward are unchanged).
+        config: DBCacheConfig | TaylorSeerConfig | MagCacheConfig | CalibrateConfig.
+        role: the expert's name (caches are kept per expert and CFG branch).
+
+    Example:
+        >>> cache = apply_cache(dit, DBCacheConfig(front_blocks=1, threshold=0.08))
+        >>> cache.stats.to_dict()["block_evals_saved_x"]
+    """
+    cache = StepCache(config)
+    cache.attach(model, role)
+    return cache
+
+
+def cache_config(name: str, threshold: float | None = None, front: int | None = None, back: int | None = None,
+                 order: int | None = None, curve: str | None = None) -> CacheConfig | None:
+    """`--cache NAME` plus the expert flags -> a validated config (None: off). Raises WanliteError."""
+    tuned = {k: v for k, v in (("threshold", threshold), ("front_blocks", front), ("back_blocks", back),
+                               ("order", order)) if v is not None}
+    if name == "off":
+        if tuned:
+            raise WanliteError(f"--cache off ignores {', '.join(tuned)}: pick a cache (--cache safe|fast|turbo|"
+                               "dbcache|taylorseer|mag) or drop those flags")
+        return None
+    if name in PRESETS:
+        config = PRESETS[name]
+    elif name == "dbcache":
+        config = DBCacheConfig()
+    elif name == "taylorseer":
+        config = TaylorSeerConfig()
+    elif name == "mag":
+        config = MagCacheConfig(curve=curve)
+    elif name == "calibrate":
+        config = CalibrateConfig()
+    else:
+        raise WanliteError(f"--cache {name!r} is unknown; choose off, {', '.join(PRESETS)} or "
+                           f"{', '.join(POLICY_NAMES)}")
+    if "order" in tuned:
+        order = tuned.pop("order")
+        if isinstance(config, DBCacheConfig):
+            config = replace(config, taylorseer=TaylorSeerConfig(order=order))
+        elif isinstance(config, TaylorSeerConfig):
+            config = replace(config, order=order)
+        else:
+            raise WanliteError("--taylorseer_order applies to --cache dbcache/taylorseer (or a preset built on them)")
+    fields = set(getattr(config, "__dataclass_fields__", {}))
+    wrong = [k for k in tuned if k not in fields]
+    if wrong:
+        raise WanliteError(f"{', '.join(wrong)} do not apply to --cache {name}")
+    config = replace(config, **tuned)
+    config.check()
+    return config

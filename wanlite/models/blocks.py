@@ -72,6 +72,10 @@ class BlockInputs:
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin: [L, head_dim/2]
     chunk: int | None = None  # tokens per chunk for everything but the attention's keys/values (None: all)
 
+    def rows(self, index: torch.Tensor) -> "BlockInputs":
+        """The inputs of some batch rows only (a step cache running the middle blocks for one CFG branch)."""
+        return BlockInputs(self.e0[index], self.context[index], self.rope, self.chunk)
+
 
 class WanSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, eps: float):

@@ -16,12 +16,15 @@ from wanlite.models.blocks import BlockInputs, Head, WanBlock, linear_fp32
 from wanlite.models.rope import rope_cos_sin
 from wanlite.specs import DiTSpec
 
-Runner = Callable[[Sequence[nn.Module], torch.Tensor, BlockInputs], torch.Tensor]
+# runner(blocks, x, inputs, start=0, stop=None) -> x after blocks[start:stop]; the model always asks for all
+# of them, a step cache wrapping another runner asks for ranges
+Runner = Callable[..., torch.Tensor]
 
 
-def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
-    """The default runner: every block in order, on whatever device it lives."""
-    for block in blocks:
+def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, inputs: BlockInputs, start: int = 0,
+               stop: int | None = None) -> torch.Tensor:
+    """The default runner: the blocks in order, on whatever device they live."""
+    for block in blocks[start:stop]:
         x = block(x, inputs)
     return x
 

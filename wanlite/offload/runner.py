@@ -11,13 +11,17 @@ them. Only the head (a few hundred KB) is copied at the switch itself.
 
 On CUDA, copies run on their own stream from pinned host memory and are ordered with events (no device-wide
 synchronize). On CPU the same code runs synchronously: every "copy" is a memcpy into the buffer.
+
+A step cache (wanlite.cache) runs a forward as block ranges and tells the engine ahead which blocks will run
+(`ExpertRunner.expect`): blocks a cached step skips are never copied, and the prefetcher stops at a block whose
+fate is still undecided instead of spending bandwidth on it.
 """
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 from torch import nn
@@ -31,6 +35,7 @@ class Telemetry:
     """What offload cost in one generation (shown by `wanlite generate`, written into the mp4 metadata)."""
 
     bytes_moved: int = 0  # host -> device, all pieces
+    bytes_not_moved: int = 0  # streamed blocks a step cache skipped, so they never crossed the bus
     copy_wait_s: float = 0.0  # compute waiting for a transfer to land
     read_wait_s: float = 0.0  # the host waiting for a piece to be read from disk / page cache
     switch_stall_s: float = 0.0  # compute waiting at the expert switch (part of copy_wait_s)
@@ -49,7 +54,8 @@ class Telemetry:
 
     def to_dict(self) -> dict:
         gb = 1e9
-        return {"bytes_moved_gb": round(self.bytes_moved / gb, 3), "copy_wait_s": round(self.copy_wait_s, 3),
+        return {"bytes_moved_gb": round(self.bytes_moved / gb, 3),
+                "bytes_not_moved_gb": round(self.bytes_not_moved / gb, 3), "copy_wait_s": round(self.copy_wait_s, 3),
                 "read_wait_s": round(self.read_wait_s, 3), "switch_stall_s": round(self.switch_stall_s, 3),
                 "peak_device_gb": round(self.peak_device_bytes / gb, 3),
                 "peak_rss_gb": round(self.peak_rss_bytes / gb, 3),
@@ -90,6 +96,24 @@ class Expert:
     homes: dict = field(default_factory=dict)  # (id(shell), id(layout)) -> its own tensors, restored on release
 
 
+# (forwards ahead of the current one, block) -> will that block run? None: not decided yet (do not prefetch)
+Oracle = Callable[[int, int], "bool | None"]
+
+
+class ExpertRunner:
+    """`WanDiT.runner` for one expert: the engine's block loop over `blocks[start:stop]`."""
+
+    def __init__(self, engine: "OffloadEngine", role: str):
+        self.engine, self.role = engine, role
+
+    def __call__(self, blocks, x: torch.Tensor, inputs, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self.engine.run_blocks(self.role, blocks, x, inputs, start, stop)
+
+    def expect(self, oracle: Oracle | None) -> None:
+        """Let a step cache say which blocks will run, so only those are prefetched."""
+        self.engine.oracle = oracle
+
+
 class OffloadEngine:
     """Streams the experts' blocks through fixed device buffers. `activate(role)` makes an expert ready (its
     pre/head/resident pieces bound) and the expert's `runner` streams the rest."""
@@ -111,9 +135,12 @@ class OffloadEngine:
         self.resident_bufs = [Buffer(self.device) for _ in range(self.resident)]
         self.ring = [Buffer(self.device) for _ in range(self.depth + 1)]
         self.next_ring = 0
-        self.queue: deque = deque()  # (position, ring buffer) copies issued ahead of compute, in order
-        self.position = 0  # the next streamed-block position to issue
+        self.queue: deque = deque()  # ((forward, block), ring buffer) copies issued ahead of compute, in order
+        self.cursor = (0, self.resident - 1)  # the last (forward, block) issued to the ring
         self.forward = 0
+        self.in_forward = False
+        self.ran: set[int] = set()  # streamed blocks run in the current forward
+        self.oracle: Oracle | None = None
         self.schedule: list[str] | None = None
         self.active: str | None = None
         self.preloaded: set[tuple[str, Piece]] = set()
@@ -122,53 +149,66 @@ class OffloadEngine:
         self.places: dict = {}  # (id(shell), id(layout)) -> where each slot's tensor lives in the shell
         self.plain_runners = {role: expert.model.runner for role, expert in experts.items()}
         for role, expert in experts.items():
-            expert.model.runner = partial(self.run_blocks, role)
+            expert.model.runner = ExpertRunner(self, role)
 
     # ---------------------------------------------------------------- ordering
     def set_schedule(self, roles: list[str]) -> None:
         """The expert of every forward of the coming generation (from `Denoiser.schedule()`)."""
         self.schedule, self.forward = list(roles), 0
-        self._reset_queue(0)
+        self._reset_queue()
 
     @property
     def streamed(self) -> int:
         return self.num_blocks - self.resident
 
-    def _item(self, position: int) -> tuple[int, str, int] | None:
-        """(forward, role, block) of the position-th streamed block of the run, None past the schedule."""
+    def _role_of(self, n: int) -> str | None:
+        if self.schedule is None:
+            return self.active
+        return self.schedule[n] if n < len(self.schedule) else None
+
+    def _next_block(self, after: tuple[int, int]) -> tuple[int, int] | None:
+        """The streamed (forward, block) that runs next after `after`: at most one forward ahead (one switch),
+        skipping blocks the oracle says will not run; None past the schedule or at an undecided block."""
         if self.streamed == 0:
             return None
-        n, j = divmod(position, self.streamed)
-        if self.schedule is None:
-            role = self.active
-        elif n < len(self.schedule):
-            role = self.schedule[n]
-        else:
-            return None
-        return n, role, self.resident + j
+        n, i = after
+        while True:
+            i += 1
+            if i >= self.num_blocks:
+                n, i = n + 1, self.resident
+            i = max(i, self.resident)
+            if n > self.forward + 1 or self._role_of(n) is None:
+                return None
+            runs = True if self.oracle is None else self.oracle(n - self.forward, i)
+            if runs is None:
+                return None
+            if runs:
+                return n, i
 
-    def _reset_queue(self, position: int) -> None:
+    def _reset_queue(self) -> None:
         if self.copy_stream is not None:
             self.copy_stream.synchronize()  # only the copy stream: drop copies no one will read
         for _, buf in self.queue:
             buf.loaded = None
         self.queue.clear()
-        self.position = position
+        self.cursor = (self.forward, self.resident - 1)
+
+    def _issue(self, item: tuple[int, int]) -> None:
+        buf = self.ring[self.next_ring]
+        self.next_ring = (self.next_ring + 1) % len(self.ring)
+        self._copy(self._role_of(item[0]), item[1], buf)
+        self.queue.append((item, buf))
+        self.cursor = item
 
     def _fill_ring(self) -> None:
         while len(self.queue) < len(self.ring):
-            item = self._item(self.position)
-            if item is None or item[0] > self.forward + 1:  # look ahead one forward at most (one switch)
-                return
-            _, role, i = item
-            buf = self.ring[self.next_ring]
-            self.next_ring = (self.next_ring + 1) % len(self.ring)
-            self._copy(role, i, buf)
-            self.queue.append((self.position, buf))
-            self.position += 1
-        ahead = self._item(self.position)  # start the disk read of the next one while these copy
-        if ahead is not None and ahead[0] <= self.forward + 1:
-            self.experts[ahead[1]].store.prefetch(ahead[2])
+            item = self._next_block(self.cursor)
+            if item is None:
+                break
+            self._issue(item)
+        ahead = self._next_block(self.cursor)  # start the disk read of the next one while these copy
+        if ahead is not None:
+            self.experts[self._role_of(ahead[0])].store.prefetch(ahead[1])
 
     # ---------------------------------------------------------------- copies
     def _copy(self, role: str, piece: Piece, buf: Buffer) -> Layout:
@@ -254,7 +294,7 @@ class OffloadEngine:
                 self.telemetry.switch_stall_s += time.perf_counter() - started
         self.active = role
         if self.schedule is None:
-            self._reset_queue(self.forward * self.streamed)
+            self._reset_queue()
         return expert.model
 
     def _release(self, role: str) -> None:
@@ -277,43 +317,65 @@ class OffloadEngine:
         self.preloaded.add((role, piece))
 
     # ---------------------------------------------------------------- the runner
-    def run_blocks(self, role: str, blocks, x: torch.Tensor, inputs) -> torch.Tensor:
-        """`WanDiT.runner` for expert `role`: resident blocks in place, the others through the ring."""
+    def run_blocks(self, role: str, blocks, x: torch.Tensor, inputs, start: int = 0,
+                   stop: int | None = None) -> torch.Tensor:
+        """`WanDiT.runner` for expert `role`: blocks[start:stop], the resident ones in place, the others through
+        the ring. A forward may come as several ranges (a step cache); it ends with the range reaching the last
+        block."""
+        stop = self.num_blocks if stop is None else stop
         if role != self.active:
             self.activate(role)
         n = self.forward
+        if not self.in_forward:
+            self._begin_forward(role, n)
         if self.in_place[role]:
-            for block in blocks:
-                x = block(x, inputs)
-            self.forward += 1
-            return x
+            for i in range(start, stop):
+                x = blocks[i](x, inputs)
+        else:
+            upcoming = self._next_role(n)
+            for i in range(start, stop):
+                if i < self.resident:
+                    x = blocks[i](x, inputs)
+                    if upcoming is not None:
+                        self._preload(upcoming, i, self.resident_bufs[i])
+                    continue
+                if not self.queue or self.queue[0][0] != (n, i):
+                    self._reset_queue()  # the prefetcher guessed another block (or none): copy this one now
+                    self._issue((n, i))
+                self._fill_ring()
+                _, buf = self.queue.popleft()
+                self._wait(buf)
+                self._bind(self.experts[role], blocks[i], self._layout(role, i), buf)
+                x = blocks[i](x, inputs)
+                self.ran.add(i)
+                self._done(buf)
+                self._fill_ring()
+        if stop == self.num_blocks:
+            self._end_forward(role)
+        return x
+
+    def _begin_forward(self, role: str, n: int) -> None:
+        self.in_forward = True
+        self.ran.clear()
+        if self.in_place[role]:
+            return
         if self.schedule is not None and (n >= len(self.schedule) or self.schedule[n] != role):
             self.schedule = None  # called outside the announced schedule: stream this expert only
-            self._reset_queue(n * self.streamed)
+            self._reset_queue()
         upcoming = self._next_role(n)
         if upcoming is not None:
             self._preload(upcoming, "pre", self.pre)  # this forward is past its embeddings
             store = self.experts[upcoming].store
             for i in range(self.resident):
                 store.prefetch(i)
-        for i in range(self.num_blocks):
-            if i < self.resident:
-                x = blocks[i](x, inputs)
-                if upcoming is not None:
-                    self._preload(upcoming, i, self.resident_bufs[i])
-                continue
-            position = n * self.streamed + (i - self.resident)
-            if not self.queue or self.queue[0][0] != position:
-                self._reset_queue(position)
-            self._fill_ring()
-            _, buf = self.queue.popleft()
-            self._wait(buf)
-            self._bind(self.experts[role], blocks[i], self._layout(role, i), buf)
-            x = blocks[i](x, inputs)
-            self._done(buf)
-            self._fill_ring()
+
+    def _end_forward(self, role: str) -> None:
+        if not self.in_place[role]:  # streamed blocks this forward skipped never crossed the bus
+            for i in range(self.resident, self.num_blocks):
+                if i not in self.ran:
+                    self.telemetry.bytes_not_moved += self._layout(role, i).nbytes
+        self.in_forward = False
         self.forward += 1
-        return x
 
     def finish(self) -> Telemetry:
         """Release every device buffer and fold the timed stalls into the telemetry (one stream sync)."""

@@ -1,7 +1,8 @@
 """The one Denoiser every task uses: CFG batched in one forward, the MoE expert switch, TI2V's clean frame 0.
 
 Samplers only ever call `denoiser(x, sigma, step) -> x0`; everything task-specific lives here, driven by the
-TaskSpec, so a new task never needs a new loop.
+TaskSpec, so a new task never needs a new loop. A step cache (wanlite.cache) learns here which step, expert and
+CFG branch each batch row is.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class Denoiser:
 
     def __init__(self, task: TaskSpec, experts: Callable[[str], torch.nn.Module], cond: Conditioning,
                  timesteps: list[int], guide_scale: tuple[float, float],
-                 on_expert: Callable[[str, int], None] | None = None):
+                 on_expert: Callable[[str, int], None] | None = None, cache=None):
         self.task = task
         self.timesteps = timesteps  # the integer model timesteps of the sampler's grid, one per step
         self.experts = experts  # role -> model; may load lazily (only one expert needs to be resident)
@@ -36,6 +37,9 @@ class Denoiser:
         self.guide_scale = guide_scale
         self.on_expert = on_expert
         self.active: str | None = None
+        self.cache = cache  # wanlite.cache.StepCache | None
+        if cache is not None:
+            cache.set_schedule(self.schedule())
 
     def expert_for(self, t: int) -> str:
         """Official rule: the high-noise expert while t >= boundary * 1000."""
@@ -68,6 +72,8 @@ class Denoiser:
             timestep = torch.full((2 * b,), float(t), device=x.device)
         y = None if self.cond.y is None else self.cond.y.repeat(2 * b // self.cond.y.shape[0], 1, 1, 1, 1)
         context = [c.to(x.device) for c in self.cond.context[:1] * b + self.cond.context[1:] * b]
+        if self.cache is not None:
+            self.cache.begin(step, role, ("cond",) * b + ("uncond",) * b)
         v_cond, v_uncond = model(torch.cat([x, x]), timestep, context, y=y).float().chunk(2)
         v = v_uncond + self.guide_for(role) * (v_cond - v_uncond)
         x0 = x.float() - float(sigma) * v

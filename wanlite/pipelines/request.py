@@ -45,6 +45,12 @@ class Request:
     ram_mode: str | None = None  # block offload: pinned | mmap | disk
     chunk_tokens: int | None = None  # DiT blocks work this many tokens at a time (0: whole)
     offload_cache: Path | None = None  # disk mode's cache folder (default: the user cache folder)
+    cache: str = "off"  # step cache: off | safe | fast | turbo | dbcache | taylorseer | mag | calibrate
+    cache_threshold: float | None = None  # None below: the preset's value
+    cache_fn: int | None = None  # DBCache front blocks
+    cache_bn: int | None = None  # DBCache back blocks
+    taylorseer_order: int | None = None
+    cache_force: bool = False  # cache even distilled (<= 8 step) schedules
     # component files overriding what ckpt_dir provides (ComfyUI-style folders of separate files)
     high_noise_model: Path | None = None
     low_noise_model: Path | None = None
@@ -163,8 +169,16 @@ def resolve(req: Request, seed: int) -> Settings:
     for flag in ("resident_blocks", "prefetch", "chunk_tokens"):
         if getattr(req, flag) is not None and getattr(req, flag) < 0:
             raise WanliteError(f"--{flag} {getattr(req, flag)} must be 0 or more")
+    cache_settings(req)  # a bad cache setting fails before anything is loaded
     guide = req.guide_scale or task.guide_scale
     negative = req.negative_prompt or task.negative_prompt  # official: an empty one means the default
     return Settings(task=task.name, prompt=req.prompt, negative_prompt=negative, seed=seed, steps=steps,
                     shift=shift, guide_scale=tuple(guide), solver=solver, size=tuple(size), frames=frames,
                     fps=task.fps, image=None if req.image is None else str(req.image))
+
+
+def cache_settings(req: Request, curve: str | None = None):
+    """The request's step-cache config (None: off); raises WanliteError for inconsistent settings."""
+    from wanlite.cache import cache_config
+
+    return cache_config(req.cache, req.cache_threshold, req.cache_fn, req.cache_bn, req.taylorseer_order, curve)

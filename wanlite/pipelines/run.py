@@ -17,12 +17,14 @@ from wanlite.errors import WanliteError
 from wanlite.loading.checkpoints import CheckpointSet, Component, discover, with_components
 from wanlite.loading.models import check_checkpoint, expert_components, load_dit, load_t5, load_vae
 from wanlite.pipelines.denoise import Conditioning, Denoiser
-from wanlite.pipelines.request import Request, Settings, resolve
+from wanlite.pipelines.request import Request, Settings, cache_settings, resolve
 from wanlite.models.vae import Tiling
 from wanlite.offload import OffloadConfig, Telemetry
 from wanlite.offload.memory import return_large_frees_to_os
 from wanlite.quant import QuantConfig, parse_quant
 from wanlite.specs import TASKS, VAE_SPECS, TaskSpec
+from wanlite.cache.config import describe as describe_cache
+from wanlite.cache.magcache import CalibratePolicy, write_curve
 
 DEFAULT_TILE_PX = 256  # VAE tile side in pixels when nothing else is asked (diffusers' and ComfyUI's default too)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -36,6 +38,7 @@ class GenerationResult:
     settings: Settings
     preview: Path | None = None
     telemetry: Telemetry | None = None
+    cache: dict | None = None  # step-cache statistics (block evaluations skipped, ...), None when off
 
 
 def pick_device(name: str) -> torch.device:
@@ -69,10 +72,11 @@ class Transformers:
 
     def __init__(self, components: dict[str, Component], task: str, dtype: torch.dtype, device: torch.device,
                  quant: QuantConfig | None, offload: OffloadConfig, telemetry: Telemetry, emit: Progress,
-                 chunk_tokens: int | None = None):
+                 chunk_tokens: int | None = None, cache=None):
         self.components, self.task, self.dtype, self.device = components, task, dtype, device
         self.quant, self.offload, self.telemetry, self.emit = quant, offload, telemetry, emit
         self.chunk_tokens = chunk_tokens
+        self.cache = cache  # wanlite.cache.StepCache | None: put in front of each expert's block loop
         self.models: dict[str, torch.nn.Module] = {}
         self.engine = None
 
@@ -82,8 +86,10 @@ class Transformers:
 
             self.engine = open_offloaded(self.components, self.task, self.dtype, self.quant, self.offload,
                                          self.device, self.emit, self.telemetry)
-            for expert in self.engine.experts.values():
+            for role, expert in self.engine.experts.items():
                 expert.model.chunk_tokens = self.chunk_tokens
+                if self.cache is not None:
+                    self.cache.attach(expert.model, role)
             self.engine.set_schedule(schedule)
 
     def __call__(self, role: str) -> torch.nn.Module:
@@ -95,10 +101,14 @@ class Transformers:
             model = load_dit(self.components[role], self.task, self.dtype, self.quant).to(self.device)
             model.chunk_tokens = self.chunk_tokens
             self.telemetry.bytes_moved += sum(t.nbytes for t in model.state_dict().values())
+            if self.cache is not None:
+                self.cache.attach(model, role)
             self.models[role] = model
         return self.models[role]
 
     def close(self) -> None:
+        if self.cache is not None:
+            self.cache.detach()
         if self.engine is not None:
             self.engine.finish()
             self.engine = None
@@ -204,6 +214,7 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     if placement.plan is not None:
         emit({"event": "plan", "summary": placement.plan.summary(), "reasons": list(placement.plan.reasons)})
     quant = parse_quant(placement.quant, req.quant_backend)
+    step_cache = make_step_cache(req, settings, experts, dits_found[0].model.spec.num_layers, emit)
 
     telemetry = Telemetry()
     emit({"event": "stage", "name": "encode text"})
@@ -224,11 +235,13 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     sigmas = make_sigmas(settings.solver, settings.steps, settings.shift)
     timesteps = model_timesteps(settings.solver, settings.steps, settings.shift).tolist()
     offload = offload_config(placement, req, device, experts)
-    dits = Transformers(experts, task.name, dtype, device, quant, offload, telemetry, emit, placement.chunk_tokens)
+    dits = Transformers(experts, task.name, dtype, device, quant, offload, telemetry, emit, placement.chunk_tokens,
+                        step_cache)
     cond = Conditioning(context=context, y=None if y is None else y.to(device),
                         first_frame=None if first_frame is None else first_frame.to(device))
     denoiser = Denoiser(task, dits, cond, timesteps, settings.guide_scale,
-                        on_expert=lambda role, step: emit({"event": "expert", "role": role, "step": step}))
+                        on_expert=lambda role, step: emit({"event": "expert", "role": role, "step": step}),
+                        cache=step_cache)
     schedule = denoiser.schedule()
     dits.set_schedule(schedule)
     started = time.perf_counter()
@@ -250,6 +263,14 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
         if first_frame is not None:
             x[:, :, :1] = first_frame
     dits.close()
+    cache_stats = None
+    if step_cache is not None:
+        cache_stats = {**describe_cache(step_cache.config), **step_cache.stats.to_dict(),
+                       "bytes_not_moved_gb": telemetry.to_dict()["bytes_not_moved_gb"]}
+        if isinstance(step_cache.policy, CalibratePolicy):
+            cache_stats["calibration"] = str(write_curve(magcache_file(task.name, experts), task.name, settings.steps,
+                                                         step_cache.policy.finished(settings.steps)))
+        emit({"event": "cache", **cache_stats})
 
     emit({"event": "stage", "name": "decode"})
     vae_dtype = DTYPES[req.vae_dtype]
@@ -262,7 +283,8 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
                          "vae_tiling": None if tiling is None else [tiling.tile, tiling.overlap],
                          "vae_dtype": req.vae_dtype,
                          "offload": offload.describe(), "chunk_tokens": placement.chunk_tokens,
-                         "planned": None if placement.plan is None else placement.plan.to_dict()},
+                         "planned": None if placement.plan is None else placement.plan.to_dict(),
+                         "cache": cache_stats},
                 "telemetry": telemetry.to_dict()}  # through denoising: the file is opened before the decode
     pieces = []  # uint8 frames, for the caller and the contact sheet (a quarter of a float video)
     with torch.no_grad(), Mp4Writer(out_path, (w, h), settings.fps, metadata) as writer:
@@ -279,7 +301,44 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     path = out_path
     preview = contact_sheet(frames, path.with_suffix(".png")) if req.preview else None
     emit({"event": "done", "path": str(path), "telemetry": telemetry.to_dict()})
-    return GenerationResult(path, frames, settings, preview, telemetry)
+    return GenerationResult(path, frames, settings, preview, telemetry, cache_stats)
+
+
+def magcache_file(task: str, experts: dict[str, Component], reading: bool = False) -> Path:
+    """This model's MagCache calibration: in the user cache, keyed by the transformer files (name and size); the
+    bundled tiny models fall back to the calibration shipped with them."""
+    import hashlib
+
+    from wanlite.cache.magcache import BUNDLED, calibration_path
+    from wanlite.offload import default_cache_dir
+
+    ident = sorted(f"{f.resolve()}:{f.stat().st_size}" for c in experts.values() for f in c.files)
+    path = calibration_path(default_cache_dir(), task, hashlib.sha256("|".join(ident).encode()).hexdigest()[:16])
+    if reading and not path.is_file() and (BUNDLED / f"{task}.json").is_file():
+        return BUNDLED / f"{task}.json"
+    return path
+
+
+def make_step_cache(req: Request, settings: Settings, experts: dict[str, Component], num_blocks: int,
+                    emit: Progress):
+    """The request's StepCache, or None: off, or a distilled schedule (<= 8 steps) without --cache_force."""
+    from wanlite.cache import MIN_CACHED_STEPS, StepCache
+
+    curve = None
+    if req.cache == "mag":
+        curve = magcache_file(settings.task, experts, reading=True)
+        if not curve.is_file():
+            raise WanliteError(f"no MagCache calibration for this {settings.task} model ({curve}); run the same "
+                               "command once with --cache calibrate")
+    config = cache_settings(req, None if curve is None else str(curve))
+    if config is None:
+        return None
+    config.check(num_blocks)
+    if settings.steps < MIN_CACHED_STEPS and not req.cache_force and req.cache != "calibrate":
+        emit({"event": "warning", "message": f"step caching is off for a {settings.steps}-step schedule (distilled "
+                                             "steps differ too much to reuse); --cache_force caches anyway"})
+        return None
+    return StepCache(config)
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:

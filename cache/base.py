@@ -1,0 +1,274 @@
+"""The step cache: one object per generation, shared by the experts, consulted where the block loop runs.
+
+A forward becomes three block ranges: the front blocks, the middle span, the back blocks. Before the middle,
+each CFG branch (one batch row) asks the policy whether to compute it; rows that compute run the middle as a
+sub-batch, rows that skip add their cached (or Taylor-forecast) middle residual. When no row computes, the
+middle is never handed to the inner runner, so with block offload its weights never move. The offload engine
+asks `will_run(ahead, block)` before prefetching, so it only copies blocks that will run.
+
+State is keyed by (expert, branch): cond and uncond keep separate residuals and counters, and the switch to the
+next expert starts from scratch (its warm-up included).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from wanlite.cache.config import CacheConfig, span
+
+POLICIES: dict[type, type] = {}
+
+
+def register_cache(config_cls: type):
+    """Class decorator: the policy that serves `config_cls`."""
+    def wrap(policy_cls: type) -> type:
+        POLICIES[config_cls] = policy_cls
+        return policy_cls
+    return wrap
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    step: int  # global sampler step
+    index: int  # step index within the current expert
+    expert_steps: int | None  # how many steps this expert runs (None: unknown)
+    total_steps: int | None  # steps of the whole run
+    role: str
+    branch: str
+
+
+@dataclass
+class BranchState:
+    """One (expert, branch)'s cache: the last computed span residual as Taylor terms, the front residual it was
+    compared against, and the policy's counters."""
+
+    terms: list[torch.Tensor] = field(default_factory=list)  # d^i R / dk^i at `last_step`; terms[0] = R itself
+    last_step: int = -1
+    front_ref: torch.Tensor | None = None
+    consecutive: int = 0
+    cached: int = 0
+    counters: dict = field(default_factory=dict)  # policy-specific (MagCache accumulators)
+
+    def record(self, step: int, residual: torch.Tensor, order: int) -> None:
+        """A computed step: refresh the divided differences up to `order` (TaylorSeer's recursion)."""
+        terms = [residual]
+        if order > 0 and self.terms and step > self.last_step:
+            dk = step - self.last_step
+            for i in range(min(order, len(self.terms))):
+                terms.append((terms[i] - self.terms[i]) / dk)
+        self.terms, self.last_step = terms, step
+
+    def forecast(self, step: int) -> torch.Tensor:
+        """The span residual at `step`: sum_i terms[i] * (step - last)^i / i!."""
+        out = self.terms[0]
+        dk = step - self.last_step
+        for i, term in enumerate(self.terms[1:], start=1):
+            out = out + term * (dk**i / math.factorial(i))
+        return out
+
+
+class CachePolicy:
+    """Decides, per branch and step, whether the middle span is computed. `forced` must not change state (the
+    offload engine calls it for the next step); `commit` updates the counters once the step is done."""
+
+    needs_signal = False  # True: `decide` compares the front blocks' residual with the last computed one
+    order = 0  # Taylor order of the forecast (0: reuse the last residual)
+
+    def __init__(self, config: CacheConfig):
+        self.config = config
+
+    def forced(self, state: BranchState, info: StepInfo) -> bool | None:
+        """True: compute; False: skip; None: depends on the front residual (only if needs_signal)."""
+        raise NotImplementedError
+
+    def decide(self, state: BranchState, info: StepInfo, diff: float) -> bool:
+        return True
+
+    def commit(self, state: BranchState, info: StepInfo, computed: bool) -> None:
+        if computed:
+            state.consecutive = 0
+        else:
+            state.consecutive += 1
+            state.cached += 1
+
+
+@dataclass
+class CacheStats:
+    block_evals: int = 0  # block forwards actually run, counted per batch row
+    block_evals_total: int = 0  # what running every block for every row would have been
+    steps: int = 0  # branch-steps seen
+    steps_cached: int = 0  # branch-steps whose middle span was skipped
+    forwards_without_middle: int = 0  # forwards where no branch ran the middle (no weights moved for it)
+
+    def to_dict(self) -> dict:
+        saved = self.block_evals_total / self.block_evals if self.block_evals else 1.0
+        skipped = 1 - self.block_evals / self.block_evals_total if self.block_evals_total else 0.0
+        return {"block_evals": self.block_evals, "block_evals_total": self.block_evals_total,
+                "skipped_fraction": round(skipped, 4), "block_evals_saved_x": round(saved, 3),
+                "branch_steps_cached": self.steps_cached, "branch_steps": self.steps,
+                "forwards_without_middle": self.forwards_without_middle}
+
+
+class CachedRunner:
+    """`WanDiT.runner` with a step cache in front of another runner (the plain loop or the offload engine)."""
+
+    def __init__(self, inner, cache: "StepCache", role: str):
+        self.inner, self.cache, self.role = inner, cache, role
+
+    def __call__(self, blocks, x: torch.Tensor, inputs, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        if start != 0 or stop not in (None, len(blocks)):
+            return self.inner(blocks, x, inputs, start, stop)
+        return self.cache.run(self.inner, self.role, blocks, x, inputs)
+
+
+class StepCache:
+    """The step cache of one generation. `begin(step, role, branches)` is called by the Denoiser before each
+    forward; without it each forward counts as the next step and every batch row as its own branch."""
+
+    def __init__(self, config: CacheConfig):
+        config.check()
+        self.config = config
+        self.policy: CachePolicy = POLICIES[type(config)](config)
+        self.front, self.back = span(config)
+        self.states: dict[tuple[str, str], BranchState] = {}
+        self.schedule: list[str] | None = None
+        self.step, self.role, self.expert_start = -1, None, 0
+        self.branches: tuple[str, ...] = ()
+        self.begun = False
+        self.decision: bool | None = None  # does the current forward run its middle span?
+        self.computing: set[str] = set()  # branches whose middle span the current forward computes
+        self.num_blocks: int | None = None
+        self.stats = CacheStats()
+        self.attached: list = []  # (model, runner it replaced)
+
+    # ---------------------------------------------------------------- wiring
+    def attach(self, model: torch.nn.Module, role: str = "model") -> torch.nn.Module:
+        """Put the cache in front of `model`'s runner (idempotent); an offloading runner is told what will run."""
+        if isinstance(model.runner, CachedRunner) and model.runner.cache is self:
+            return model
+        self.config.check(len(model.blocks))
+        inner = model.runner
+        self.attached.append((model, inner))
+        model.runner = CachedRunner(inner, self, role)
+        expect = getattr(inner, "expect", None)
+        if expect is not None:
+            expect(self.will_run)
+        return model
+
+    def detach(self) -> None:
+        for model, inner in self.attached:
+            if isinstance(model.runner, CachedRunner) and model.runner.cache is self:
+                model.runner = inner
+            expect = getattr(inner, "expect", None)
+            if expect is not None:
+                expect(None)
+        self.attached.clear()
+        self.states.clear()
+
+    def set_schedule(self, schedule: list[str]) -> None:
+        """The expert of every step (from `Denoiser.schedule()`): per-expert step counts and lookahead."""
+        self.schedule = list(schedule)
+
+    def begin(self, step: int, role: str, branches: tuple[str, ...]) -> None:
+        if role != self.role:  # a new expert starts from scratch: its residuals mean nothing to the other
+            self.states = {k: v for k, v in self.states.items() if k[0] == role}
+            self.role, self.expert_start = role, step
+        self.step, self.branches, self.begun, self.decision = step, tuple(branches), True, None
+        self.computing = set()
+
+    # ---------------------------------------------------------------- decisions
+    def _info(self, step: int, role: str, branch: str) -> StepInfo:
+        start = self.expert_start if role == self.role else step
+        if self.schedule is None:
+            return StepInfo(step, step - start, None, None, role, branch)
+        return StepInfo(step, step - start, self.schedule.count(role), len(self.schedule), role, branch)
+
+    def _state(self, role: str, branch: str) -> BranchState:
+        return self.states.setdefault((role, branch), BranchState())
+
+    def will_run(self, ahead: int, block: int) -> bool | None:
+        """For the offload prefetcher: will `block` run `ahead` forwards from now (None: not decided yet)?"""
+        n = self.num_blocks
+        if n is None or block < self.front or block >= n - self.back:
+            return True
+        if ahead == 0 and self.decision is not None:
+            return self.decision
+        step = self.step + ahead
+        if self.schedule is not None and step >= len(self.schedule):
+            return True
+        role = self.role if self.schedule is None else self.schedule[step]
+        votes = []
+        for branch in self.branches:
+            same = role == self.role
+            state = self.states.get((role, branch), BranchState()) if same else BranchState()
+            # a branch computing its middle right now will have a residual to reuse by then
+            reusable = bool(state.terms) or (same and branch in self.computing)
+            votes.append(self.policy.forced(state, self._info(step, role, branch)) if reusable else True)
+        if any(v is True for v in votes):
+            return True
+        return False if votes and all(v is False for v in votes) else None
+
+    # ---------------------------------------------------------------- the cached forward
+    def run(self, inner, role: str, blocks, x: torch.Tensor, inputs) -> torch.Tensor:
+        rows = x.shape[0]
+        if not self.begun or len(self.branches) != rows:
+            self.begin(self.step + 1, role, tuple(f"row{r}" for r in range(rows)))
+        self.begun = False
+        n = self.num_blocks = len(blocks)
+        front, middle_end = self.front, n - self.back
+        states = [self._state(role, b) for b in self.branches]
+        infos = [self._info(self.step, role, b) for b in self.branches]
+        verdicts = [self.policy.forced(s, i) if s.terms and s.terms[0].shape == x.shape[1:] else True
+                    for s, i in zip(states, infos)]
+
+        signal = self.policy.needs_signal
+        x_in = x if signal else None
+        h = inner(blocks, x, inputs, 0, front)
+        del x
+        front_residual = (h - x_in) if signal else None
+        del x_in
+        compute = []
+        for r, (state, info, verdict) in enumerate(zip(states, infos, verdicts)):
+            if verdict is None:
+                ref = state.front_ref
+                diff = (front_residual[r] - ref).abs().float().mean() / ref.abs().float().mean().clamp_min(1e-12)
+                verdict = self.policy.decide(state, info, float(diff))
+            compute.append(verdict)
+        self.decision = any(compute)
+        self.computing = {b for b, c in zip(self.branches, compute) if c}
+        run_rows = [r for r in range(rows) if compute[r]]
+
+        if run_rows:
+            sub = len(run_rows) < rows
+            index = torch.tensor(run_rows, device=h.device)
+            h_in = h[index] if sub else h
+            h_mid = inner(blocks, h_in, inputs.rows(index) if sub else inputs, front, middle_end)
+            residual = h_mid - h_in
+            for j, r in enumerate(run_rows):
+                states[r].record(self.step, residual[j], self.policy.order)
+                if signal:
+                    states[r].front_ref = front_residual[r]
+            del residual, h_in
+            if sub:
+                h = h.clone()
+                h[index] = h_mid
+            else:
+                h = h_mid
+            del h_mid
+        skipped = [r for r in range(rows) if not compute[r]]
+        if skipped:
+            h = h.clone() if run_rows else h
+            for r in skipped:
+                h[r] = h[r] + states[r].forecast(self.step)
+        for state, info, computed in zip(states, infos, compute):
+            self.policy.commit(state, info, computed)
+
+        stats = self.stats
+        stats.block_evals += rows * (front + n - middle_end) + len(run_rows) * (middle_end - front)
+        stats.block_evals_total += rows * n
+        stats.steps += rows
+        stats.steps_cached += len(skipped)
+        stats.forwards_without_middle += not run_rows
+        return inner(blocks, h, inputs, middle_end, n)
