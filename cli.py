@@ -165,7 +165,10 @@ def cmd_plan(args) -> int:
         hw = hypothetical(choices.get("vram_gb"), choices.get("ram_gb", 32), choices.get("disk_gbps", 2.0))
     else:
         hw = load_or_probe()
-    work = Workload(task.name, w, h, args.frame_num or task.frames, args.sample_steps or task.steps)
+    from wanlite.cache import cache_config
+
+    cache = cache_config(choices.get("cache", "off") if args.cache == "auto" else args.cache)
+    work = Workload(task.name, w, h, args.frame_num or task.frames, args.sample_steps or task.steps, cache=cache)
     plan = apply_profile(make_plan(work, hw, args.quant), choices)
     if args.save:
         from pathlib import Path
@@ -200,6 +203,9 @@ def _print_plan(plan) -> None:
                   plan.t5_device, f"{p.vram_text_encoder_gb} GB VRAM" if plan.t5_device == "cuda" else "RAM")
     table.add_row("VAE", "fp32", f"{plan.device}, " + ("whole frames" if not plan.vae_tile else
                                                        f"tiles of {plan.vae_tile} latent px"), f"{p.vram_vae_gb} GB")
+    if plan.cache != "off":
+        table.add_row("step cache", plan.cache, plan.device,
+                      f"{p.vram_cache_gb} GB state (in the activations); skipped blocks are neither run nor moved")
     table.add_row("total", "", "", f"peak VRAM {p.peak_vram_gb} GB, peak RAM {p.peak_ram_gb} GB, "
                                    f"{p.bytes_moved_per_step_gb} GB moved/step, ~{p.s_per_step} s/step")
     console = Console()
@@ -347,10 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "per block: for 16-32 GB PCs), disk (per-block cache files written once)")
     gen.add_argument("--offload_cache", default=None, metavar="DIR",
                      help="where --ram_mode disk writes its cache (default: the user cache folder)")
-    gen.add_argument("--cache", default="off",
-                     choices=["off", "safe", "fast", "turbo", "dbcache", "taylorseer", "mag", "calibrate"],
+    gen.add_argument("--cache", default="auto",
+                     choices=["auto", "off", "safe", "fast", "turbo", "dbcache", "taylorseer", "mag", "calibrate"],
                      help="step caching: presets safe/fast/turbo (measured in README), or a policy for experts; "
-                          "calibrate records the MagCache curve `--cache mag` needs (default: off)")
+                          "calibrate records the MagCache curve `--cache mag` needs (default: the profile's, "
+                          "else off)")
     gen.add_argument("--cache_threshold", type=float, default=None, metavar="X",
                      help="DBCache/MagCache threshold (default: the preset's)")
     gen.add_argument("--cache_fn", type=int, default=None, metavar="N", help="DBCache: front blocks always computed")
@@ -384,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--disk", type=float, default=2.0, help="disk read speed in GB/s for --vram/--ram")
     plan.add_argument("--quant", default="auto", help="auto (the planner picks), none, fp8, int8, gguf-q8_0, ...")
     plan.add_argument("--profile", default="auto", help="auto, a preset name or a .toml file")
+    plan.add_argument("--cache", default="auto", choices=["auto", "off", "safe", "fast", "turbo", "dbcache",
+                                                          "taylorseer", "mag"],
+                      help="plan the memory of this step cache (default: the profile's, else off)")
     plan.add_argument("--save", default=None, metavar="FILE", help="write the plan as a profile (.toml)")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=cmd_plan)

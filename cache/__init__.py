@@ -51,24 +51,30 @@ def apply_cache(model: torch.nn.Module, config: CacheConfig, role: str = "model"
     return cache
 
 
-def cache_config(name: str, threshold: float | None = None, front: int | None = None, back: int | None = None,
-                 order: int | None = None, curve: str | None = None) -> CacheConfig | None:
-    """`--cache NAME` plus the expert flags -> a validated config (None: off). Raises WanliteError."""
+def cache_config(name: "str | CacheConfig", threshold: float | None = None, front: int | None = None,
+                 back: int | None = None,
+                 order: int | None = None) -> CacheConfig | None:
+    """`--cache NAME` (or a config object, from the Python API) plus the expert flags -> a validated config
+    (None: off). Raises WanliteError."""
     tuned = {k: v for k, v in (("threshold", threshold), ("front_blocks", front), ("back_blocks", back),
                                ("order", order)) if v is not None}
-    if name == "off":
+    if not isinstance(name, str):
+        if type(name) not in POLICIES:
+            raise WanliteError(f"cache={name!r} is neither a cache name nor a cache config")
+        config, name = name, type(name).__name__
+    elif name == "off":
         if tuned:
             raise WanliteError(f"--cache off ignores {', '.join(tuned)}: pick a cache (--cache safe|fast|turbo|"
                                "dbcache|taylorseer|mag) or drop those flags")
         return None
-    if name in PRESETS:
+    elif name in PRESETS:
         config = PRESETS[name]
     elif name == "dbcache":
         config = DBCacheConfig()
     elif name == "taylorseer":
         config = TaylorSeerConfig()
     elif name == "mag":
-        config = MagCacheConfig(curve=curve)
+        config = MagCacheConfig()
     elif name == "calibrate":
         config = CalibrateConfig()
     else:

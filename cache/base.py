@@ -11,6 +11,7 @@ next expert starts from scratch (its warm-up included).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -53,11 +54,13 @@ class BranchState:
 
     def record(self, step: int, residual: torch.Tensor, order: int) -> None:
         """A computed step: refresh the divided differences up to `order` (TaylorSeer's recursion)."""
+        old, self.terms = self.terms, []
         terms = [residual]
-        if order > 0 and self.terms and step > self.last_step:
-            dk = step - self.last_step
-            for i in range(min(order, len(self.terms))):
-                terms.append((terms[i] - self.terms[i]) / dk)
+        if order > 0 and old and step > self.last_step:
+            for i in range(min(order, len(old))):
+                term = terms[i] - old[i]
+                old[i] = None  # each old term is freed once used: at most one extra [L, d] lives meanwhile
+                terms.append(term.div_(step - self.last_step))
         self.terms, self.last_step = terms, step
 
     def forecast(self, step: int) -> torch.Tensor:
@@ -111,16 +114,17 @@ class CacheStats:
                 "forwards_without_middle": self.forwards_without_middle}
 
 
-class CachedRunner:
-    """`WanDiT.runner` with a step cache in front of another runner (the plain loop or the offload engine)."""
+class CachedRunner(functools.partial):
+    """`WanDiT.runner` with a step cache in front of another runner (the plain loop or the offload engine):
+    `StepCache.run` bound to them. A partial, not a method: no extra frame keeps the block input alive."""
 
-    def __init__(self, inner, cache: "StepCache", role: str):
-        self.inner, self.cache, self.role = inner, cache, role
+    @property
+    def cache(self) -> "StepCache":
+        return self.func.__self__
 
-    def __call__(self, blocks, x: torch.Tensor, inputs, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        if start != 0 or stop not in (None, len(blocks)):
-            return self.inner(blocks, x, inputs, start, stop)
-        return self.cache.run(self.inner, self.role, blocks, x, inputs)
+    @property
+    def inner(self):
+        return self.args[0]
 
 
 class StepCache:
@@ -151,7 +155,7 @@ class StepCache:
         self.config.check(len(model.blocks))
         inner = model.runner
         self.attached.append((model, inner))
-        model.runner = CachedRunner(inner, self, role)
+        model.runner = CachedRunner(self.run, inner, role)
         expect = getattr(inner, "expect", None)
         if expect is not None:
             expect(self.will_run)
@@ -211,7 +215,11 @@ class StepCache:
         return False if votes and all(v is False for v in votes) else None
 
     # ---------------------------------------------------------------- the cached forward
-    def run(self, inner, role: str, blocks, x: torch.Tensor, inputs) -> torch.Tensor:
+    def run(self, inner, role: str, blocks, x: torch.Tensor, inputs, start: int = 0,
+            stop: int | None = None) -> torch.Tensor:
+        """The cached forward of `role`'s blocks (a range request passes straight to the inner runner)."""
+        if start != 0 or stop not in (None, len(blocks)):
+            return inner(blocks, x, inputs, start, stop)
         rows = x.shape[0]
         if not self.begun or len(self.branches) != rows:
             self.begin(self.step + 1, role, tuple(f"row{r}" for r in range(rows)))
@@ -233,9 +241,14 @@ class StepCache:
         for r, (state, info, verdict) in enumerate(zip(states, infos, verdicts)):
             if verdict is None:
                 ref = state.front_ref
-                diff = (front_residual[r] - ref).abs().float().mean() / ref.abs().float().mean().clamp_min(1e-12)
+                # relative L1, accumulated in fp32 without an fp32 copy of the [L, d] tensors
+                diff = ((front_residual[r] - ref).abs_().mean(dtype=torch.float32)
+                        / ref.abs().mean(dtype=torch.float32).clamp_min(1e-12))
                 verdict = self.policy.decide(state, info, float(diff))
+            if verdict and signal:  # the reference is the front residual of the last computed step
+                state.front_ref = front_residual[r].clone()  # a view would keep every row alive
             compute.append(verdict)
+        del front_residual
         self.decision = any(compute)
         self.computing = {b for b, c in zip(self.branches, compute) if c}
         run_rows = [r for r in range(rows) if compute[r]]
@@ -248,8 +261,6 @@ class StepCache:
             residual = h_mid - h_in
             for j, r in enumerate(run_rows):
                 states[r].record(self.step, residual[j], self.policy.order)
-                if signal:
-                    states[r].front_ref = front_residual[r]
             del residual, h_in
             if sub:
                 h = h.clone()

@@ -96,6 +96,20 @@ def span(config: CacheConfig) -> tuple[int, int]:
     return 0, 0
 
 
+def state_tensors(config: CacheConfig | None) -> int:
+    """[tokens, dim] CFG-batch tensors a step cache adds to the forward's peak (the planner's cache memory): the
+    span residual and its Taylor terms, plus one transient while they are refreshed; DBCache also keeps the front
+    residual it compares against and the block input and differences it compares with. Checked against traced
+    allocations in tests/test_planner.py."""
+    if config is None:
+        return 0
+    if isinstance(config, DBCacheConfig):
+        return 4 + (config.taylorseer.order if config.taylorseer else 0)
+    if isinstance(config, TaylorSeerConfig):
+        return 2 + config.order
+    return 2 if isinstance(config, MagCacheConfig) else 4  # calibration: the previous residual in fp32
+
+
 def describe(config: CacheConfig | None) -> dict | None:
     """The config as plain data for the plan, the metadata and the CLI summary."""
     if config is None:

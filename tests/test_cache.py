@@ -245,3 +245,33 @@ def test_calibrate_once_then_magcache_uses_the_curve(tmp_path, monkeypatch):
     mag = generate(save_file=tmp_path / "mag.mp4", cache="mag", cache_threshold=0.5, **kw)
     assert mag.cache["policy"] == "magcache" and mag.cache["branch_steps_cached"] > 0
     assert mag.cache["skipped_fraction"] > 0.1
+
+
+def test_ti2v_with_an_image_caches_and_keeps_its_first_frame(tmp_path):
+    """TI2V's per-token timesteps (frame 0 at t = 0) go through the cache unchanged; frame 0 stays the image."""
+    from PIL import Image
+
+    from wanlite.eval import psnr
+    from wanlite.tiny.data import Clip, Sprite, render
+
+    clip = Clip((Sprite("red", "square", "moving right", (40.0, 64.0)),), "black", "a red square moving right")
+    first = render(clip, 128, 1, 4.0)[0]
+    Image.fromarray(first).save(tmp_path / "first.png")
+    kw = dict(task="tiny-ti2v", prompt=clip.caption, ckpt_dir=checkpoint_dir("tiny-ti2v"), image=tmp_path / "first.png",
+              seed=0, dtype="fp32", steps=12)
+    ref = generate(save_file=tmp_path / "ref.mp4", **kw)
+    cached = generate(save_file=tmp_path / "c.mp4", cache="fast", cache_threshold=0.5, **kw)
+    assert cached.cache["branch_steps_cached"] > 0
+    assert psnr(cached.frames[0], first) >= 25
+    assert psnr(cached.frames, ref.frames) >= 20
+
+
+@pytest.mark.parametrize("offload,quant", [("block", "auto"), ("model", "fp8"), ("block", "gguf-q8_0")])
+def test_the_cache_works_with_offload_and_weight_formats(tmp_path, offload, quant):
+    """Same decisions and numbers whether the blocks stream or not, for every weight format."""
+    kw = dict(task="tiny-t2v", prompt="a blue square moving left on a black background", seed=2, dtype="fp32",
+              ckpt_dir=checkpoint_dir("tiny-t2v"), steps=12, quant=quant, cache="turbo")
+    whole = generate(save_file=tmp_path / "a.mp4", offload="none", **kw)
+    placed = generate(save_file=tmp_path / "b.mp4", offload=offload, resident_blocks=1, **kw)
+    assert placed.cache["block_evals"] == whole.cache["block_evals"] < whole.cache["block_evals_total"]
+    assert (placed.frames == whole.frames).all()

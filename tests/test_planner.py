@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from wanlite import generate
+from wanlite.cache import PRESETS, DBCacheConfig, TaylorSeerConfig, apply_cache
 from wanlite.cli import main
 from wanlite.errors import WanliteError
 from wanlite.loading.checkpoints import discover
@@ -17,7 +18,7 @@ from wanlite.models.rope import rope_cos_sin
 from wanlite.models.vae import WanVAE
 from wanlite.pipelines.video_io import read_mp4_metadata
 from wanlite.planner import PROFILES_DIR, Workload, hypothetical, load_profile, make_plan, plan_to_toml, read_profile
-from wanlite.planner.estimate import dit_activation_bytes, vae_decode_bytes
+from wanlite.planner.estimate import cache_state_bytes, dit_activation_bytes, vae_decode_bytes
 from wanlite.planner.memtrace import LiveBytes
 from wanlite.planner.probe import Hardware, load_or_probe, probe
 from wanlite.specs import DIT_SPECS, TINY_DIT_SPECS, VAE_SPECS
@@ -49,6 +50,35 @@ def test_dit_activation_formula_matches_traced_allocations(spec, chunk):
         model(x, t, context)
     predicted = dit_activation_bytes(spec, 6 * 20 * 20, chunk)
     assert 0.9 <= predicted / traced.peak <= 1.1, (predicted, traced.peak)
+
+
+@pytest.mark.parametrize("config", [PRESETS["safe"], PRESETS["fast"], PRESETS["turbo"],
+                                    TaylorSeerConfig(order=2, interval=2), DBCacheConfig(threshold=1e-9)],
+                         ids=["safe", "fast", "turbo", "taylorseer-o2", "dbcache-always-computing"])
+def test_step_cache_memory_formula_matches_traced_allocations(config):
+    """The cache's state and transients over five steps, on top of the forward's activations: 0.9-1.1."""
+    spec = replace(DIT_SPECS["t2v-A14B"], dim=768, ffn_dim=2048, num_heads=6, num_layers=3,
+                   text_dim=TINY_DIT_SPECS["t2v-A14B"].text_dim)
+    model = bf16_dit(spec)
+    cache = apply_cache(model, config)
+    x, t = torch.randn(2, spec.in_dim, 6, 40, 40), torch.full((2,), 900.0)
+    context = [torch.randn(20, spec.text_dim), torch.randn(30, spec.text_dim)]
+    with torch.no_grad(), LiveBytes() as traced:
+        for step in range(5):
+            model(x + 0.01 * step, t, context)
+    predicted = dit_activation_bytes(spec, 2400) + cache_state_bytes(spec, 2400, config)
+    assert 0.9 <= predicted / traced.peak <= 1.1, (predicted, traced.peak)
+
+
+def test_the_plan_makes_room_for_the_cache_state():
+    work = Workload("t2v-A14B", 832, 480, 81, 40)
+    plain = make_plan(work, hypothetical(12, 32))
+    cached = make_plan(replace(work, cache=PRESETS["fast"]), hypothetical(12, 32))
+    state = cache_state_bytes(work.spec, work.tokens, PRESETS["fast"]) / 1e9
+    assert cached.cache == "fast" and cached.predicted.vram_cache_gb == pytest.approx(state, abs=0.01)
+    assert cached.resident_blocks < plain.resident_blocks  # the state displaces resident blocks
+    assert cached.predicted.peak_vram_gb <= 12
+    assert read_profile(plan_to_toml(cached), "saved.toml")["cache"] == "fast"
 
 
 def test_chunked_blocks_compute_the_same_numbers():

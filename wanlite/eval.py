@@ -85,6 +85,9 @@ class ClipResult:
     seconds: float
     psnr_vs_reference: float | None = None
     ssim_vs_reference: float | None = None
+    denoise_seconds: float | None = None  # the sampling loop alone (no text encoder, no VAE)
+    block_evals: int | None = None  # with a step cache: block forwards run / that would have run
+    block_evals_total: int | None = None
 
     @property
     def correct(self) -> bool:
@@ -112,11 +115,16 @@ def run_suite(variants: dict[str, dict], prompts=DEFAULT_PROMPTS, seeds=(0, 1), 
                 kwargs.update(variants[name])
                 if "ckpt_dir" not in kwargs:
                     kwargs["ckpt_dir"] = checkpoint_dir(task)
-                out = generate(**kwargs)
+                steps = []
+                out = generate(**kwargs, progress=lambda e: steps.append(e) if e.get("event") == "step" else None)
                 seconds = time.perf_counter() - started
                 motion = measure_motion(out.frames, colour)
                 result = ClipResult(name, colour, direction, seed, motion.direction, round(motion.distance, 1),
-                                    round(motion.seen_frames, 3), round(seconds, 2))
+                                    round(motion.seen_frames, 3), round(seconds, 2),
+                                    denoise_seconds=round(steps[-1]["elapsed"], 4) if steps else None)
+                if out.cache is not None:
+                    result.block_evals = out.cache["block_evals"]
+                    result.block_evals_total = out.cache["block_evals_total"]
                 frames_of[name, colour, direction, seed] = out.frames
                 ref = frames_of.get((reference, colour, direction, seed))
                 if name != reference and ref is not None:
@@ -140,6 +148,10 @@ def summarize(results: list[ClipResult]) -> list[dict]:
             "mean_distance_px": round(float(np.mean([r.distance for r in mine])), 1),
             "colour_seen_frames": round(float(np.mean([r.seen_frames for r in mine])), 3),
             "seconds_per_clip": round(float(np.mean([r.seconds for r in mine])), 2),
+            "denoise_seconds_per_clip": (round(float(np.mean([r.denoise_seconds for r in mine])), 4)
+                                         if all(r.denoise_seconds is not None for r in mine) else None),
+            "block_evals_saved_x": (round(sum(r.block_evals_total for r in mine) / sum(r.block_evals for r in mine), 3)
+                                    if all(r.block_evals for r in mine) else 1.0),
             "psnr_vs_reference": round(float(np.mean(psnrs)), 2) if psnrs else None,
             "ssim_vs_reference": round(float(np.mean(ssims)), 4) if ssims else None,
         })

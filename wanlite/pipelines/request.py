@@ -45,7 +45,9 @@ class Request:
     ram_mode: str | None = None  # block offload: pinned | mmap | disk
     chunk_tokens: int | None = None  # DiT blocks work this many tokens at a time (0: whole)
     offload_cache: Path | None = None  # disk mode's cache folder (default: the user cache folder)
-    cache: str = "off"  # step cache: off | safe | fast | turbo | dbcache | taylorseer | mag | calibrate
+    # step cache: auto (the profile's, else off) | off | safe | fast | turbo | dbcache | taylorseer | mag | calibrate,
+    # or a CacheConfig
+    cache: object = "auto"
     cache_threshold: float | None = None  # None below: the preset's value
     cache_fn: int | None = None  # DBCache front blocks
     cache_bn: int | None = None  # DBCache back blocks
@@ -177,8 +179,10 @@ def resolve(req: Request, seed: int) -> Settings:
                     fps=task.fps, image=None if req.image is None else str(req.image))
 
 
-def cache_settings(req: Request, curve: str | None = None):
-    """The request's step-cache config (None: off); raises WanliteError for inconsistent settings."""
+def cache_settings(req: Request, name=None):
+    """The step-cache config of `--cache` (or `name`, a profile's choice), None: off; raises WanliteError for
+    inconsistent settings."""
     from wanlite.cache import cache_config
 
-    return cache_config(req.cache, req.cache_threshold, req.cache_fn, req.cache_bn, req.taylorseer_order, curve)
+    name = name if name is not None else ("off" if req.cache == "auto" else req.cache)
+    return cache_config(name, req.cache_threshold, req.cache_fn, req.cache_bn, req.taylorseer_order)

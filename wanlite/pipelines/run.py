@@ -214,7 +214,7 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     if placement.plan is not None:
         emit({"event": "plan", "summary": placement.plan.summary(), "reasons": list(placement.plan.reasons)})
     quant = parse_quant(placement.quant, req.quant_backend)
-    step_cache = make_step_cache(req, settings, experts, dits_found[0].model.spec.num_layers, emit)
+    step_cache = make_step_cache(req, placement.cache, settings, experts, dits_found[0].model.spec.num_layers, emit)
 
     telemetry = Telemetry()
     emit({"event": "stage", "name": "encode text"})
@@ -319,22 +319,24 @@ def magcache_file(task: str, experts: dict[str, Component], reading: bool = Fals
     return path
 
 
-def make_step_cache(req: Request, settings: Settings, experts: dict[str, Component], num_blocks: int,
+def make_step_cache(req: Request, name, settings: Settings, experts: dict[str, Component], num_blocks: int,
                     emit: Progress):
     """The request's StepCache, or None: off, or a distilled schedule (<= 8 steps) without --cache_force."""
-    from wanlite.cache import MIN_CACHED_STEPS, StepCache
+    from dataclasses import replace
 
-    curve = None
-    if req.cache == "mag":
+    from wanlite.cache import MIN_CACHED_STEPS, CalibrateConfig, MagCacheConfig, StepCache
+
+    config = cache_settings(req, name)
+    if config is None:
+        return None
+    config.check(num_blocks)
+    if isinstance(config, MagCacheConfig) and config.curve is None:
         curve = magcache_file(settings.task, experts, reading=True)
         if not curve.is_file():
             raise WanliteError(f"no MagCache calibration for this {settings.task} model ({curve}); run the same "
                                "command once with --cache calibrate")
-    config = cache_settings(req, None if curve is None else str(curve))
-    if config is None:
-        return None
-    config.check(num_blocks)
-    if settings.steps < MIN_CACHED_STEPS and not req.cache_force and req.cache != "calibrate":
+        config = replace(config, curve=str(curve))
+    if settings.steps < MIN_CACHED_STEPS and not req.cache_force and not isinstance(config, CalibrateConfig):
         emit({"event": "warning", "message": f"step caching is off for a {settings.steps}-step schedule (distilled "
                                              "steps differ too much to reuse); --cache_force caches anyway"})
         return None

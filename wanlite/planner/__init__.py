@@ -56,6 +56,7 @@ class Placement:
     chunk_tokens: int | None
     vae_tile: int | None
     t5_cpu: bool
+    cache: object = "off"  # the step cache: a --cache name or a CacheConfig
 
 
 def plan_for_request(req, width: int, height: int, frames: int, steps: int, device: torch.device,
@@ -65,12 +66,15 @@ def plan_for_request(req, width: int, height: int, frames: int, steps: int, devi
     Files that already hold a quantized format run as stored (no re-quantizing); on the CPU nothing is
     quantized unless asked. The bundled tiny tasks are not planned (a 20 MB model fits anywhere): only the
     profile's choices and the flags apply. `dit`: the checkpoint's DiTSpec (default: the task's full size)."""
+    from wanlite.pipelines.request import cache_settings
+
     choices, _ = ({}, "auto") if req.profile == "auto" else load_profile(req.profile)
+    cache = choices.get("cache", "off") if req.cache == "auto" else req.cache
     plan = None
     if not req.task.startswith("tiny-"):
         hw = hardware_for(choices, device)
         free_format = not stored_quantized and req.quant in ("auto", *QUANT_FLAGS)
-        plan = make_plan(Workload(req.task, width, height, frames, steps, dit), hw,
+        plan = make_plan(Workload(req.task, width, height, frames, steps, dit, cache_settings(req, cache)), hw,
                          req.quant if req.quant in QUANT_FLAGS else "auto")
         plan = apply_profile(plan, choices)
         planned_quant = plan.quant if free_format and plan.device == "cuda" else "auto"
@@ -87,4 +91,4 @@ def plan_for_request(req, width: int, height: int, frames: int, steps: int, devi
         (req.chunk_tokens if req.chunk_tokens is not None else given("chunk_tokens", 0)) or None,
         req.vae_tile if req.vae_tile is not None else (
             given("vae_tile", 0) if "vae_tile" in choices or (plan is not None and plan.device == "cuda") else None),
-        req.t5_cpu or given("t5_device", "") == "cpu")
+        req.t5_cpu or given("t5_device", "") == "cpu", cache)

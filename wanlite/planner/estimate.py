@@ -41,6 +41,7 @@ class Workload:
     frames: int
     steps: int
     dit: DiTSpec | None = None  # the checkpoint's transformer when known; else the task's full-size one
+    cache: object = None  # the step cache's config (wanlite.cache), None: off
 
     @property
     def spec(self) -> DiTSpec:
@@ -101,6 +102,13 @@ def dit_activation_bytes(spec: DiTSpec, tokens: int, chunk: int | None = None, q
     held = 2 * b * tokens * d + 2 * b * TEXT_LEN * d + 4 * tokens * spec.head_dim + 4 * b * 6 * d
     dequant = 2 * spec.dim * spec.ffn_dim if quantized else 0
     return int(block + held + dequant)
+
+
+def cache_state_bytes(spec: DiTSpec, tokens: int, config) -> int:
+    """What a step cache keeps on the device between steps: bf16 [tokens, dim] tensors per CFG branch."""
+    from wanlite.cache.config import state_tensors
+
+    return CFG_BATCH * tokens * spec.dim * 2 * state_tensors(config)
 
 
 def t5_activation_bytes(dtype_bytes: int = 2) -> int:

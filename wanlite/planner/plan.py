@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from wanlite.errors import WanliteError
-from wanlite.planner.estimate import (GB, Workload, dit_activation_bytes, dit_bytes, dit_flops, t5_activation_bytes,
+from wanlite.planner.estimate import (GB, Workload, cache_state_bytes, dit_activation_bytes, dit_bytes, dit_flops, t5_activation_bytes,
                                       t5_bytes, vae_bytes, vae_decode_bytes)
 from wanlite.planner.probe import Hardware
 from wanlite.specs import TASKS, VAE_SPECS
@@ -53,7 +53,8 @@ class Prediction:
     vram_text_encoder_gb: float
     peak_ram_gb: float
     bytes_moved_per_step_gb: float
-    s_per_step: float
+    s_per_step: float  # a step that runs every block (a step cache skips some: content-dependent)
+    vram_cache_gb: float = 0.0  # step-cache state, part of vram_activations_gb
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Plan:
     hardware: str
     predicted: Prediction
     reasons: tuple[str, ...] = field(default_factory=tuple)
+    cache: str = "off"  # the step cache (--cache) the memory was planned with
 
     @property
     def weight_format(self) -> str:
@@ -125,6 +127,7 @@ def _dit_options(work: Workload, hw: Hardware, fmt: str, budget: float, prefetch
     nonblock, block = dit_bytes(work.spec, fmt)
     expert = nonblock + spec.num_layers * block
     act = dit_activation_bytes(work.spec, work.tokens, chunk, quantized=fmt != "bf16")
+    act += cache_state_bytes(work.spec, work.tokens, work.cache)
     compute = dit_flops(work.spec, work.tokens) / (hw.bf16_flops * MATMUL_EFFICIENCY) * compute_factor(fmt, hw)
     compute *= 1.0 if chunk is None else CHUNK_COST
     host_all = experts * expert + RAM_RESERVE
@@ -206,12 +209,13 @@ def make_plan(work: Workload, hw: Hardware, quant: str = "auto", prefetch: int =
         vram_activations_gb=round(best.activations / GB, 2), vram_buffers_gb=round(best.buffers / GB, 2),
         vram_vae_gb=round(vae_need / GB, 2), vram_text_encoder_gb=round(t5_vram / GB, 2),
         peak_ram_gb=round(max(best.ram, t5_ram) / GB, 2), bytes_moved_per_step_gb=round(best.moved / GB, 2),
-        s_per_step=round(best.s_per_step, 2))
+        s_per_step=round(best.s_per_step, 2),
+        vram_cache_gb=round(cache_state_bytes(work.spec, work.tokens, work.cache) / GB, 2))
     return Plan(work.task, work.width, work.height, work.frames, work.steps, "cuda", QUANT_FLAG[best.fmt],
                 best.offload, best.resident if best.offload == "block" else 0,
                 prefetch if best.offload == "block" else 0, best.ram_mode, best.chunk or 0, t5_device, tile,
                 hw.describe(),
-                predicted, tuple(reasons))
+                predicted, tuple(reasons), cache_name(work.cache))
 
 
 def _explain(work: Workload, hw: Hardware, best: _Option, budget: float, formats) -> list[str]:
@@ -270,14 +274,22 @@ def _cpu_plan(work: Workload, hw: Hardware, formats) -> Plan:
     predicted = Prediction(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, round(ram / GB, 2), 0.0, round(seconds, 1))
     return Plan(work.task, work.width, work.height, work.frames, work.steps, "cpu",
                 "auto" if len(formats) > 1 else QUANT_FLAG[fmt], offload, 0, 1 if offload == "block" else 0,
-                ram_mode, 0, "cpu", 0, hw.describe(), predicted, tuple(reasons))
+                ram_mode, 0, "cpu", 0, hw.describe(), predicted, tuple(reasons), cache_name(work.cache))
+
+
+def cache_name(config) -> str:
+    from wanlite.cache import PRESETS
+
+    if config is None:
+        return "off"
+    return next((name for name, preset in PRESETS.items() if preset == config), type(config).__name__)
 
 
 # ---------------------------------------------------------------------------------------------- profiles
 PROFILE_TYPES = {"vram_gb": (int, float), "ram_gb": (int, float), "disk_gbps": (int, float), "quant": str,
                  "offload": str, "resident_blocks": int, "prefetch": int, "ram_mode": str, "t5_device": str,
                  "chunk_tokens": int,
-                 "vae_tile": int, "description": str}
+                 "vae_tile": int, "cache": str, "description": str}
 
 
 def plan_to_toml(plan: Plan) -> str:
@@ -288,7 +300,7 @@ def plan_to_toml(plan: Plan) -> str:
     lines += ["[plan]", f'quant = "{plan.quant}"', f'offload = "{plan.offload}"',
               f"resident_blocks = {plan.resident_blocks}", f"prefetch = {plan.prefetch}",
               f'ram_mode = "{plan.ram_mode}"', f"chunk_tokens = {plan.chunk_tokens}",
-              f't5_device = "{plan.t5_device}"', f"vae_tile = {plan.vae_tile}"]
+              f't5_device = "{plan.t5_device}"', f"vae_tile = {plan.vae_tile}", f'cache = "{plan.cache}"']
     return "\n".join(lines) + "\n"
 
 
@@ -321,7 +333,8 @@ def read_profile(text: str, where: str) -> dict:
 
 def apply_profile(plan: Plan, choices: dict) -> Plan:
     """A plan with a profile's [plan] choices put in place of the planner's."""
-    keys = ("quant", "offload", "resident_blocks", "prefetch", "ram_mode", "chunk_tokens", "t5_device", "vae_tile")
+    keys = ("quant", "offload", "resident_blocks", "prefetch", "ram_mode", "chunk_tokens", "t5_device", "vae_tile",
+            "cache")
     given = {k: choices[k] for k in keys if k in choices}
     if not given:
         return plan
