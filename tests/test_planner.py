@@ -18,7 +18,8 @@ from wanlite.models.rope import rope_cos_sin
 from wanlite.models.vae import WanVAE
 from wanlite.pipelines.video_io import read_mp4_metadata
 from wanlite.planner import PROFILES_DIR, Workload, hypothetical, load_profile, make_plan, plan_to_toml, read_profile
-from wanlite.planner.estimate import cache_state_bytes, dit_activation_bytes, vae_decode_bytes
+from wanlite.planner.estimate import (cache_state_bytes, dit_activation_bytes, t5_activation_bytes,
+                                      vae_decode_bytes)
 from wanlite.planner.memtrace import LiveBytes
 from wanlite.planner.probe import Hardware, load_or_probe, probe
 from wanlite.specs import DIT_SPECS, TINY_DIT_SPECS, VAE_SPECS
@@ -60,7 +61,7 @@ def test_step_cache_memory_formula_matches_traced_allocations(config):
     spec = replace(DIT_SPECS["t2v-A14B"], dim=768, ffn_dim=2048, num_heads=6, num_layers=3,
                    text_dim=TINY_DIT_SPECS["t2v-A14B"].text_dim)
     model = bf16_dit(spec)
-    cache = apply_cache(model, config)
+    apply_cache(model, config)
     x, t = torch.randn(2, spec.in_dim, 6, 40, 40), torch.full((2,), 900.0)
     context = [torch.randn(20, spec.text_dim), torch.randn(30, spec.text_dim)]
     with torch.no_grad(), LiveBytes() as traced:
@@ -79,6 +80,19 @@ def test_the_plan_makes_room_for_the_cache_state():
     assert cached.resident_blocks < plain.resident_blocks  # the state displaces resident blocks
     assert cached.predicted.peak_vram_gb <= 12
     assert read_profile(plan_to_toml(cached), "saved.toml")["cache"] == "fast"
+
+
+def test_t5_activation_formula_matches_traced_allocations():
+    """Full-width umT5 layers (two: the peak does not grow past the second) on two 512-token prompts, bf16."""
+    from wanlite.models.t5 import build_umt5
+    from wanlite.specs import T5Spec
+
+    torch.manual_seed(0)
+    model = build_umt5(T5Spec(vocab_size=512, num_layers=2)).to(torch.bfloat16)
+    ids = torch.randint(0, 512, (2, 512))
+    with torch.no_grad(), LiveBytes() as traced:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert 0.9 <= t5_activation_bytes() / traced.peak <= 1.1, (t5_activation_bytes(), traced.peak)
 
 
 def test_chunked_blocks_compute_the_same_numbers():

@@ -152,10 +152,19 @@ def summarize(results: list[ClipResult]) -> list[dict]:
                                          if all(r.denoise_seconds is not None for r in mine) else None),
             "block_evals_saved_x": (round(sum(r.block_evals_total for r in mine) / sum(r.block_evals for r in mine), 3)
                                     if all(r.block_evals for r in mine) else 1.0),
-            "psnr_vs_reference": round(float(np.mean(psnrs)), 2) if psnrs else None,
+            "psnr_vs_reference": pooled_psnr(psnrs),
             "ssim_vs_reference": round(float(np.mean(ssims)), 4) if ssims else None,
         })
     return rows
+
+
+def pooled_psnr(values: list[float]) -> float | None:
+    """The PSNR of the clips' mean squared error (a mean of per-clip dB would be infinite as soon as one clip is
+    identical to its reference); None without values, inf when every clip is identical."""
+    if not values:
+        return None
+    mse = float(np.mean([0.0 if v == float("inf") else 255.0**2 / 10 ** (v / 10) for v in values]))
+    return float("inf") if mse == 0 else round(10 * float(np.log10(255.0**2 / mse)), 2)
 
 
 def as_dicts(results: list[ClipResult]) -> list[dict]:

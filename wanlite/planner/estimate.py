@@ -112,9 +112,12 @@ def cache_state_bytes(spec: DiTSpec, tokens: int, config) -> int:
 
 
 def t5_activation_bytes(dtype_bytes: int = 2) -> int:
-    """umT5-xxl on two prompts of 512 tokens: a few hidden states and one attention score tensor per layer."""
-    d_model, heads, ffn = 4096, 64, 10240
-    return int(CFG_BATCH * TEXT_LEN * (6 * d_model + 2 * ffn) * dtype_bytes + CFG_BATCH * heads * TEXT_LEN**2 * 4)
+    """umT5-xxl on two prompts padded to 512 tokens. The peak is inside one layer's attention: the layer's
+    relative position bias [1, heads, T, T], that bias plus the padding mask broadcast to the batch
+    [B, heads, T, T], and three hidden states [B, T, d_model]; layers do not accumulate (traced on CPU with
+    transformers' UMT5 in tests/test_planner.py)."""
+    d_model, heads = 4096, 64
+    return int((1 + CFG_BATCH) * heads * TEXT_LEN**2 * dtype_bytes + 3 * CFG_BATCH * TEXT_LEN * d_model * dtype_bytes)
 
 
 def vae_decode_bytes(task: str, height: int, width: int, frames: int, tile_px: int | None) -> int:
