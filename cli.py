@@ -123,6 +123,8 @@ def cmd_generate(args) -> int:
         offload_cache=None if args.offload_cache is None else Path(args.offload_cache),
         cache=args.cache, cache_threshold=args.cache_threshold, cache_fn=args.cache_fn, cache_bn=args.cache_bn,
         taylorseer_order=args.taylorseer_order, cache_force=args.cache_force,
+        lora=tuple(args.lora), lora_high=tuple(args.lora_high), lora_low=tuple(args.lora_low),
+        lora_mode=args.lora_mode, preset=args.preset,
         **{flag: Path(getattr(args, flag)) for flag in COMPONENT_FLAGS if getattr(args, flag) is not None})
     with ProgressPrinter() as progress:
         result = generate(request, progress=progress)
@@ -364,6 +366,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cache_bn", type=int, default=None, metavar="N", help="DBCache: back blocks always computed")
     gen.add_argument("--taylorseer_order", type=int, default=None, metavar="K",
                      help="forecast skipped residuals with a Taylor series of this order (0-3)")
+    gen.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                     help="apply a LoRA (repeatable); on A14B tasks to both experts")
+    gen.add_argument("--lora_high", action="append", default=[], metavar="FILE[:STRENGTH]",
+                     help="A14B: a LoRA for the high-noise expert only (Lightning's high_noise_model.safetensors)")
+    gen.add_argument("--lora_low", action="append", default=[], metavar="FILE[:STRENGTH]",
+                     help="A14B: a LoRA for the low-noise expert only")
+    gen.add_argument("--lora_mode", default="auto", choices=["auto", "merge", "runtime"],
+                     help="auto: merge into weights as they load (before quantizing), a runtime low-rank branch on "
+                          "weights stored quantized; merge: also re-quantize stored fp8/GGUF; runtime: branch only")
+    gen.add_argument("--preset", default=None, choices=["lightning"],
+                     help="lightning: the 4-step distillation recipe (Euler, shift 5, guide 1: no uncond pass); "
+                          "pair it with the Lightning / lightx2v LoRAs")
     gen.add_argument("--cache_force", action="store_true",
                      help="cache even schedules of 8 steps or fewer (distilled; off by default)")
     gen.add_argument("--save_file", default=None, help="output .mp4 path (default: a new name in --output-dir)")

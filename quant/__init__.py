@@ -20,13 +20,14 @@ from wanlite.quant.base import (
     sqnr,
 )
 from wanlite.quant.fp8 import Fp8WeightConfig
-from wanlite.quant.gguf import GGUFWeightConfig
+from wanlite.quant.gguf import FLOAT_TYPES, GGUFWeightConfig
+from wanlite.quant.gguf_quantize import QUANTIZABLE
 from wanlite.quant.gguf_dequant import BLOCKS
 from wanlite.quant.int8 import BACKENDS, Int8WeightConfig
 
 __all__ = ["quantize_", "QuantConfig", "DenseConfig", "Fp8WeightConfig", "Int8WeightConfig", "GGUFWeightConfig",
            "QLinear", "QuantizedWeight", "build_linear", "is_quantizable", "sqnr", "HANDLERS", "FORMATS",
-           "QUANT_CHOICES", "parse_quant", "weight_bytes", "BACKENDS"]
+           "QUANT_CHOICES", "parse_quant", "weight_bytes", "BACKENDS", "config_for_stored"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,16 @@ def parse_quant(name: str, backend: str = "torchao") -> QuantConfig | None:
     if name == "int8":
         return Int8WeightConfig(backend=backend)
     return GGUFWeightConfig(qtype=name.removeprefix("gguf-").upper())
+
+
+def config_for_stored(weight: QuantizedWeight) -> QuantConfig | None:
+    """The config that quantizes a dense weight back into `weight`'s stored format (None: wanlite has no
+    quantizer for it, e.g. GGUF IQ types)."""
+    if weight.family == "fp8":
+        return Fp8WeightConfig(dtype=weight.qtype)
+    if weight.family == "gguf" and weight.qtype in QUANTIZABLE and weight.qtype not in FLOAT_TYPES:
+        return GGUFWeightConfig(qtype=weight.qtype)
+    return None
 
 
 def weight_bytes(manifest: dict[str, tuple[int, ...]], fmt: str) -> int:

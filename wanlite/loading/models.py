@@ -70,8 +70,10 @@ class Prepared:
         check_against(self.model, self.source, self.rename, self.what)
 
     def load(self, dtype_for: Callable[[str, torch.dtype], torch.dtype],
-             quant: QuantConfig | None = None) -> torch.nn.Module:
-        load_into(self.model, self.source, self.rename, dtype_for, self.what, quant)
+             quant: QuantConfig | None = None, lora=None) -> torch.nn.Module:
+        load_into(self.model, self.source, self.rename, dtype_for, self.what, quant, lora)
+        if lora is not None:
+            lora.attach(self.model)
         return self.model.eval().requires_grad_(False)
 
 
@@ -92,10 +94,11 @@ def prepare_dit(comp: Component, task: str) -> Prepared:
 
 
 def load_dit(comp: Component, task: str, dtype: torch.dtype = torch.bfloat16,
-             quant: QuantConfig | None = None) -> WanDiT:
+             quant: QuantConfig | None = None, lora=None) -> WanDiT:
     """Stream one DiT (or one A14B expert) into a meta-built WanDiT; weights land directly in `dtype`, block
-    matmul weights in the `quant` format (None: as the file stores them)."""
-    return prepare_dit(comp, task).load(lambda name, _: torch.float32 if keeps_fp32(name) else dtype, quant)
+    matmul weights in the `quant` format (None: as the file stores them); `lora` (wanlite.lora.LoraSet) is
+    merged on the way in or attached as runtime branches."""
+    return prepare_dit(comp, task).load(lambda name, _: torch.float32 if keeps_fp32(name) else dtype, quant, lora)
 
 
 class DiTPieces:
@@ -104,7 +107,7 @@ class DiTPieces:
     checkpoint (checked once, up front) in the same dtype and format `load_dit` gives."""
 
     def __init__(self, comp: Component, task: str, dtype: torch.dtype = torch.bfloat16,
-                 quant: QuantConfig | None = None):
+                 quant: QuantConfig | None = None, lora=None):
         prepared = prepare_dit(comp, task)
         self.dtype_for = lambda name, _: torch.float32 if keeps_fp32(name) else dtype
         self.model = prepared.model  # stays on meta: the shell offload binds device views into
@@ -113,7 +116,7 @@ class DiTPieces:
             owner._parameters[name.rpartition(".")[2]] = torch.nn.Parameter(
                 p.to(self.dtype_for(name, p.dtype)), requires_grad=False)
         self.template = copy.deepcopy(self.model.blocks[0])  # pristine, so reads never touch the shell
-        self.source, self.quant = prepared.source, quant
+        self.source, self.quant, self.lora = prepared.source, quant, lora
         self.pairs, _ = check_against(prepared.model, prepared.source, prepared.rename, prepared.what)
         self.where = comp.where
 
@@ -135,7 +138,9 @@ class DiTPieces:
                 setattr(holder, name, copy.deepcopy(getattr(self.model, name)))
             prefix = tuple(n + "." for n in names)
         pairs = [(k, n) for k, n in self.pairs if n.startswith(prefix)]
-        load_pairs(holder, self.source, pairs, {}, self.dtype_for, self.quant)
+        load_pairs(holder, self.source, pairs, {}, self.dtype_for, self.quant, self.lora)
+        if self.lora is not None:
+            self.lora.attach(holder)
         return holder.blocks[str(piece)] if isinstance(piece, int) else holder
 
 

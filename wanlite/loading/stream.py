@@ -206,6 +206,7 @@ def load_into(
     dtype_for: Callable[[str, torch.dtype], torch.dtype],
     what: str,
     quant: QuantConfig | None = None,
+    lora=None,
 ) -> nn.Module:
     """Materialize `model` (built on meta) from `source`; `rename` maps a checkpoint key to a state-dict name
     (None drops it); `dtype_for(name, stored_dtype)` picks each parameter's dtype. Everything is checked
@@ -216,13 +217,17 @@ def load_into(
     dequantizes everything, any other config quantizes each weight as it arrives, so peak memory stays near
     the quantized size."""
     pairs, aliases = check_against(model, source, rename, what)
-    return load_pairs(model, source, pairs, aliases, dtype_for, quant)
+    return load_pairs(model, source, pairs, aliases, dtype_for, quant, lora)
 
 
 def load_pairs(model: nn.Module, source, pairs: list[tuple[str, str]], aliases: dict[str, str],
-               dtype_for: Callable[[str, torch.dtype], torch.dtype], quant: QuantConfig | None = None) -> nn.Module:
+               dtype_for: Callable[[str, torch.dtype], torch.dtype], quant: QuantConfig | None = None,
+               lora=None) -> nn.Module:
     """`load_into` after the check: read the checked (checkpoint key, state-dict name) `pairs` into `model`
-    (which may hold only part of the network, e.g. one block, under the same names)."""
+    (which may hold only part of the network, e.g. one block, under the same names). `lora` (a
+    wanlite.lora.LoraSet) merges into each Linear weight on its way in,
+    before quantization; a pre-quantized weight is merged only when asked (mode "merge": dequantize, merge,
+    quantize again to the stored format)."""
     meta = model.state_dict(keep_vars=True)
     stored_dtypes = source.dtypes()
     prequantized = source.quantized_keys() if hasattr(source, "quantized_keys") else set()
@@ -238,15 +243,33 @@ def load_pairs(model: nn.Module, source, pairs: list[tuple[str, str]], aliases: 
             targets[module_name] = 1 + (module.bias is not None)
     arrived: dict[str, dict] = {}
 
+    lora_targets = set() if lora is None else lora.targets()
+    requant: dict[str, QuantConfig] = {}
+
+    def merge(module_name: str, value):
+        if lora is None or module_name not in lora_targets:
+            return value
+        if isinstance(value, torch.Tensor):
+            return lora.merged(module_name, value)
+        from wanlite.quant import config_for_stored
+
+        config = lora.mode == "merge" and config_for_stored(value)
+        if not config:
+            return value  # stays as stored; LoraSet.attach gives the layer a runtime branch
+        requant[module_name] = config
+        return lora.merged(module_name, value.dequantize(torch.float32))
+
     def place(name: str, value) -> None:
         module_name, _, leaf = name.rpartition(".")
+        if leaf == "weight":
+            value = merge(module_name, value)
         if module_name in targets:
             got = arrived.setdefault(module_name, {})
             got[leaf] = value
             if len(got) == targets[module_name]:
                 compute = dtype_for(module_name + ".weight", torch.bfloat16)
-                set_submodule(model, module_name,
-                              build_linear(quant, got["weight"], got.get("bias"), compute))
+                set_submodule(model, module_name, build_linear(requant.pop(module_name, quant), got["weight"],
+                                                               got.get("bias"), compute))
                 del arrived[module_name]
             return
         owner, leaf = _owner(model, name)

@@ -93,9 +93,14 @@ def attach_offload(models: dict[str, nn.Module], config: OffloadConfig, device,
 
 def open_offloaded(components: dict, task: str, dtype: torch.dtype, quant, config: OffloadConfig, device,
                    emit: Callable[[dict], None] = lambda e: None,
-                   telemetry: Telemetry | None = None, copy_on_host: bool = False) -> OffloadEngine:
+                   telemetry: Telemetry | None = None, copy_on_host: bool = False,
+                   loras: dict | None = None) -> OffloadEngine:
     """Open the task's expert(s) for block offload in `config.ram_mode`, never holding more of them in RAM
-    than the mode allows (`pinned`: all of them; `mmap` / `disk`: a few blocks of one)."""
+    than the mode allows (`pinned`: all of them; `mmap` / `disk`: a few blocks of one). `loras`: role ->
+    wanlite.lora.LoraSet (mmap reads every block at every step, so its blocks take LoRAs as runtime branches
+    rather than merging them again and again)."""
+    from wanlite.lora import LoraSet
+
     from wanlite.loading.models import DiTPieces, load_dit
 
     return_large_frees_to_os()
@@ -117,16 +122,19 @@ def open_offloaded(components: dict, task: str, dtype: torch.dtype, quant, confi
     budget = _budget(config)
     experts = {}
     for role, comp in components.items():
+        lora = (loras or {}).get(role)
         if ram_mode == "pinned":
-            model = load_dit(comp, task, dtype, quant)
+            model = load_dit(comp, task, dtype, quant, lora)
             experts[role] = Expert(model, RamStore(model, budget))
             continue
-        parts = DiTPieces(comp, task, dtype, quant)
+        if lora is not None and ram_mode == "mmap":
+            lora = LoraSet(lora.loras, "runtime")
+        parts = DiTPieces(comp, task, dtype, quant, lora)
         staging = config.prefetch + 2
         if ram_mode == "mmap":
             experts[role] = Expert(parts.model, FileStore(parts.model, parts.load, staging, budget))
             continue
-        cache = _disk_cache(config, comp, role, task, dtype, quant)
+        cache = _disk_cache(config, comp, role, task, dtype, quant, lora)
         if not cache.valid(parts.model, parts.template, pieces(parts.num_blocks)):
             _check_disk_space(cache.folder, _stored_bytes(comp))
             emit({"event": "stage", "name": f"write offload cache ({role})", "path": str(cache.folder)})
@@ -166,11 +174,15 @@ def _quantized_bytes(comp, task: str, quant) -> int:
     return weight_bytes(manifest, fmt)
 
 
-def _disk_cache(config: OffloadConfig, comp, role: str, task: str, dtype: torch.dtype, quant) -> DiskCache:
+def _disk_cache(config: OffloadConfig, comp, role: str, task: str, dtype: torch.dtype, quant,
+                lora=None) -> DiskCache:
+    from wanlite.lora import fingerprint
+
     root = Path(config.cache_dir) if config.cache_dir is not None else default_cache_dir() / "offload"
     where = hashlib.sha256("|".join(str(Path(p).resolve()) for p in comp.files).encode()).hexdigest()[:12]
     fingerprint = source_fingerprint(list(comp.files), {"task": task, "role": role, "dtype": str(dtype),
-                                                         "quant": None if quant is None else quant.name})
+                                                         "quant": None if quant is None else quant.name,
+                                                         "lora": fingerprint(lora)})
     return DiskCache(root / f"{task}-{role}-{where}", fingerprint)
 
 

@@ -63,19 +63,26 @@ class Denoiser:
             if self.on_expert is not None:
                 self.on_expert(role, step)
         model = self.experts(role)
+        guide = self.guide_for(role)
+        cfg = abs(guide - 1.0) > 1e-6  # official `use_cfg`: guide 1 (distilled) runs the cond pass alone
+        passes = 2 if cfg else 1
         b, _, frames = x.shape[:3]
         if self.cond.first_frame is not None:
             x = torch.cat([self.cond.first_frame.to(x.dtype), x[:, :, 1:]], dim=2)
-            timestep = torch.full((2 * b, frames), float(t), device=x.device)
+            timestep = torch.full((passes * b, frames), float(t), device=x.device)
             timestep[:, 0] = 0.0  # frame 0 is clean: its tokens see timestep 0
         else:
-            timestep = torch.full((2 * b,), float(t), device=x.device)
-        y = None if self.cond.y is None else self.cond.y.repeat(2 * b // self.cond.y.shape[0], 1, 1, 1, 1)
-        context = [c.to(x.device) for c in self.cond.context[:1] * b + self.cond.context[1:] * b]
+            timestep = torch.full((passes * b,), float(t), device=x.device)
+        y = None if self.cond.y is None else self.cond.y.repeat(passes * b // self.cond.y.shape[0], 1, 1, 1, 1)
+        context = [c.to(x.device) for c in self.cond.context[:1] * b + self.cond.context[1:passes] * b]
         if self.cache is not None:
-            self.cache.begin(step, role, ("cond",) * b + ("uncond",) * b)
-        v_cond, v_uncond = model(torch.cat([x, x]), timestep, context, y=y).float().chunk(2)
-        v = v_uncond + self.guide_for(role) * (v_cond - v_uncond)
+            self.cache.begin(step, role, ("cond",) * b + ("uncond",) * b * (passes - 1))
+        out = model(torch.cat([x] * passes), timestep, context, y=y).float()
+        if cfg:
+            v_cond, v_uncond = out.chunk(2)
+            v = v_uncond + guide * (v_cond - v_uncond)
+        else:
+            v = out
         x0 = x.float() - float(sigma) * v
         if self.cond.first_frame is not None:
             x0[:, :, :1] = self.cond.first_frame.float()

@@ -53,6 +53,11 @@ class Request:
     cache_bn: int | None = None  # DBCache back blocks
     taylorseer_order: int | None = None
     cache_force: bool = False  # cache even distilled (<= 8 step) schedules
+    lora: tuple[str, ...] = ()  # FILE[:STRENGTH], on every expert
+    lora_high: tuple[str, ...] = ()  # A14B: on the high-noise expert only
+    lora_low: tuple[str, ...] = ()
+    lora_mode: str = "auto"  # auto | merge | runtime (wanlite.lora)
+    preset: str | None = None  # a sampling recipe (wanlite.lora.PRESETS: lightning); explicit flags still win
     # component files overriding what ckpt_dir provides (ComfyUI-style folders of separate files)
     high_noise_model: Path | None = None
     low_noise_model: Path | None = None
@@ -151,13 +156,22 @@ def resolve(req: Request, seed: int) -> Settings:
     check_size(task, size)
     frames = task.frames if req.frames is None else req.frames
     check_frames(frames)
-    steps = task.steps if req.steps is None else req.steps
+    from wanlite.lora import MODES, PRESETS, parse_lora_arg
+
+    for text in (*req.lora, *req.lora_high, *req.lora_low):
+        parse_lora_arg(text)  # a bad strength fails before the files are looked at
+    if req.lora_mode not in MODES:
+        raise WanliteError(f"--lora_mode {req.lora_mode!r} is unknown; choose one of {', '.join(MODES)}")
+    if req.preset is not None and req.preset not in PRESETS:
+        raise WanliteError(f"--preset {req.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    recipe = PRESETS.get(req.preset, {})
+    steps = recipe.get("steps", task.steps) if req.steps is None else req.steps
     if steps < 1:
         raise WanliteError(f"--sample_steps {steps} must be at least 1")
-    shift = task.shift if req.shift is None else req.shift
+    shift = recipe.get("shift", task.shift) if req.shift is None else req.shift
     if not shift > 0 or not math.isfinite(shift):
         raise WanliteError(f"--sample_shift {shift} must be a positive number")
-    solver = req.solver or task.solver
+    solver = req.solver or recipe.get("solver", task.solver)
     if solver not in SOLVERS:
         raise WanliteError(f"--sample_solver {solver!r} is unknown; choose one of {', '.join(SOLVERS)}")
     if req.vae_tile is not None and req.vae_tile != 0 and req.vae_tile < 4:
@@ -172,7 +186,7 @@ def resolve(req: Request, seed: int) -> Settings:
         if getattr(req, flag) is not None and getattr(req, flag) < 0:
             raise WanliteError(f"--{flag} {getattr(req, flag)} must be 0 or more")
     cache_settings(req)  # a bad cache setting fails before anything is loaded
-    guide = req.guide_scale or task.guide_scale
+    guide = req.guide_scale or recipe.get("guide_scale", task.guide_scale)
     negative = req.negative_prompt or task.negative_prompt  # official: an empty one means the default
     return Settings(task=task.name, prompt=req.prompt, negative_prompt=negative, seed=seed, steps=steps,
                     shift=shift, guide_scale=tuple(guide), solver=solver, size=tuple(size), frames=frames,

@@ -16,6 +16,7 @@ from wanlite import __version__
 from wanlite.errors import WanliteError
 from wanlite.loading.checkpoints import CheckpointSet, Component, discover, with_components
 from wanlite.loading.models import check_checkpoint, expert_components, load_dit, load_t5, load_vae
+from wanlite.lora import lora_sets
 from wanlite.pipelines.denoise import Conditioning, Denoiser
 from wanlite.pipelines.request import Request, Settings, cache_settings, resolve
 from wanlite.models.vae import Tiling
@@ -72,11 +73,12 @@ class Transformers:
 
     def __init__(self, components: dict[str, Component], task: str, dtype: torch.dtype, device: torch.device,
                  quant: QuantConfig | None, offload: OffloadConfig, telemetry: Telemetry, emit: Progress,
-                 chunk_tokens: int | None = None, cache=None):
+                 chunk_tokens: int | None = None, cache=None, loras: dict | None = None):
         self.components, self.task, self.dtype, self.device = components, task, dtype, device
         self.quant, self.offload, self.telemetry, self.emit = quant, offload, telemetry, emit
         self.chunk_tokens = chunk_tokens
         self.cache = cache  # wanlite.cache.StepCache | None: put in front of each expert's block loop
+        self.loras = loras or {}  # role -> wanlite.lora.LoraSet, applied as each expert loads
         self.models: dict[str, torch.nn.Module] = {}
         self.engine = None
 
@@ -85,7 +87,7 @@ class Transformers:
             from wanlite.offload import open_offloaded
 
             self.engine = open_offloaded(self.components, self.task, self.dtype, self.quant, self.offload,
-                                         self.device, self.emit, self.telemetry)
+                                         self.device, self.emit, self.telemetry, loras=self.loras)
             for role, expert in self.engine.experts.items():
                 expert.model.chunk_tokens = self.chunk_tokens
                 if self.cache is not None:
@@ -97,8 +99,9 @@ class Transformers:
             return self.engine.activate(role)
         if role not in self.models:
             if self.offload.mode == "model":
-                self.close()
-            model = load_dit(self.components[role], self.task, self.dtype, self.quant).to(self.device)
+                self._release_models()  # one expert at a time
+            model = load_dit(self.components[role], self.task, self.dtype, self.quant,
+                             self.loras.get(role)).to(self.device)
             model.chunk_tokens = self.chunk_tokens
             self.telemetry.bytes_moved += sum(t.nbytes for t in model.state_dict().values())
             if self.cache is not None:
@@ -112,6 +115,9 @@ class Transformers:
         if self.engine is not None:
             self.engine.finish()
             self.engine = None
+        self._release_models()
+
+    def _release_models(self) -> None:
         release(*self.models.values())
         self.models.clear()
 
@@ -214,6 +220,8 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     if placement.plan is not None:
         emit({"event": "plan", "summary": placement.plan.summary(), "reasons": list(placement.plan.reasons)})
     quant = parse_quant(placement.quant, req.quant_backend)
+    loras = lora_sets(list(req.lora), list(req.lora_high), list(req.lora_low), experts, task.name, req.lora_mode,
+                      emit)  # read and checked against the model before any weight is loaded
     step_cache = make_step_cache(req, placement.cache, settings, experts, dits_found[0].model.spec.num_layers, emit)
 
     telemetry = Telemetry()
@@ -236,7 +244,7 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     timesteps = model_timesteps(settings.solver, settings.steps, settings.shift).tolist()
     offload = offload_config(placement, req, device, experts)
     dits = Transformers(experts, task.name, dtype, device, quant, offload, telemetry, emit, placement.chunk_tokens,
-                        step_cache)
+                        step_cache, loras)
     cond = Conditioning(context=context, y=None if y is None else y.to(device),
                         first_frame=None if first_frame is None else first_frame.to(device))
     denoiser = Denoiser(task, dits, cond, timesteps, settings.guide_scale,
@@ -284,7 +292,10 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
                          "vae_dtype": req.vae_dtype,
                          "offload": offload.describe(), "chunk_tokens": placement.chunk_tokens,
                          "planned": None if placement.plan is None else placement.plan.to_dict(),
-                         "cache": cache_stats},
+                         "cache": cache_stats,
+                         "lora": {role: {"files": [{"file": f.path.name, "strength": s, "format": f.format}
+                                                   for f, s in ls.loras], "applied": ls.counts}
+                                  for role, ls in loras.items()} or None},
                 "telemetry": telemetry.to_dict()}  # through denoising: the file is opened before the decode
     pieces = []  # uint8 frames, for the caller and the contact sheet (a quarter of a float video)
     with torch.no_grad(), Mp4Writer(out_path, (w, h), settings.fps, metadata) as writer:

@@ -44,8 +44,11 @@ def make_sigmas(solver: str, steps: int, shift: float) -> torch.Tensor:
 
 
 def model_timesteps(solver: str, steps: int, shift: float) -> torch.Tensor:
-    """The integer timesteps the DiT sees, int64(sigma * 1000) of the float64 grid (official `timesteps`)."""
-    return torch.from_numpy((_shifted_grid(solver, steps, shift) * NUM_TRAIN_TIMESTEPS).astype(np.int64))
+    """The timesteps the DiT sees: int64(sigma * 1000) of the float64 grid for UniPC / DPM++ (official
+    `timesteps`); Euler keeps them fractional (sigma * 1000, as the Lightning distillation's Euler sampler:
+    1000, 937.5, 833.3, 625 for its 4 steps)."""
+    grid = _shifted_grid(solver, steps, shift) * NUM_TRAIN_TIMESTEPS
+    return torch.from_numpy(grid if solver == "euler" else grid.astype(np.int64))
 
 
 def _lambda(sigma: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,206 @@
+"""LoRAs: every key format means the same update; merged and runtime application match the reference merge on
+every weight format; per-expert LoRAs; the Lightning preset; bad input."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from wanlite import generate
+from wanlite.cli import main
+from wanlite.errors import WanliteError
+from wanlite.loading.checkpoints import discover
+from wanlite.loading.models import expert_components, load_dit
+from wanlite.lora import lora_sets, map_lora, parse_lora_arg, read_tensors
+from wanlite.quant import parse_quant, sqnr
+from wanlite.specs import TINY_DIT_SPECS
+from wanlite.testing.fixtures import write_fixture
+from wanlite.testing.lora_files import random_pairs, write_lora
+
+TASK = "t2v-A14B"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return discover(write_fixture(TASK, "official", tmp_path_factory.mktemp("lora") / "ck"))
+
+
+@pytest.fixture(scope="module")
+def experts(ckpt):
+    return expert_components(ckpt, TASK)
+
+
+@pytest.fixture(scope="module")
+def pairs(experts):
+    return random_pairs(load_dit(experts["high_noise"], TASK, torch.float32), rank=4, seed=0)
+
+
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(2, 16, 2, 8, 8, generator=g), torch.tensor([900.0, 900.0]),
+            torch.randn(2, 7, TINY_DIT_SPECS[TASK].text_dim, generator=g))
+
+
+def reference_merge(model, pairs, strength, alpha=None):
+    with torch.no_grad():
+        for name, (down, up) in pairs.items():
+            w = model.get_submodule(name).weight
+            scale = strength * (1.0 if alpha is None else alpha / down.shape[0])
+            w.copy_((w.float() + scale * up @ down).to(w.dtype))
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["native", "peft", "kohya", "diffusers"])
+def test_every_key_format_maps_to_the_same_update(tmp_path, experts, pairs, fmt):
+    model = load_dit(experts["high_noise"], TASK, torch.float32)
+    path = write_lora(tmp_path / f"{fmt}.safetensors", pairs, fmt, alpha=2.0)
+    lora = map_lora(path, read_tensors(path), model)
+    assert lora.format == ("native" if fmt == "peft" else fmt) and not lora.unmatched
+    assert set(lora.low_rank) == set(pairs)
+    for name, (down, up) in pairs.items():
+        got = lora.low_rank[name]
+        assert torch.allclose(got.scale * got.up @ got.down, 0.5 * up @ down, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["auto", "runtime"])
+def test_merged_and_runtime_match_the_reference_merge(tmp_path, experts, pairs, mode):
+    path = write_lora(tmp_path / "l.safetensors", pairs, alpha=8.0)
+    want_model = reference_merge(load_dit(experts["high_noise"], TASK, torch.float32), pairs, 0.7, alpha=8.0)
+    sets = lora_sets([f"{path}:0.7"], [], [], {"high_noise": experts["high_noise"]}, TASK, mode)
+    model = load_dit(experts["high_noise"], TASK, torch.float32, lora=sets["high_noise"])
+    counts = sets["high_noise"].counts
+    assert (counts["merged"], counts["runtime"]) == ((len(pairs), 0) if mode == "auto" else (0, len(pairs)))
+    with torch.no_grad():
+        want, got = want_model(*inputs()), model(*inputs())
+    assert (got - want).abs().max() / want.abs().max() <= 1e-3
+
+
+@pytest.mark.parametrize("quant", ["fp8", "gguf-q8_0", "gguf-q4_k", "int8"])
+def test_quantized_weights_take_a_lora_merged_before_quantizing_or_as_a_branch(tmp_path, experts, pairs, quant):
+    """Quantize-on-load merges first (merge-then-quantize); a runtime branch on the quantized weights agrees."""
+    path = write_lora(tmp_path / "l.safetensors", pairs)
+    config = parse_quant(quant)
+    want = reference_merge(load_dit(experts["high_noise"], TASK, torch.float32), pairs, 1.0)
+    with torch.no_grad():
+        reference = want(*inputs())
+    outs = {}
+    for mode in ("auto", "runtime"):
+        sets = lora_sets([str(path)], [], [], {"high_noise": experts["high_noise"]}, TASK, mode)
+        model = load_dit(experts["high_noise"], TASK, torch.bfloat16, config, sets["high_noise"])
+        with torch.no_grad():
+            outs[mode] = model(*inputs())
+    assert sqnr(reference, outs["auto"]) >= 20 and sqnr(reference, outs["runtime"]) >= 20
+    merged_vs_runtime = 10 * torch.log10(outs["auto"].pow(2).mean() / (outs["auto"] - outs["runtime"]).pow(2).mean())
+    assert merged_vs_runtime >= 35 or quant.startswith("gguf-q4")  # Q4 rounding of a merged weight differs more
+
+
+def test_stored_gguf_weights_merge_and_requantize_or_branch(tmp_path, pairs):
+    """A pre-quantized GGUF file: auto keeps it as stored plus a branch; merge re-quantizes to its own type."""
+    from wanlite.loading.checkpoints import with_components
+    from wanlite.testing.fixtures import build_tiny_models
+    from wanlite.testing.quant_files import write_gguf_with_gguf_py
+
+    dits, _, _ = build_tiny_models(TASK)
+    files = {f"{role}_model": write_gguf_with_gguf_py(dit.state_dict(), tmp_path / f"{role}.gguf", "Q8_0")
+             for role, dit in dits.items()}
+    comps = expert_components(with_components(None, files), TASK)
+    path = write_lora(tmp_path / "l.safetensors", pairs)
+    outs, kinds = {}, {}
+    for mode in ("auto", "merge"):
+        sets = lora_sets([str(path)], [], [], {"high_noise": comps["high_noise"]}, TASK, mode)
+        model = load_dit(comps["high_noise"], TASK, torch.bfloat16, None, sets["high_noise"])
+        kinds[mode] = type(model.get_submodule("blocks.0.self_attn.q")).__name__, sets["high_noise"].counts
+        with torch.no_grad():
+            outs[mode] = model(*inputs())
+    assert kinds["auto"][0] == "QLinear" and kinds["auto"][1]["runtime"] == len(pairs)
+    assert kinds["merge"][0] == "QLinear" and kinds["merge"][1]["merged"] == len(pairs)
+    assert sqnr(outs["auto"], outs["merge"]) >= 20
+
+
+def test_lora_on_both_experts_or_one(tmp_path, experts, pairs):
+    path = write_lora(tmp_path / "l.safetensors", pairs)
+    both = lora_sets([str(path)], [], [], experts, TASK)
+    assert set(both) == {"high_noise", "low_noise"}
+    high = lora_sets([], [f"{path}:0.5"], [], experts, TASK)
+    assert set(high) == {"high_noise"} and high["high_noise"].loras[0][1] == 0.5
+    with pytest.raises(WanliteError, match="two-expert"):
+        lora_sets([], [str(path)], [], {"main": experts["high_noise"]}, "ti2v-5B")
+
+
+def test_lora_travels_with_its_block_under_offload(tmp_path, experts, pairs):
+    from wanlite.offload import OffloadConfig, open_offloaded
+
+    path = write_lora(tmp_path / "l.safetensors", pairs)
+    sets = lora_sets([str(path)], [], [], experts, TASK, "runtime")
+    plain = {role: load_dit(comp, TASK, torch.float32, lora=sets[role]) for role, comp in experts.items()}
+    with torch.no_grad():
+        want = plain["high_noise"](*inputs())
+    for ram_mode in ("pinned", "mmap", "disk"):
+        sets = lora_sets([str(path)], [], [], experts, TASK, "runtime")
+        engine = open_offloaded(experts, TASK, torch.float32, None,
+                                OffloadConfig("block", 1, 1, ram_mode, cache_dir=tmp_path / "oc"), "cpu",
+                                copy_on_host=True, loras=sets)
+        engine.set_schedule(["high_noise"])
+        with torch.no_grad():
+            got = engine.activate("high_noise")(*inputs())
+        engine.finish()
+        assert torch.allclose(got, want, atol=1e-5), ram_mode
+
+
+def test_unmatched_keys_are_reported(tmp_path, experts, pairs):
+    extra = {"diffusion_model.blocks.99.self_attn.q.lora_down.weight": torch.zeros(4, 8),
+             "diffusion_model.blocks.99.self_attn.q.lora_up.weight": torch.zeros(8, 4)}
+    path = write_lora(tmp_path / "l.safetensors", pairs, extra=extra)
+    events = []
+    lora_sets([str(path)], [], [], {"high_noise": experts["high_noise"]}, TASK, emit=events.append)
+    assert any("2 keys match nothing" in e["message"] and "blocks.99" in e["message"] for e in events)
+
+
+def test_bad_lora_input_is_one_clear_line(tmp_path, experts, pairs, capsys):
+    comps = {"high_noise": experts["high_noise"]}
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(WanliteError, match="not a readable LoRA"):
+        lora_sets([str(junk)], [], [], comps, TASK)
+    wide = {name: (torch.zeros(4, down.shape[1] + 8), torch.zeros(up.shape[0], 4)) for name, (down, up) in pairs.items()}
+    with pytest.raises(WanliteError, match="another architecture"):
+        lora_sets([str(write_lora(tmp_path / "w.safetensors", wide))], [], [], comps, TASK)
+    bad_rank = {name: (down, up[:, :2]) for name, (down, up) in pairs.items()}
+    with pytest.raises(WanliteError, match="rank mismatch"):
+        lora_sets([str(write_lora(tmp_path / "r.safetensors", bad_rank))], [], [], comps, TASK)
+    with pytest.raises(WanliteError, match="not a number"):
+        parse_lora_arg("style.safetensors:strong")
+    assert parse_lora_arg(r"C:\loras\x.safetensors") == (Path(r"C:\loras\x.safetensors"), 1.0)
+    assert parse_lora_arg(r"C:\loras\x.safetensors:0.8") == (Path(r"C:\loras\x.safetensors"), 0.8)
+    i2v_patch = {"diffusion_model.patch_embedding.diff": torch.zeros(TINY_DIT_SPECS[TASK].dim, 36, 1, 2, 2)}
+    with pytest.raises(WanliteError, match="another architecture"):
+        lora_sets([str(write_lora(tmp_path / "i2v.safetensors", {}, extra=i2v_patch))], [], [], comps, TASK)
+    rc = main(["generate", "--task", "tiny-t2v", "--prompt", "x", "--ckpt_dir", str(tmp_path / "none"),
+               "--lora", "a.safetensors:abc"])
+    assert rc == 2 and "not a number" in capsys.readouterr().err
+
+
+def test_lightning_preset_runs_four_single_pass_steps(tmp_path):
+    """4 Euler steps on sigma = [1, 0.9375, 0.8333, 0.625], guide 1: one cond-only forward per step, 2 + 2."""
+    from wanlite.tiny import checkpoint_dir
+
+    calls = []
+    events = []
+    import wanlite.models.dit as dit
+
+    original = dit.WanDiT.forward
+
+    def counting(self, x, t, context, y=None):
+        calls.append((x.shape[0], float(t.reshape(-1)[0])))
+        return original(self, x, t, context, y)
+
+    dit.WanDiT.forward = counting
+    try:
+        out = generate(task="tiny-t2v", prompt="a red square moving right", ckpt_dir=checkpoint_dir("tiny-t2v"),
+                       preset="lightning", save_file=tmp_path / "l.mp4", seed=0, progress=events.append)
+    finally:
+        dit.WanDiT.forward = original
+    assert out.settings.steps == 4 and out.settings.solver == "euler" and out.settings.guide_scale == (1.0, 1.0)
+    assert [n for n, _ in calls] == [1, 1, 1, 1]  # guide 1: the cond pass alone, no uncond batch row
+    assert [t for _, t in calls] == pytest.approx([1000.0, 937.5, 833.3333, 625.0])
+    roles = [e["role"] for e in events if e.get("event") == "step"]
+    assert roles == ["high_noise", "high_noise", "low_noise", "low_noise"]
