@@ -14,6 +14,7 @@ def test_wheel_installs_only_under_wanlite(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert all(n.startswith(("wanlite/", "wanlite-")) for n in names), [n for n in names if not n.startswith("wanlite")]
     for required in ("wanlite/cli.py", "wanlite/quant/__init__.py", "wanlite/cache/__init__.py",
+                     "wanlite/cache/curves/tiny-t2v.json", "wanlite/lora/keys.py",
                      "wanlite/models/dit.py", "wanlite/testing/fixtures.py",
                      # the bundled tiny models travel inside the package, in their official layout
                      "wanlite/tiny/checkpoints/tiny-t2v/Wan2.1_VAE.pth",
