@@ -95,6 +95,19 @@ def test_t5_activation_formula_matches_traced_allocations():
     assert 0.9 <= t5_activation_bytes() / traced.peak <= 1.1, (t5_activation_bytes(), traced.peak)
 
 
+def test_guide_one_and_runtime_loras_enter_the_plan():
+    """Lightning's single pass halves the activations and the compute; runtime LoRA branches add block bytes."""
+    work = Workload("t2v-A14B", 832, 480, 81, 4)
+    cfg = make_plan(work, hypothetical(24, 64))
+    single = make_plan(replace(work, passes=1), hypothetical(24, 64))
+    assert single.predicted.vram_activations_gb < 0.6 * cfg.predicted.vram_activations_gb
+    assert single.predicted.s_per_step < 0.6 * cfg.predicted.s_per_step
+    branched = make_plan(replace(work, lora_rank=128), hypothetical(12, 32))
+    plain = make_plan(work, hypothetical(12, 32))
+    assert branched.predicted.vram_weights_gb > plain.predicted.vram_weights_gb or \
+        branched.resident_blocks < plain.resident_blocks
+
+
 def test_chunked_blocks_compute_the_same_numbers():
     torch.manual_seed(0)
     block = WanBlock(128, 256, 2, 1e-6).eval()

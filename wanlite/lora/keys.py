@@ -62,6 +62,11 @@ class LoraFile:
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter name -> delta
     unmatched: list[str] = field(default_factory=list)  # file keys that name nothing in the model
 
+    @property
+    def rank(self) -> int:
+        """The largest rank among its pairs (what a runtime branch adds per layer)."""
+        return max((pair.rank for pair in self.low_rank.values()), default=0)
+
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a .safetensors file, or of a .pt/.pth/.ckpt through `torch.load(weights_only=True)`."""

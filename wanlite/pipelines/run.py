@@ -215,13 +215,17 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     from wanlite.planner import plan_for_request
 
     dits_found = [prepared for label, _, prepared in found if label.startswith("transformer")]
-    placement = plan_for_request(req, *settings.size, settings.frames, settings.steps, device,
-                                 stored_quantized([p.source for p in dits_found]), dits_found[0].model.spec)
+    loras = lora_sets(list(req.lora), list(req.lora_high), list(req.lora_low), experts, task.name, req.lora_mode,
+                      emit)  # read and checked against the model before any weight is loaded
+    prequantized = stored_quantized([p.source for p in dits_found])
+    passes = 2 if any(abs(g - 1.0) > 1e-6 for g in settings.guide_scale) else 1
+    branched = req.lora_mode == "runtime" or (req.lora_mode == "auto" and prequantized)
+    lora_rank = max((sum(f.rank for f, _ in ls.loras) for ls in loras.values()), default=0) if branched else 0
+    placement = plan_for_request(req, *settings.size, settings.frames, settings.steps, device, prequantized,
+                                 dits_found[0].model.spec, passes, lora_rank)
     if placement.plan is not None:
         emit({"event": "plan", "summary": placement.plan.summary(), "reasons": list(placement.plan.reasons)})
     quant = parse_quant(placement.quant, req.quant_backend)
-    loras = lora_sets(list(req.lora), list(req.lora_high), list(req.lora_low), experts, task.name, req.lora_mode,
-                      emit)  # read and checked against the model before any weight is loaded
     step_cache = make_step_cache(req, placement.cache, settings, experts, dits_found[0].model.spec.num_layers, emit)
 
     telemetry = Telemetry()

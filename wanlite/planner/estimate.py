@@ -42,6 +42,8 @@ class Workload:
     steps: int
     dit: DiTSpec | None = None  # the checkpoint's transformer when known; else the task's full-size one
     cache: object = None  # the step cache's config (wanlite.cache), None: off
+    passes: int = CFG_BATCH  # forwards batched per step: 2 with CFG, 1 at guide 1 (distilled LoRAs)
+    lora_rank: int = 0  # total rank of the LoRAs kept as runtime branches (merged ones cost nothing)
 
     @property
     def spec(self) -> DiTSpec:
@@ -92,9 +94,10 @@ def vae_bytes(version: str) -> int:
     return sum(4 * math.prod(s) for s in manifest("vae" + version).values())  # fp32, as the reference runs it
 
 
-def dit_activation_bytes(spec: DiTSpec, tokens: int, chunk: int | None = None, quantized: bool = False) -> int:
-    """Peak activation bytes of one bf16 DiT forward with CFG batched (module docstring)."""
-    b, d = CFG_BATCH, spec.dim
+def dit_activation_bytes(spec: DiTSpec, tokens: int, chunk: int | None = None, quantized: bool = False,
+                         batch: int = CFG_BATCH) -> int:
+    """Peak activation bytes of one bf16 DiT forward of `batch` rows (CFG: 2; module docstring)."""
+    b, d = batch, spec.dim
     if chunk is None or chunk >= tokens:
         block = WHOLE_BLOCK * b * tokens * d
     else:
@@ -104,11 +107,17 @@ def dit_activation_bytes(spec: DiTSpec, tokens: int, chunk: int | None = None, q
     return int(block + held + dequant)
 
 
-def cache_state_bytes(spec: DiTSpec, tokens: int, config) -> int:
+def cache_state_bytes(spec: DiTSpec, tokens: int, config, batch: int = CFG_BATCH) -> int:
     """What a step cache keeps on the device between steps: bf16 [tokens, dim] tensors per CFG branch."""
     from wanlite.cache.config import state_tensors
 
-    return CFG_BATCH * tokens * spec.dim * 2 * state_tensors(config)
+    return batch * tokens * spec.dim * 2 * state_tensors(config)
+
+
+def lora_block_bytes(spec: DiTSpec, rank: int) -> int:
+    """Runtime LoRA branches of one block: bf16 down [r, in] and up [out, r] for its ten Linears."""
+    d, f = spec.dim, spec.ffn_dim
+    return 2 * rank * (8 * (d + d) + (d + f) + (f + d))
 
 
 def t5_activation_bytes(dtype_bytes: int = 2) -> int:
@@ -129,9 +138,9 @@ def vae_decode_bytes(task: str, height: int, width: int, frames: int, tile_px: i
     return int(VAE_BYTES_PER_PIXEL[version] * pixels)
 
 
-def dit_flops(spec: DiTSpec, tokens: int) -> float:
-    """FLOPs of one forward (CFG batch): the matmuls (2 per weight per token) plus attention."""
-    b, d, f = CFG_BATCH, spec.dim, spec.ffn_dim
+def dit_flops(spec: DiTSpec, tokens: int, batch: int = CFG_BATCH) -> float:
+    """FLOPs of one forward of `batch` rows (CFG: 2): the matmuls (2 per weight per token) plus attention."""
+    b, d, f = batch, spec.dim, spec.ffn_dim
     per_token = 2 * (4 * d * d + 2 * d * d + 2 * d * f) + 2 * 2 * d * TEXT_LEN
     attention = 4 * tokens * d  # QK^T and PV, per query token
     return spec.num_layers * b * tokens * (per_token + attention) + 2 * b * TEXT_LEN * d * d * 2 * spec.num_layers

@@ -15,8 +15,8 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from wanlite.errors import WanliteError
-from wanlite.planner.estimate import (GB, Workload, cache_state_bytes, dit_activation_bytes, dit_bytes, dit_flops, t5_activation_bytes,
-                                      t5_bytes, vae_bytes, vae_decode_bytes)
+from wanlite.planner.estimate import (GB, Workload, cache_state_bytes, dit_activation_bytes, dit_bytes, dit_flops,
+                                      lora_block_bytes, t5_activation_bytes, t5_bytes, vae_bytes, vae_decode_bytes)
 from wanlite.planner.probe import Hardware
 from wanlite.specs import TASKS, VAE_SPECS
 
@@ -125,10 +125,12 @@ def _dit_options(work: Workload, hw: Hardware, fmt: str, budget: float, prefetch
     spec = work.spec
     experts = len(task.experts)
     nonblock, block = dit_bytes(work.spec, fmt)
+    block += lora_block_bytes(spec, work.lora_rank)
     expert = nonblock + spec.num_layers * block
-    act = dit_activation_bytes(work.spec, work.tokens, chunk, quantized=fmt != "bf16")
-    act += cache_state_bytes(work.spec, work.tokens, work.cache)
-    compute = dit_flops(work.spec, work.tokens) / (hw.bf16_flops * MATMUL_EFFICIENCY) * compute_factor(fmt, hw)
+    act = dit_activation_bytes(work.spec, work.tokens, chunk, quantized=fmt != "bf16", batch=work.passes)
+    act += cache_state_bytes(work.spec, work.tokens, work.cache, work.passes)
+    compute = (dit_flops(work.spec, work.tokens, work.passes) / (hw.bf16_flops * MATMUL_EFFICIENCY)
+               * compute_factor(fmt, hw))
     compute *= 1.0 if chunk is None else CHUNK_COST
     host_all = experts * expert + RAM_RESERVE
     options = []
@@ -210,7 +212,7 @@ def make_plan(work: Workload, hw: Hardware, quant: str = "auto", prefetch: int =
         vram_vae_gb=round(vae_need / GB, 2), vram_text_encoder_gb=round(t5_vram / GB, 2),
         peak_ram_gb=round(max(best.ram, t5_ram) / GB, 2), bytes_moved_per_step_gb=round(best.moved / GB, 2),
         s_per_step=round(best.s_per_step, 2),
-        vram_cache_gb=round(cache_state_bytes(work.spec, work.tokens, work.cache) / GB, 2))
+        vram_cache_gb=round(cache_state_bytes(work.spec, work.tokens, work.cache, work.passes) / GB, 2))
     return Plan(work.task, work.width, work.height, work.frames, work.steps, "cuda", QUANT_FLAG[best.fmt],
                 best.offload, best.resident if best.offload == "block" else 0,
                 prefetch if best.offload == "block" else 0, best.ram_mode, best.chunk or 0, t5_device, tile,
@@ -246,7 +248,7 @@ def _candidates(work: Workload, hw: Hardware, formats, budget: float, prefetch: 
 
 
 def _nothing_fits(work: Workload, hw: Hardware, quant: str, budget: float, prefetch: int) -> str:
-    act = dit_activation_bytes(work.spec, work.tokens, CHUNKS[-1], quantized=True)
+    act = dit_activation_bytes(work.spec, work.tokens, CHUNKS[-1], quantized=True, batch=work.passes)
     fitting = [f for f in PRECISION_ORDER if _candidates(work, hw, (f,), budget, prefetch)]
     if fitting:
         hint = f"the nearest plan that fits uses --quant {QUANT_FLAG[fitting[0]]}"
@@ -262,8 +264,8 @@ def _cpu_plan(work: Workload, hw: Hardware, formats) -> Plan:
     fmt = formats[0]
     nonblock, block = dit_bytes(work.spec, fmt)
     expert = nonblock + work.spec.num_layers * block
-    act = dit_activation_bytes(work.spec, work.tokens, None, quantized=fmt != "bf16")
-    seconds = dit_flops(work.spec, work.tokens) / (max(hw.bf16_flops, 1e9) * MATMUL_EFFICIENCY)
+    act = dit_activation_bytes(work.spec, work.tokens, None, quantized=fmt != "bf16", batch=work.passes)
+    seconds = dit_flops(work.spec, work.tokens, work.passes) / (max(hw.bf16_flops, 1e9) * MATMUL_EFFICIENCY)
     ram = expert + act + RAM_RESERVE
     offload, ram_mode, reasons = "model", "pinned", ["no CUDA GPU: everything runs on the CPU"]
     if ram > hw.ram_available:
