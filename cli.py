@@ -375,9 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora_mode", default="auto", choices=["auto", "merge", "runtime"],
                      help="auto: merge into weights as they load (before quantizing), a runtime low-rank branch on "
                           "weights stored quantized; merge: also re-quantize stored fp8/GGUF; runtime: branch only")
-    gen.add_argument("--preset", default=None, choices=["lightning"],
+    gen.add_argument("--preset", default=None, choices=["lightning", "lightning-3phase"],
                      help="lightning: the 4-step distillation recipe (Euler, shift 5, guide 1: no uncond pass); "
-                          "pair it with the Lightning / lightx2v LoRAs")
+                          "lightning-3phase: 8 steps, the first with CFG and without the LoRA (against slow "
+                          "motion); pair them with the Lightning / lightx2v LoRAs")
     gen.add_argument("--cache_force", action="store_true",
                      help="cache even schedules of 8 steps or fewer (distilled; off by default)")
     gen.add_argument("--save_file", default=None, help="output .mp4 path (default: a new name in --output-dir)")

@@ -204,3 +204,40 @@ def test_lightning_preset_runs_four_single_pass_steps(tmp_path):
     assert [t for _, t in calls] == pytest.approx([1000.0, 937.5, 833.3333, 625.0])
     roles = [e["role"] for e in events if e.get("event") == "step"]
     assert roles == ["high_noise", "high_noise", "low_noise", "low_noise"]
+
+
+def test_lightning_3phase_runs_cfg_without_the_lora_first(tmp_path, monkeypatch):
+    """8 Euler steps at shift 3: t >= 965 with CFG 3.5 and the LoRA off, then LoRA at guide 1; the expert switch
+    moves to t = 800."""
+    import wanlite.lora.apply as apply
+    import wanlite.models.dit as dit
+    from wanlite.tiny import checkpoint_dir
+
+    tiny = expert_components(discover(checkpoint_dir("tiny-t2v")), "tiny-t2v")
+    path = write_lora(tmp_path / "l.safetensors", random_pairs(load_dit(tiny["high_noise"], "tiny-t2v"), rank=2))
+    calls, branch_gains = [], []
+    original = dit.WanDiT.forward
+
+    def counting(self, x, t, context, y=None):
+        calls.append((x.shape[0], float(t.reshape(-1)[0])))
+        return original(self, x, t, context, y)
+
+    def hook(lora, module, args, output):
+        branch_gains.append(lora.gain)
+        return output if lora.gain == 0 else output + lora.gain * 0 * output
+
+    monkeypatch.setattr(dit.WanDiT, "forward", counting)
+    monkeypatch.setattr(apply, "lora_branch_hook", hook)
+    events = []
+    out = generate(task="tiny-t2v", prompt="a red square moving right", ckpt_dir=checkpoint_dir("tiny-t2v"),
+                   preset="lightning-3phase", lora_high=(str(path),), lora_low=(str(path),),
+                   save_file=tmp_path / "p.mp4", seed=0, progress=events.append)
+    assert out.settings.steps == 8 and out.settings.boundary == 0.8
+    assert [n for n, _ in calls] == [2] + [1] * 7  # CFG only in the first phase
+    roles = [e["role"] for e in events if e.get("event") == "step"]
+    assert roles == ["high_noise"] * 4 + ["low_noise"] * 4  # t = 1000, 954.5, 900, 833 | 750 ...
+    per_step = len(branch_gains) // 8
+    assert set(branch_gains[:per_step]) == {0.0} and set(branch_gains[per_step:]) == {1.0}
+    with pytest.raises(WanliteError, match="merged weights"):
+        generate(task="tiny-t2v", prompt="x", ckpt_dir=checkpoint_dir("tiny-t2v"), preset="lightning-3phase",
+                 lora_high=(str(path),), lora_mode="merge", save_file=tmp_path / "m.mp4")

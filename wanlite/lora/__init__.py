@@ -20,7 +20,14 @@ __all__ = ["LoraSet", "LoraFile", "LowRank", "map_lora", "read_tensors", "parse_
 
 # Wan2.2-Lightning / lightx2v 4-step distillation (research/caching-lora.md 6.1): Euler on
 # sigma = [1.0, 0.9375, 0.8333, 0.625] -> 0 at shift 5, guide 1 (no uncond pass), 2 high + 2 low-noise steps.
-PRESETS = {"lightning": {"steps": 4, "shift": 5.0, "guide_scale": (1.0, 1.0), "solver": "euler"}}
+# The community's 3-phase variant against the distilled slow motion (Wan2GP's "Lightning 3 Phases", 6.2): 8 Euler
+# steps at shift 3; while t >= 965 the high-noise expert runs with CFG 3.5 and without its LoRA, then with the
+# LoRA at guide 1 until t < 800, where the low-noise expert takes over (LoRA, guide 1).
+PRESETS = {
+    "lightning": {"steps": 4, "shift": 5.0, "guide_scale": (1.0, 1.0), "solver": "euler"},
+    "lightning-3phase": {"steps": 8, "shift": 3.0, "guide_scale": (1.0, 1.0), "solver": "euler", "boundary": 0.8,
+                         "phases": ((965.0, 3.5, 0.0),)},
+}
 
 
 def parse_lora_arg(text: str) -> tuple[Path, float]:

@@ -11,6 +11,7 @@ offloaded. Full-weight deltas (`.diff`, `.diff_b`, `.diff_m`: norms, biases, mod
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -22,9 +23,12 @@ from wanlite.lora.keys import LoraFile
 MODES = ("auto", "merge", "runtime")
 
 
-def lora_branch_hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+def lora_branch_hook(lora: "LoraSet", module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    if lora.gain == 0.0:
+        return output
     x = args[0]
-    return output + F.linear(F.linear(x, module.lora_down.to(x.dtype)), module.lora_up.to(x.dtype)).to(output.dtype)
+    branch = F.linear(F.linear(x, module.lora_down.to(x.dtype)), module.lora_up.to(x.dtype))
+    return output + (branch if lora.gain == 1.0 else lora.gain * branch).to(output.dtype)
 
 
 @dataclass
@@ -34,6 +38,10 @@ class LoraSet:
     loras: list[tuple[LoraFile, float]]
     mode: str = "auto"  # auto: merge where weights arrive dense, branch elsewhere; merge | runtime: force one
     merged_names: set[str] = field(default_factory=set)
+    gain: float = 1.0  # multiplies every runtime branch (a preset phase can switch the LoRAs off)
+    # offload that re-reads pieces binds them into fixed shells: the embeddings and head (dense, never streamed)
+    # take their LoRAs merged so those shells keep their layout
+    merge_outside_blocks: bool = False
     counts: dict = field(default_factory=lambda: {"merged": 0, "runtime": 0, "deltas": 0})
 
     def targets(self) -> set[str]:
@@ -41,8 +49,8 @@ class LoraSet:
 
     def merged(self, module_name: str, weight: torch.Tensor) -> torch.Tensor:
         """`weight` (dense, as the loader holds it) plus every LoRA's update for `module_name`."""
-        if self.mode == "runtime" and module_name.startswith("blocks."):
-            return weight  # the embeddings and head are dense and outside the offloaded blocks: always merged
+        if self.mode == "runtime" and (module_name.startswith("blocks.") or not self.merge_outside_blocks):
+            return weight
         pairs = [(lora.low_rank[module_name], s) for lora, s in self.loras if module_name in lora.low_rank]
         if not pairs:
             return weight
@@ -80,7 +88,7 @@ class LoraSet:
                 dtype = _compute_dtype(module)
                 module.register_buffer("lora_down", torch.cat([d for d, _ in pairs]).to(dtype))
                 module.register_buffer("lora_up", torch.cat([u for _, u in pairs], dim=1).to(dtype))
-                module.register_forward_hook(lora_branch_hook)
+                module.register_forward_hook(functools.partial(lora_branch_hook, self))
                 self.counts["runtime"] += 1
 
 

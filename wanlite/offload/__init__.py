@@ -99,7 +99,6 @@ def open_offloaded(components: dict, task: str, dtype: torch.dtype, quant, confi
     than the mode allows (`pinned`: all of them; `mmap` / `disk`: a few blocks of one). `loras`: role ->
     wanlite.lora.LoraSet (mmap reads every block at every step, so its blocks take LoRAs as runtime branches
     rather than merging them again and again)."""
-    from wanlite.lora import LoraSet
 
     from wanlite.loading.models import DiTPieces, load_dit
 
@@ -127,8 +126,10 @@ def open_offloaded(components: dict, task: str, dtype: torch.dtype, quant, confi
             model = load_dit(comp, task, dtype, quant, lora)
             experts[role] = Expert(model, RamStore(model, budget))
             continue
-        if lora is not None and ram_mode == "mmap":
-            lora = LoraSet(lora.loras, "runtime")
+        if lora is not None:
+            lora.merge_outside_blocks = True
+            if ram_mode == "mmap":
+                lora.mode = "runtime"
         parts = DiTPieces(comp, task, dtype, quant, lora)
         staging = config.prefetch + 2
         if ram_mode == "mmap":

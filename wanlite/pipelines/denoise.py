@@ -29,7 +29,8 @@ class Denoiser:
 
     def __init__(self, task: TaskSpec, experts: Callable[[str], torch.nn.Module], cond: Conditioning,
                  timesteps: list[int], guide_scale: tuple[float, float],
-                 on_expert: Callable[[str, int], None] | None = None, cache=None):
+                 on_expert: Callable[[str, int], None] | None = None, cache=None, boundary: float | None = None,
+                 phases: tuple = (), on_lora_gain: Callable[[float], None] | None = None):
         self.task = task
         self.timesteps = timesteps  # the integer model timesteps of the sampler's grid, one per step
         self.experts = experts  # role -> model; may load lazily (only one expert needs to be resident)
@@ -37,23 +38,33 @@ class Denoiser:
         self.guide_scale = guide_scale
         self.on_expert = on_expert
         self.active: str | None = None
+        self.boundary = task.boundary if boundary is None else boundary
+        self.phases = sorted(phases, key=lambda p: -p[0])  # (t_from, guide, lora_gain)
+        self.on_lora_gain = on_lora_gain
+        self.lora_gain = 1.0
         self.cache = cache  # wanlite.cache.StepCache | None
         if cache is not None:
             cache.set_schedule(self.schedule())
 
     def expert_for(self, t: int) -> str:
         """Official rule: the high-noise expert while t >= boundary * 1000."""
-        if self.task.boundary is None:
+        if self.boundary is None:
             return self.task.experts[0]
-        return "high_noise" if t >= self.task.boundary * 1000 else "low_noise"
+        return "high_noise" if t >= self.boundary * 1000 else "low_noise"
 
     def schedule(self) -> list[str]:
         """The expert of every step, known before sampling starts (so offload can prefetch the next one)."""
         return [self.expert_for(t) for t in self.timesteps]
 
-    def guide_for(self, role: str) -> float:
+    def guide_for(self, role: str, t: float | None = None) -> float:
+        phase = self.phase_for(t)
+        if phase is not None:
+            return phase[1]
         low, high = self.guide_scale
         return high if role == "high_noise" else low
+
+    def phase_for(self, t: float | None):
+        return next((p for p in self.phases if t is not None and t >= p[0]), None)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step: int) -> torch.Tensor:
         t = self.timesteps[step]
@@ -63,7 +74,12 @@ class Denoiser:
             if self.on_expert is not None:
                 self.on_expert(role, step)
         model = self.experts(role)
-        guide = self.guide_for(role)
+        phase = self.phase_for(t)
+        gain = 1.0 if phase is None else phase[2]
+        if gain != self.lora_gain and self.on_lora_gain is not None:
+            self.on_lora_gain(gain)
+        self.lora_gain = gain
+        guide = self.guide_for(role, t)
         cfg = abs(guide - 1.0) > 1e-6  # official `use_cfg`: guide 1 (distilled) runs the cond pass alone
         passes = 2 if cfg else 1
         b, _, frames = x.shape[:3]

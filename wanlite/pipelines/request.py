@@ -86,6 +86,10 @@ class Settings:
     frames: int
     fps: int
     image: str | None = None
+    boundary: float | None = None  # the A14B expert switch (t >= boundary * 1000: high noise); None: the task's
+    # (t_from, guide, lora_gain) while t >= t_from, the first that matches (a preset's phases); else guide_scale
+    # and LoRAs at full strength
+    phases: tuple = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -190,7 +194,9 @@ def resolve(req: Request, seed: int) -> Settings:
     negative = req.negative_prompt or task.negative_prompt  # official: an empty one means the default
     return Settings(task=task.name, prompt=req.prompt, negative_prompt=negative, seed=seed, steps=steps,
                     shift=shift, guide_scale=tuple(guide), solver=solver, size=tuple(size), frames=frames,
-                    fps=task.fps, image=None if req.image is None else str(req.image))
+                    fps=task.fps, image=None if req.image is None else str(req.image),
+                    boundary=recipe.get("boundary") if task.boundary is not None else None,
+                    phases=tuple(recipe.get("phases", ())))
 
 
 def cache_settings(req: Request, name=None):

@@ -215,11 +215,17 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     from wanlite.planner import plan_for_request
 
     dits_found = [prepared for label, _, prepared in found if label.startswith("transformer")]
-    loras = lora_sets(list(req.lora), list(req.lora_high), list(req.lora_low), experts, task.name, req.lora_mode,
+    lora_mode = req.lora_mode
+    if any(gain != 1.0 for _, _, gain in settings.phases):
+        if lora_mode == "merge":
+            raise WanliteError(f"--preset {req.preset} switches the LoRAs off for some steps, which merged weights "
+                               "cannot do; drop --lora_mode merge")
+        lora_mode = "runtime"  # a phase turns the LoRA off: it must stay a branch
+    loras = lora_sets(list(req.lora), list(req.lora_high), list(req.lora_low), experts, task.name, lora_mode,
                       emit)  # read and checked against the model before any weight is loaded
     prequantized = stored_quantized([p.source for p in dits_found])
     passes = 2 if any(abs(g - 1.0) > 1e-6 for g in settings.guide_scale) else 1
-    branched = req.lora_mode == "runtime" or (req.lora_mode == "auto" and prequantized)
+    branched = lora_mode == "runtime" or (lora_mode == "auto" and prequantized)
     lora_rank = max((sum(f.rank for f, _ in ls.loras) for ls in loras.values()), default=0) if branched else 0
     placement = plan_for_request(req, *settings.size, settings.frames, settings.steps, device, prequantized,
                                  dits_found[0].model.spec, passes, lora_rank)
@@ -253,7 +259,8 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
                         first_frame=None if first_frame is None else first_frame.to(device))
     denoiser = Denoiser(task, dits, cond, timesteps, settings.guide_scale,
                         on_expert=lambda role, step: emit({"event": "expert", "role": role, "step": step}),
-                        cache=step_cache)
+                        cache=step_cache, boundary=settings.boundary, phases=settings.phases,
+                        on_lora_gain=lambda gain: [setattr(ls, "gain", gain) for ls in loras.values()])
     schedule = denoiser.schedule()
     dits.set_schedule(schedule)
     started = time.perf_counter()
