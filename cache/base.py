@@ -45,28 +45,29 @@ class BranchState:
     """One (expert, branch)'s cache: the last computed span residual as Taylor terms, the front residual it was
     compared against, and the policy's counters."""
 
-    terms: list[torch.Tensor] = field(default_factory=list)  # d^i R / dk^i at `last_step`; terms[0] = R itself
-    last_step: int = -1
+    terms: list[torch.Tensor] = field(default_factory=list)  # d^i R / dk^i at `last`; terms[0] = R itself
+    last: float = float("nan")  # the step of the last computed residual (TaylorSeer expands in the step
+    # index: on the tiny models it forecasts better than expanding in sigma, bench note in README)
     front_ref: torch.Tensor | None = None
     consecutive: int = 0
     cached: int = 0
     counters: dict = field(default_factory=dict)  # policy-specific (MagCache accumulators)
 
-    def record(self, step: int, residual: torch.Tensor, order: int) -> None:
+    def record(self, position: float, residual: torch.Tensor, order: int) -> None:
         """A computed step: refresh the divided differences up to `order` (TaylorSeer's recursion)."""
         old, self.terms = self.terms, []
         terms = [residual]
-        if order > 0 and old and step > self.last_step:
+        if order > 0 and old and position != self.last:
             for i in range(min(order, len(old))):
                 term = terms[i] - old[i]
                 old[i] = None  # each old term is freed once used: at most one extra [L, d] lives meanwhile
-                terms.append(term.div_(step - self.last_step))
-        self.terms, self.last_step = terms, step
+                terms.append(term.div_(position - self.last))
+        self.terms, self.last = terms, position
 
-    def forecast(self, step: int) -> torch.Tensor:
-        """The span residual at `step`: sum_i terms[i] * (step - last)^i / i!."""
+    def forecast(self, position: float) -> torch.Tensor:
+        """The span residual at `position`: sum_i terms[i] * (position - last)^i / i!."""
         out = self.terms[0]
-        dk = step - self.last_step
+        dk = position - self.last
         for i, term in enumerate(self.terms[1:], start=1):
             out = out + term * (dk**i / math.factorial(i))
         return out
@@ -176,6 +177,7 @@ class StepCache:
         self.schedule = list(schedule)
 
     def begin(self, step: int, role: str, branches: tuple[str, ...]) -> None:
+        """Before each forward: the step, the expert and each batch row's branch."""
         if role != self.role:  # a new expert starts from scratch: its residuals mean nothing to the other
             self.states = {k: v for k, v in self.states.items() if k[0] == role}
             self.role, self.expert_start = role, step

@@ -260,7 +260,7 @@ def test_ti2v_with_an_image_caches_and_keeps_its_first_frame(tmp_path):
     kw = dict(task="tiny-ti2v", prompt=clip.caption, ckpt_dir=checkpoint_dir("tiny-ti2v"), image=tmp_path / "first.png",
               seed=0, dtype="fp32", steps=12)
     ref = generate(save_file=tmp_path / "ref.mp4", **kw)
-    cached = generate(save_file=tmp_path / "c.mp4", cache="fast", cache_threshold=0.5, **kw)
+    cached = generate(save_file=tmp_path / "c.mp4", cache="dbcache", cache_threshold=0.5, **kw)
     assert cached.cache["branch_steps_cached"] > 0
     assert psnr(cached.frames[0], first) >= 25
     assert psnr(cached.frames, ref.frames) >= 20
