@@ -241,3 +241,23 @@ def test_lightning_3phase_runs_cfg_without_the_lora_first(tmp_path, monkeypatch)
     with pytest.raises(WanliteError, match="merged weights"):
         generate(task="tiny-t2v", prompt="x", ckpt_dir=checkpoint_dir("tiny-t2v"), preset="lightning-3phase",
                  lora_high=(str(path),), lora_mode="merge", save_file=tmp_path / "m.mp4")
+
+
+def test_the_bundled_tiny_lora_turns_black_backgrounds_grey(tmp_path):
+    """The LoRA trained here (python -m wanlite.tiny.lora), per expert like Lightning's files."""
+    import numpy as np
+
+    from wanlite.tiny import checkpoint_dir
+    from wanlite.tiny.lora import LORA_DIR
+
+    def grey(frames):
+        f = frames.astype(np.int16)
+        mean = f.mean(axis=-1)
+        return ((f.max(axis=-1) - f.min(axis=-1) < 40) & (mean >= 60) & (mean <= 170)).mean()
+
+    kw = dict(task="tiny-t2v", prompt="a blue circle moving up on a black background", seed=1, dtype="fp32",
+              ckpt_dir=checkpoint_dir("tiny-t2v"), steps=12)
+    base = generate(save_file=tmp_path / "b.mp4", **kw)
+    lora = generate(save_file=tmp_path / "l.mp4", lora_high=(str(LORA_DIR / "high_noise_model.safetensors"),),
+                    lora_low=(str(LORA_DIR / "low_noise_model.safetensors"),), **kw)
+    assert grey(base.frames) < 0.05 and grey(lora.frames) > 0.2
