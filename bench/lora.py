@@ -61,8 +61,8 @@ def tiny_rows(prompts: int) -> list[dict]:
                "grey_share_runtime": round(float(np.mean(shares["runtime"])), 3),
                "merged_vs_runtime_psnr_db": round(float(np.mean(agreement)), 2)}
         print(f"{fmt:10s} grey background: {row['grey_share_without']:.3f} without, {row['grey_share_merged']:.3f} "
-              f"merged, {row['grey_share_runtime']:.3f} runtime; merged vs runtime {row['merged_vs_runtime_psnr_db']:.1f}"
-              " dB", flush=True)
+              f"merged, {row['grey_share_runtime']:.3f} runtime; merged vs runtime "
+              f"{row['merged_vs_runtime_psnr_db']:.1f} dB", flush=True)
         rows.append(row)
     return rows
 

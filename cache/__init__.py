@@ -27,12 +27,12 @@ __all__ = ["apply_cache", "StepCache", "CacheConfig", "DBCacheConfig", "TaylorSe
 # Chosen from the sweep on the bundled tiny models (bench/results/cache.json, README table): on them the fixed
 # TaylorSeer schedules beat DBCache at every saving, and their skip schedule is known before the step starts
 # (offload moves nothing for a skipped step). 20 steps, fewer block evaluations at PSNR vs uncached:
-# tiny-t2v safe 1.54x at 35.5 dB, fast 2.0x at 25.9 dB, turbo 2.2x at 24.3 dB; tiny-ti2v 1.82x at 39.4 dB,
-# 2.5x at 32.5 dB, 2.86x at 24.6 dB.
+# tiny-t2v safe 1.54x at 35.5 dB, fast 2.0x at 25.9 dB, turbo 2.2x at 24.2 dB; tiny-ti2v 1.82x at 39.4 dB,
+# 2.5x at 32.5 dB, 2.86x at 29.8 dB.
 PRESETS: dict[str, CacheConfig] = {
     "safe": TaylorSeerConfig(order=1, interval=2, warmup_steps=2),
     "fast": TaylorSeerConfig(order=1, interval=3, warmup_steps=2),
-    "turbo": TaylorSeerConfig(order=0, interval=4, warmup_steps=2),
+    "turbo": TaylorSeerConfig(order=1, interval=4, warmup_steps=2),
 }
 POLICY_NAMES = ("dbcache", "taylorseer", "mag", "calibrate")
 MIN_CACHED_STEPS = 9  # distilled schedules (<= 8 steps) are not cached unless forced: each step is too different

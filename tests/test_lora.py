@@ -161,7 +161,8 @@ def test_bad_lora_input_is_one_clear_line(tmp_path, experts, pairs, capsys):
     junk.write_bytes(b"not a safetensors file at all")
     with pytest.raises(WanliteError, match="not a readable LoRA"):
         lora_sets([str(junk)], [], [], comps, TASK)
-    wide = {name: (torch.zeros(4, down.shape[1] + 8), torch.zeros(up.shape[0], 4)) for name, (down, up) in pairs.items()}
+    wide = {name: (torch.zeros(4, down.shape[1] + 8), torch.zeros(up.shape[0], 4))
+            for name, (down, up) in pairs.items()}
     with pytest.raises(WanliteError, match="another architecture"):
         lora_sets([str(write_lora(tmp_path / "w.safetensors", wide))], [], [], comps, TASK)
     bad_rank = {name: (down, up[:, :2]) for name, (down, up) in pairs.items()}
