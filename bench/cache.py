@@ -206,9 +206,11 @@ def readme() -> None:
     for task in TASKS:
         mine = [r for r in rows if r["task"] == task]
         presets = [r for r in mine if r.get("preset")]
-        frontier = [r for r in mine if not r.get("preset") and not any(
-            o["block_evals_saved_x"] >= r["block_evals_saved_x"] and o["psnr_db"] > r["psnr_db"] for o in mine
-            if o is not r)]
+        preset_settings = [r["settings"] for r in presets]
+        frontier = [r for r in mine if not r.get("preset") and r["settings"] not in preset_settings
+                    and r["block_evals_saved_x"] >= 1.05 and not any(
+                        o["block_evals_saved_x"] >= r["block_evals_saved_x"] and o["psnr_db"] > r["psnr_db"]
+                        for o in mine if o is not r)]
         for r in presets + sorted(frontier, key=lambda r: r["block_evals_saved_x"]):
             name = f"**{r['preset']}**" if r.get("preset") else r["config"]
             speed = f"{r['speedup_x']:.2f}x" if "speedup_method" in r else "—"  # sweep timings: a busy machine
