@@ -133,6 +133,23 @@ def test_vae_decode_formula_matches_traced_allocations(version, side):
     assert 0.9 <= predicted / traced.peak <= 1.1, (predicted, traced.peak)
 
 
+@pytest.mark.parametrize("version,stride,tile", [("2.1", 8, 32), ("2.2", 16, 16)])
+@pytest.mark.parametrize("height,width", [(480, 832), (720, 1280)])
+def test_tiled_vae_decode_formula_matches_traced_allocations(version, stride, tile, height, width):
+    """Full-size VAEs on meta (no compute): the tiles' peak, or the whole-frame middle block's where it is
+    larger (Wan2.1 at 720p: its attention over 14,400 latent pixels)."""
+    from wanlite.models.vae import Tiling
+
+    with torch.device("meta"):
+        vae = WanVAE(VAE_SPECS["vae" + version]).eval()
+    z = torch.randn(1, vae.spec.z_dim, 2, height // stride, width // stride, device="meta")
+    with torch.no_grad(), LiveBytes() as traced:
+        vae.decode_tiled(z, Tiling(tile, tile // 4), out_device="meta")
+    task = "t2v-A14B" if version == "2.1" else "ti2v-5B"
+    predicted = vae_decode_bytes(task, height, width, 0, tile * stride)
+    assert 0.9 <= predicted / traced.peak <= 1.12, (predicted, traced.peak)
+
+
 @pytest.mark.parametrize("task,size", [("t2v-A14B", (832, 480)), ("t2v-A14B", (1280, 720)),
                                        ("i2v-A14B", (1280, 720)), ("ti2v-5B", (1280, 704))])
 def test_every_task_fits_12gb_vram_and_32gb_ram(task, size):

@@ -14,7 +14,9 @@ are exact fits to allocations traced with `LiveBytes` on CPU (d = 256...1024, L 
 VAE decode (causal, one latent frame -> 4 video frames at a time): the fp32 activations of a frame chunk,
 VAE_BYTES_PER_PIXEL[version] per pixel of the frame (traced on CPU with the full-size VAEs: 19.6 KB for 2.1,
 20.7 KB for 2.2, linear in pixels); frames stream to the writer as they are decoded; a spatial tile
-bounds the pixels to tile x tile (the middle block still sees the whole latent frame: small next to it).
+bounds the pixels to tile x tile, but the middle block still sees the whole latent frame: its attention
+(2 n^2 fp32 for n latent pixels) plus VAE_MIDDLE_BYTES_PER_LATENT_PIXEL per latent pixel, whichever is larger
+(Wan2.1 at 720p: the middle block, 1.9 GB).
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ WHOLE_BLOCK = 26.0  # bf16 block peak / (B * L * d), run whole
 CHUNKED_BLOCK = 6.0  # ... run in chunks, plus CHUNK_TEMPS * B * n * d
 CHUNK_TEMPS = 20.0
 VAE_BYTES_PER_PIXEL = {"2.1": 19650.0, "2.2": 20700.0}  # decode peak / pixels of one frame (traced, fp32)
+# a tiled decode runs the middle block on whole latent frames: its self-attention scores and softmax (2 n^2 fp32
+# for n latent pixels) plus feature maps per latent pixel (traced on meta: exact for every size tried)
+VAE_MIDDLE_BYTES_PER_LATENT_PIXEL = {"2.1": 18688.0, "2.2": 49920.0}
 TEXT_LEN = 512
 CFG_BATCH = 2
 
@@ -133,9 +138,13 @@ def vae_decode_bytes(task: str, height: int, width: int, frames: int, tile_px: i
     """Peak device bytes of the VAE decode; tile_px = tile side in output pixels (None: whole frame). The
     decoded frames go to the mp4 writer chunk by chunk, so the video itself is never held (`frames` only
     matters to callers that keep it)."""
-    version = VAE_SPECS[TASKS[task].vae].version
-    pixels = height * width if tile_px is None else min(height, tile_px) * min(width, tile_px)
-    return int(VAE_BYTES_PER_PIXEL[version] * pixels)
+    spec = VAE_SPECS[TASKS[task].vae]
+    if tile_px is None:
+        return int(VAE_BYTES_PER_PIXEL[spec.version] * height * width)
+    tile = VAE_BYTES_PER_PIXEL[spec.version] * min(height, tile_px) * min(width, tile_px)
+    n = (height // spec.stride[1]) * (width // spec.stride[2])
+    middle = 2 * n * n * 4 + VAE_MIDDLE_BYTES_PER_LATENT_PIXEL[spec.version] * n
+    return int(max(tile, middle))
 
 
 def dit_flops(spec: DiTSpec, tokens: int, batch: int = CFG_BATCH) -> float:
