@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -29,9 +28,10 @@ from pathlib import Path
 import torch
 
 from wanlite.cache import PRESETS, DBCacheConfig, MagCacheConfig, TaylorSeerConfig, describe
+from _record import RESULTS, machine, write_json
 from wanlite.eval import DEFAULT_PROMPTS, prompt_for, run_suite, summarize
 
-OUT = Path(__file__).resolve().parent / "results" / "cache.json"
+OUT = RESULTS / "cache.json"
 CURVES = Path(__file__).resolve().parents[1] / "cache" / "curves"
 TASKS = ("tiny-t2v", "tiny-ti2v")
 
@@ -52,11 +52,6 @@ def sweep() -> dict[str, object]:
     return variants
 
 
-def machine() -> dict:
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__}
-
-
 def save(rows: list[dict], extra: dict | None = None) -> None:
     """Merge rows into cache.json (same task + config replaces), atomically."""
     data = json.loads(OUT.read_text()) if OUT.is_file() else {"results": []}
@@ -65,9 +60,7 @@ def save(rows: list[dict], extra: dict | None = None) -> None:
     data.update({"command": "python bench/cache.py " + " ".join(sys.argv[1:]),
                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "machine": machine(), "results": keep + rows, **(extra or {})})
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(OUT)
+    write_json("cache", data)
 
 
 def run_sweep(task: str, seeds: int, only: str | None, group: int = 6) -> None:
@@ -190,9 +183,7 @@ def timing(task: str, reps: int = 8) -> None:
                     row["speedup_method"] = f"median of {reps} alternated uncached/cached clips"
             print(f"{task} preset {name}: denoising speed-up {median(ratios):.2f}x "
                   f"(ratios {', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(OUT)
+    write_json("cache", data)
 
 
 BEGIN, END = "<!-- cache table: begin (python bench/cache.py --readme) -->", "<!-- cache table: end -->"

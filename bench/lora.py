@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
-import platform
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from _record import machine, write_json
 from wanlite.eval import DEFAULT_PROMPTS, prompt_for, psnr
 
-OUT = Path(__file__).resolve().parent / "results" / "lora.json"
 FORMATS = {"bf16": "none", "fp8": "fp8", "int8": "int8", "gguf-q8_0": "gguf-q8_0", "gguf-q4_k": "gguf-q4_k"}
 
 
@@ -113,16 +109,12 @@ def main() -> int:
     args = parser.parse_args()
     result = {"command": "python bench/lora.py " + " ".join(sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "python": platform.python_version(), "torch": torch.__version__},
+              "machine": machine(),
               "note": "tiny-t2v, bundled grey-background LoRA (rank 4, one file per expert), seed 0, 20 steps",
               "tiny": tiny_rows(args.prompts)}
     if not args.skip_full_size:
         result["full_size"] = full_size_rows()
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(OUT)
-    print(f"wrote {OUT}")
+    write_json("lora", result)
     return 0
 
 

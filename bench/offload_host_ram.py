@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _record import machine, write_json
 
 TASK = "t2v-A14B"
 ROLES = ("high_noise", "low_noise")
@@ -142,15 +143,12 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
     import psutil
     about = {"command": "python bench/offload_host_ram.py " + " ".join(sys.argv[1:]),
-             "machine": f"{platform.machine()} {psutil.cpu_count()} cpus {psutil.virtual_memory().total / 2**30:.0f} "
-                        f"GiB RAM, no GPU ({platform.system()})",
+             "machine": {**machine(), "ram_gib": round(psutil.virtual_memory().total / 2**30)},
              "date": datetime.date.today().isoformat(),
              "setup": f"{TASK} full size, two synthetic fp8-scaled experts, {args.steps} forwards with one switch, "
                       "CFG batch 2, 4 tokens, block offload to CPU (k=0, d=1); target: mmap peak_rss_gb <= 16"}
     result = [{**row, **about} for row in rows]
-    out = Path(__file__).parent / "results" / "offload_host_ram.json"
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
+    write_json("offload_host_ram", result)
     return 0
 
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
+from _record import machine, write_json
 
 
 def tiny_experts():
@@ -104,14 +103,12 @@ def main() -> int:
         print(json.dumps(row), flush=True)
         rows.append(row)
     result = {"command": "python bench/offload_overhead.py " + " ".join(sys.argv[1:]),
-              "machine": f"{platform.machine()} {torch.get_num_threads()} torch threads, no GPU ({platform.system()})",
+              "machine": machine(),
               "date": datetime.date.today().isoformat(),
               "setup": "one expert switch per run, CFG batch 2, fp32; block offload "
                        "CPU->CPU k=0 d=1 (every block through the ring) vs no offload; runs alternate",
               "goal": "ratio <= 1.05", "rows": rows}
-    out = Path(__file__).parent / "results" / "offload_overhead.json"
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
+    write_json("offload_overhead", result)
     return 0
 
 

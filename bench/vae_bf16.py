@@ -10,11 +10,10 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import platform
 import sys
-from pathlib import Path
 
 import torch
+from _record import machine, write_json
 
 
 def vaes():
@@ -56,11 +55,9 @@ def main() -> int:
         print(json.dumps(row), flush=True)
         rows.append(row)
     out = {"command": "python bench/vae_bf16.py " + " ".join(sys.argv[1:]),
-           "machine": f"{platform.machine()} {torch.get_num_threads()} threads, no GPU ({platform.system()})",
+           "machine": machine(),
            "date": datetime.date.today().isoformat(), "results": rows}
-    path = Path(__file__).parent / "results" / "vae_bf16.json"
-    path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {path}")
+    write_json("vae_bf16", out)
     return 0
 
 

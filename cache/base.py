@@ -271,10 +271,8 @@ class StepCache:
                 h = h_mid
             del h_mid
         skipped = [r for r in range(rows) if not compute[r]]
-        if skipped:
-            h = h.clone() if run_rows else h
-            for r in skipped:
-                h[r] = h[r] + states[r].forecast(self.step)
+        for r in skipped:  # h is this forward's own tensor here (the front output, or the clone above)
+            h[r].add_(states[r].forecast(self.step))
         for state, info, computed in zip(states, infos, compute):
             self.policy.commit(state, info, computed)
 

@@ -38,6 +38,7 @@ class LoraSet:
     loras: list[tuple[LoraFile, float]]
     mode: str = "auto"  # auto: merge where weights arrive dense, branch elsewhere; merge | runtime: force one
     merged_names: set[str] = field(default_factory=set)
+    delta_names: set[str] = field(default_factory=set)
     gain: float = 1.0  # multiplies every runtime branch (a preset phase can switch the LoRAs off)
     # offload that re-reads pieces binds them into fixed shells: the embeddings and head (dense, never streamed)
     # take their LoRAs merged so those shells keep their layout
@@ -82,7 +83,9 @@ class LoraSet:
                     if local is not None and local in params:
                         p = params[local]
                         p.copy_((p.float() + strength * delta.float()).to(p.dtype))
-                        self.counts["deltas"] += 1
+                        if name not in self.delta_names:  # a piece read again (offload) is counted once
+                            self.delta_names.add(name)
+                            self.counts["deltas"] += 1
             for local, pairs in stacks.items():
                 module = modules[local]
                 dtype = _compute_dtype(module)

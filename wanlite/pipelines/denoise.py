@@ -93,7 +93,7 @@ class Denoiser:
         context = [c.to(x.device) for c in self.cond.context[:1] * b + self.cond.context[1:passes] * b]
         if self.cache is not None:
             self.cache.begin(step, role, ("cond",) * b + ("uncond",) * b * (passes - 1))
-        out = model(torch.cat([x] * passes), timestep, context, y=y).float()
+        out = model(torch.cat([x, x]) if cfg else x, timestep, context, y=y).float()
         if cfg:
             v_cond, v_uncond = out.chunk(2)
             v = v_uncond + guide * (v_cond - v_uncond)
