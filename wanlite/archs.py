@@ -11,10 +11,15 @@ ARCHS = tuple(DIT_SPECS) + tuple(VAE_SPECS) + tuple(T5_SPECS)
 def manifest(name: str) -> dict[str, tuple[int, ...]]:
     """The official state-dict `{key: shape}` of architecture `name`."""
     if name in DIT_SPECS:
+        from wanlite.loading.keymaps import s2v_key_to_official
         from wanlite.models.dit import WanDiT
 
+        spec = DIT_SPECS[name]
         with torch.device("meta"):
-            model = WanDiT(DIT_SPECS[name])
+            model = WanDiT(spec)
+        if spec.s2v is not None:
+            layers = spec.s2v.inject_layers
+            return {s2v_key_to_official(k, layers): tuple(v.shape) for k, v in model.state_dict().items()}
     elif name in VAE_SPECS:
         from wanlite.models.vae import WanVAE
 

@@ -33,6 +33,25 @@ MODEL_TYPE_CHANNELS = {"t2v": (16, 16), "i2v": (36, 16), "ti2v": (48, 48)}
 
 
 @dataclass(frozen=True)
+class S2VSpec:
+    """The speech-to-video additions to a DiT (`WanModel_S2V`, released config.json): a causal audio encoder
+    over weighted wav2vec2 layers, audio cross-attention injected after some blocks, a pose encoder, FramePack
+    motion history and per-token segment ids."""
+
+    audio_dim: int = 1024  # wav2vec2 hidden size
+    audio_layers: int = 25  # wav2vec2 hidden states (embeddings + 24 layers)
+    audio_tokens: int = 4  # local audio tokens per latent frame (+ 1 learned padding token)
+    inject_layers: tuple[int, ...] = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
+    cond_dim: int = 16  # pose latent channels
+    motion_frames: int = 73  # pixel frames of motion history (19 latents)
+    pack_buckets: tuple[int, int, int] = (1, 2, 16)  # newest latents at 1x, 2x, 4x compression
+
+    @property
+    def motion_latents(self) -> int:
+        return (self.motion_frames + 3) // 4
+
+
+@dataclass(frozen=True)
 class DiTSpec:
     """Hyper-parameters of one Wan DiT (`WanModel.__init__`); head_dim = dim / num_heads."""
 
@@ -48,8 +67,12 @@ class DiTSpec:
     text_len: int = 512
     patch_size: tuple[int, int, int] = (1, 2, 2)
     eps: float = 1e-6
+    s2v: S2VSpec | None = None
 
     def __post_init__(self):
+        if self.s2v is not None and max(self.s2v.inject_layers, default=0) >= self.num_layers:
+            raise ValueError(f"audio injection after block {max(self.s2v.inject_layers)} but the DiT has "
+                             f"{self.num_layers} blocks")
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2:
@@ -108,6 +131,8 @@ DIT_SPECS = {
     "t2v-A14B": DiTSpec("t2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=16, out_dim=16),
     "i2v-A14B": DiTSpec("i2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, out_dim=16),
     "ti2v-5B": DiTSpec("ti2v", dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48),
+    "s2v-14B": DiTSpec("s2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=16, out_dim=16,
+                       s2v=S2VSpec()),
 }
 
 VAE_SPECS = {
@@ -122,7 +147,8 @@ T5_SPECS = {"umt5-xxl-encoder": T5Spec()}
 # config-less ComfyUI file still tells its head count), the real channel counts and the real VAE structure.
 TINY_T5 = T5Spec(vocab_size=384, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
 TINY_DIT_SPECS = {
-    name: replace(spec, dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=TINY_T5.d_model)
+    name: replace(spec, dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=TINY_T5.d_model,
+                  s2v=spec.s2v and replace(spec.s2v, audio_dim=32, audio_layers=3, inject_layers=(0, 1)))
     for name, spec in DIT_SPECS.items()
 }
 TINY_VAE_SPECS = {

@@ -60,3 +60,28 @@ def strip_comfy_prefix(key: str) -> str:
         if key.startswith(prefix):
             return key[len(prefix):]
     return key
+
+
+# S2V: the official checkpoint keeps its audio injectors in one top-level list (`audio_injector.injector.K`,
+# `audio_injector.injector_adain_layers.K.linear`); wanlite keeps injector K inside the block it follows
+# (`blocks.L.audio_injector.attn` / `.adain`, L = inject_layers[K]) so it is loaded, offloaded and cached
+# with that block.
+_S2V_OFFICIAL = re.compile(r"^audio_injector\.(injector|injector_adain_layers)\.(\d+)\.(?:linear\.)?(.+)$")
+_S2V_OURS = re.compile(r"^blocks\.(\d+)\.audio_injector\.(attn|adain)\.(.+)$")
+
+
+def s2v_key_from_official(key: str, inject_layers: tuple[int, ...]) -> str:
+    m = _S2V_OFFICIAL.match(key)
+    if m is None or int(m[2]) >= len(inject_layers):
+        return key
+    part = "attn" if m[1] == "injector" else "adain"
+    return f"blocks.{inject_layers[int(m[2])]}.audio_injector.{part}.{m[3]}"
+
+
+def s2v_key_to_official(key: str, inject_layers: tuple[int, ...]) -> str:
+    m = _S2V_OURS.match(key)
+    if m is None:
+        return key
+    k = inject_layers.index(int(m[1]))
+    return (f"audio_injector.injector.{k}.{m[3]}" if m[2] == "attn"
+            else f"audio_injector.injector_adain_layers.{k}.linear.{m[3]}")

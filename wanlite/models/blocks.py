@@ -67,14 +67,34 @@ def per_frame(x: torch.Tensor, frames: int) -> torch.Tensor:
 class BlockInputs:
     """Everything a block needs besides the hidden states; built once per DiT forward."""
 
-    e0: torch.Tensor  # [B, Fe, 6, d] fp32 modulation from the timestep
+    e0: torch.Tensor  # [B, R, 6, d] fp32 modulation rows from the timestep(s)
     context: torch.Tensor  # [B, text_len, d] embedded text
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin: [L, head_dim/2]
     chunk: int | None = None  # tokens per chunk for everything but the attention's keys/values (None: all)
+    # tokens per modulation row; None: the R rows split the tokens evenly (one per latent frame, or all)
+    split: tuple[int, ...] | None = None
+    audio: object | None = None  # wanlite.models.s2v.AudioTokens for the blocks followed by an audio injector
 
     def rows(self, index: torch.Tensor) -> "BlockInputs":
         """The inputs of some batch rows only (a step cache running the middle blocks for one CFG branch)."""
-        return BlockInputs(self.e0[index], self.context[index], self.rope, self.chunk)
+        return BlockInputs(self.e0[index], self.context[index], self.rope, self.chunk, self.split,
+                           None if self.audio is None else self.audio.rows(index))
+
+
+def modulate(t: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split) -> torch.Tensor:
+    """t [B, L, d] fp32 * (1 + scale) + shift, row r of shift/scale [B, R, 1, d] applying to its tokens."""
+    if split is None:
+        return (per_frame(t, shift.shape[1]) * (1 + scale) + shift).flatten(1, 2)
+    return torch.cat([p * (1 + scale[:, r]) + shift[:, r] for r, p in enumerate(t.split(split, dim=1))], dim=1)
+
+
+def gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, split) -> torch.Tensor:
+    """x + y * gate in fp32, cast back to x's dtype; rows of gate as in `modulate`."""
+    if split is None:
+        frames = gate.shape[1]
+        return (per_frame(x.float(), frames) + per_frame(y.float(), frames) * gate).flatten(1, 2).to(x.dtype)
+    parts = zip(x.split(split, dim=1), y.split(split, dim=1))
+    return torch.cat([(a.float() + b.float() * gate[:, r]).to(x.dtype) for r, (a, b) in enumerate(parts)], dim=1)
 
 
 class WanSelfAttention(nn.Module):
@@ -114,6 +134,7 @@ class WanBlock(nn.Module):
     def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float):
         super().__init__()
         self.eps = eps
+        self.audio_injector: nn.Module | None = None  # S2V: wanlite.models.s2v.AudioInjector after this block
         self.self_attn = WanSelfAttention(dim, num_heads, eps)
         self.norm3 = nn.LayerNorm(dim, eps=eps, elementwise_affine=True)
         self.cross_attn = WanCrossAttention(dim, num_heads, eps)
@@ -123,49 +144,45 @@ class WanBlock(nn.Module):
     def forward(self, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
         # x: [B, L, d] in the compute dtype
         if inputs.chunk and inputs.chunk < x.shape[1]:
-            return self.forward_chunked(x, inputs, inputs.chunk)
-        frames = inputs.e0.shape[1]
-        mod = self.modulation.float().unsqueeze(0) + inputs.e0  # [B, Fe, 6, d]
+            x = self.forward_chunked(x, inputs, inputs.chunk)
+        else:
+            x = self.forward_whole(x, inputs)
+        if self.audio_injector is not None and inputs.audio is not None:
+            frames = inputs.audio.local.shape[1]
+            per_chunk = None if not inputs.chunk else max(1, inputs.chunk * frames // inputs.audio.noisy_tokens)
+            x = self.audio_injector(x, inputs.audio, per_chunk)
+        return x
+
+    def forward_whole(self, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+        split = inputs.split
+        mod = self.modulation.float().unsqueeze(0) + inputs.e0  # [B, R, 6, d]
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = mod.unsqueeze(2).unbind(3)
 
-        h = per_frame(layer_norm_fp32(x, self.eps), frames) * (1 + scale_msa) + shift_msa
-        y = self.self_attn(h.flatten(1, 2).to(x.dtype), inputs.rope)
-        x = (per_frame(x.float(), frames) + per_frame(y.float(), frames) * gate_msa).flatten(1, 2).to(x.dtype)
+        h = modulate(layer_norm_fp32(x, self.eps), shift_msa, scale_msa, split)
+        x = gated_add(x, self.self_attn(h.to(x.dtype), inputs.rope), gate_msa, split)
 
         h = layer_norm_fp32(x, self.eps, self.norm3).to(x.dtype)
         x = (x.float() + self.cross_attn(h, inputs.context).float()).to(x.dtype)
 
-        h = per_frame(layer_norm_fp32(x, self.eps), frames) * (1 + scale_ffn) + shift_ffn
-        y = self.ffn(h.flatten(1, 2).to(x.dtype))
-        return (per_frame(x.float(), frames) + per_frame(y.float(), frames) * gate_ffn).flatten(1, 2).to(x.dtype)
-
+        h = modulate(layer_norm_fp32(x, self.eps), shift_ffn, scale_ffn, split)
+        return gated_add(x, self.ffn(h.to(x.dtype)), gate_ffn, split)
 
     def forward_chunked(self, x: torch.Tensor, inputs: BlockInputs, chunk: int) -> torch.Tensor:
         """`forward` with every per-token step done `chunk` tokens at a time (whole latent frames when each
         frame has its own timestep). Only the self-attention keys/values, the output and the input live at
         full length: ~8 x B*L*d bytes in bf16 instead of ~28 (planner/estimate.py), the same numbers up to
         GEMM rounding."""
-        b, length, d = x.shape
-        frames = inputs.e0.shape[1]
-        per_frame_tokens = length // frames
-        if frames > 1:
-            chunk = max(per_frame_tokens, chunk // per_frame_tokens * per_frame_tokens)
-        spans = [(s, min(s + chunk, length)) for s in range(0, length, chunk)]
+        spans = _row_spans(x.shape[1], inputs, chunk)
         mod = self.modulation.float().unsqueeze(0) + inputs.e0
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = mod.unsqueeze(2).unbind(3)
 
-        def frames_of(s: int, e: int) -> slice:
-            return slice(s // per_frame_tokens, e // per_frame_tokens) if frames > 1 else slice(0, 1)
+        def modulated(xc, rows, shift, scale):
+            n = rows.stop - rows.start
+            return (per_frame(layer_norm_fp32(xc, self.eps), n) * (1 + scale[:, rows]) + shift[:, rows]).flatten(1, 2)
 
-        def modulated(xc, s, e, shift, scale):
-            f = frames_of(s, e)
-            n = f.stop - f.start
-            return (per_frame(layer_norm_fp32(xc, self.eps), n) * (1 + scale[:, f]) + shift[:, f]).flatten(1, 2)
-
-        def gated(xc, yc, gate, s, e):
-            f = frames_of(s, e)
-            n = f.stop - f.start
-            return (per_frame(xc.float(), n) + per_frame(yc.float(), n) * gate[:, f]).flatten(1, 2).to(x.dtype)
+        def gated(xc, yc, gate, rows):
+            n = rows.stop - rows.start
+            return (per_frame(xc.float(), n) + per_frame(yc.float(), n) * gate[:, rows]).flatten(1, 2).to(x.dtype)
 
         cos, sin = inputs.rope
         sa, ca = self.self_attn, self.cross_attn
@@ -173,30 +190,48 @@ class WanBlock(nn.Module):
             return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
         keys, values = full_length(), full_length()
-        for s, e in spans:
-            h = modulated(x[:, s:e], s, e, shift_msa, scale_msa).to(x.dtype)
+        for s, e, rows in spans:
+            h = modulated(x[:, s:e], rows, shift_msa, scale_msa).to(x.dtype)
             keys[:, s:e] = apply_rope(sa._heads(sa.norm_k(sa.k(h))), cos[s:e], sin[s:e]).flatten(2)
             values[:, s:e] = sa.v(h)
         keys, values = sa._heads(keys), sa._heads(values)
         out = full_length()
-        for s, e in spans:
-            h = modulated(x[:, s:e], s, e, shift_msa, scale_msa).to(x.dtype)
+        for s, e, rows in spans:
+            h = modulated(x[:, s:e], rows, shift_msa, scale_msa).to(x.dtype)
             q = apply_rope(sa._heads(sa.norm_q(sa.q(h))), cos[s:e], sin[s:e])
-            out[:, s:e] = gated(x[:, s:e], sa.o(attention(q, keys, values).flatten(2)), gate_msa, s, e)
+            out[:, s:e] = gated(x[:, s:e], sa.o(attention(q, keys, values).flatten(2)), gate_msa, rows)
         del keys, values
         text_k = ca._heads(ca.norm_k(ca.k(inputs.context)))
         text_v = ca._heads(ca.v(inputs.context))
-        for s, e in spans:
+        for s, e, _ in spans:
             xc = out[:, s:e]
             h = layer_norm_fp32(xc, self.eps, self.norm3).to(x.dtype)
             y = ca.o(attention(ca._heads(ca.norm_q(ca.q(h))), text_k, text_v).flatten(2))
             xc.copy_((xc.float() + y.float()).to(x.dtype))
         del text_k, text_v
-        for s, e in spans:
+        for s, e, rows in spans:
             xc = out[:, s:e]
-            y = self.ffn(modulated(xc, s, e, shift_ffn, scale_ffn).to(x.dtype))
-            xc.copy_(gated(xc, y, gate_ffn, s, e))
+            y = self.ffn(modulated(xc, rows, shift_ffn, scale_ffn).to(x.dtype))
+            xc.copy_(gated(xc, y, gate_ffn, rows))
         return out
+
+
+def _row_spans(length: int, inputs: BlockInputs, chunk: int) -> list[tuple[int, int, slice]]:
+    """Token chunks [s, e) of about `chunk` tokens, each with the modulation rows it uses: chunks never
+    straddle two rows' segments, and with one row per latent frame they hold whole frames."""
+    if inputs.split is not None:
+        spans, start = [], 0
+        for r, n in enumerate(inputs.split):
+            spans += [(s, min(s + chunk, start + n), slice(r, r + 1)) for s in range(start, start + n, chunk)]
+            start += n
+        return spans
+    frames = inputs.e0.shape[1]
+    if frames == 1:
+        return [(s, min(s + chunk, length), slice(0, 1)) for s in range(0, length, chunk)]
+    per_frame_tokens = length // frames
+    chunk = max(per_frame_tokens, chunk // per_frame_tokens * per_frame_tokens)
+    return [(s, min(s + chunk, length), slice(s // per_frame_tokens, min(s + chunk, length) // per_frame_tokens))
+            for s in range(0, length, chunk)]
 
 
 class Head(nn.Module):

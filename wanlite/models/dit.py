@@ -1,4 +1,5 @@
-"""WanDiT: the one diffusion transformer for t2v / i2v / ti2v (official `wan/modules/model.py:WanModel`).
+"""WanDiT: the one diffusion transformer for t2v / i2v / ti2v / s2v (official `wan/modules/model.py:WanModel`,
+`wan/modules/s2v/model_s2v.py:WanModel_S2V`: the same blocks plus the parts in wanlite.models.s2v).
 
 The block loop is a single seam, `self.runner(blocks, x, inputs)`: a plain loop by default; offload and step
 caching replace the runner instead of patching blocks.
@@ -13,7 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from wanlite.models.blocks import BlockInputs, Head, WanBlock, linear_fp32
-from wanlite.models.rope import rope_cos_sin
+from wanlite.models.rope import rope_cos_sin, rope_cos_sin_at
+from wanlite.models.s2v import (REF_TIME_POSITION, AudioInjector, AudioTokens, CausalAudioEncoder, FramePacker,
+                                S2VConditions, grid_positions)
 from wanlite.specs import DiTSpec
 
 # runner(blocks, x, inputs, start=0, stop=None) -> x after blocks[start:stop]; the model always asks for all
@@ -49,6 +52,13 @@ class WanDiT(nn.Module):
         self.blocks = nn.ModuleList(
             WanBlock(d, spec.ffn_dim, spec.num_heads, spec.eps) for _ in range(spec.num_layers))
         self.head = Head(d, spec.out_dim * math.prod(spec.patch_size), spec.eps)
+        if spec.s2v is not None:
+            self.cond_encoder = nn.Conv3d(spec.s2v.cond_dim, d, kernel_size=spec.patch_size, stride=spec.patch_size)
+            self.casual_audio_encoder = CausalAudioEncoder(spec.s2v, d)  # sic: the official key prefix
+            self.trainable_cond_mask = nn.Embedding(3, d)  # added to noisy / reference / motion tokens
+            self.frame_packer = FramePacker(spec.s2v, d)
+            for layer in spec.s2v.inject_layers:
+                self.blocks[layer].audio_injector = AudioInjector(d, spec.num_heads, spec.eps)
         self.runner: Runner = run_blocks
         self.chunk_tokens: int | None = None  # blocks work this many tokens at a time (the plan sets it)
 
@@ -80,13 +90,17 @@ class WanDiT(nn.Module):
         t: torch.Tensor,
         context: torch.Tensor | list[torch.Tensor],
         y: torch.Tensor | None = None,
+        s2v: S2VConditions | None = None,
     ) -> torch.Tensor:
         """Predict the flow velocity.
 
         x: latents [B, C, F, H, W]; t: timesteps [B] (all tokens) or [B, F] (one per latent frame, TI2V);
         context: [B, <=text_len, text_dim] or a list of [L_i, text_dim]; y: i2v conditioning [B, C', F, H, W]
-        concatenated on channels. Returns float32 [B, out_dim, F, H, W].
+        concatenated on channels; s2v: the S2V model's reference / motion / pose / audio inputs.
+        Returns float32 [B, out_dim, F, H, W].
         """
+        if (s2v is None) != (self.spec.s2v is None):
+            raise ValueError("the S2V DiT needs its s2v conditions; other DiTs take none")
         if y is not None:
             x = torch.cat([x, y.to(x.dtype)], dim=1)
         b, c, f, h, w = x.shape
@@ -103,11 +117,55 @@ class WanDiT(nn.Module):
         e, e0 = self.embed_time(t)
         inputs = BlockInputs(e0=e0, context=self.embed_text(context),
                              rope=rope_cos_sin(grid, self.spec.head_dim, device=x.device), chunk=self.chunk_tokens)
-        # the embedded tokens [B, L, d] go straight into the runner, so no name here keeps them alive while the
-        # blocks run (the runner drops each block's input as the next one starts)
-        tokens = self.runner(self.blocks, self.patch_embedding(x.to(self.compute_dtype)).flatten(2).transpose(1, 2),
-                             inputs)
-        return self.unpatchify(self.head(tokens, e), grid)
+        if s2v is None:
+            # the embedded tokens [B, L, d] go straight into the runner, so no name here keeps them alive while
+            # the blocks run (the runner drops each block's input as the next one starts)
+            tokens = self.runner(self.blocks, self.patch_embedding(x.to(self.compute_dtype)).flatten(2).transpose(1, 2),
+                                 inputs)
+            return self.unpatchify(self.head(tokens, e), grid)
+        noisy = math.prod(grid)
+        tokens = self.runner(self.blocks, self._s2v_sequence(x, t, s2v, inputs), inputs)
+        return self.unpatchify(self.head(tokens[:, :noisy], e), grid)
+
+    def _s2v_sequence(self, x: torch.Tensor, t: torch.Tensor, s2v: S2VConditions, inputs: BlockInputs):
+        """The S2V token sequence [noisy + pose | reference | motion history], each segment tagged by its
+        `trainable_cond_mask` row; fills in `inputs`: RoPE of all tokens, the zero-timestep modulation row
+        for the reference and motion tokens (`split`), and the audio tokens for the injectors."""
+        spec, dtype = self.spec.s2v, self.compute_dtype
+        b, _, f, h, w = x.shape
+        tokens = self.patch_embedding(x.to(dtype))
+        if s2v.pose_latents is None:  # the reference feeds zero latents: only the bias is left
+            tokens = tokens + self.cond_encoder.bias.to(dtype).view(1, -1, 1, 1, 1)
+        else:
+            tokens = tokens + self.cond_encoder(s2v.pose_latents.to(dtype))
+        hp, wp = tokens.shape[-2:]
+        parts = [tokens.flatten(2).transpose(1, 2),
+                 self.patch_embedding(s2v.ref_latents.to(dtype)).flatten(2).transpose(1, 2)]
+        positions = [grid_positions(1, hp, wp, t0=REF_TIME_POSITION)]
+        if s2v.motion_latents is not None:
+            motion, motion_positions = self.frame_packer(s2v.motion_latents)
+            parts.append(motion)
+            positions.append(motion_positions)
+        mask = self.trainable_cond_mask.weight
+        seq = torch.cat([p + mask[i].to(dtype) for i, p in enumerate(parts)], dim=1)
+        noisy = parts[0].shape[1]
+        del parts, tokens
+
+        cos, sin = rope_cos_sin_at(torch.cat(positions).to(x.device), self.spec.head_dim)
+        inputs.rope = (torch.cat([inputs.rope[0], cos]), torch.cat([inputs.rope[1], sin]))
+        _, e0_still = self.embed_time(torch.zeros_like(t.reshape(b, -1)[:, :1]))
+        inputs.e0 = torch.cat([inputs.e0, e0_still], dim=1)
+        inputs.split = (noisy, seq.shape[1] - noisy)
+        # the audio left-padded with its first frame over the motion history's span, whose tokens are dropped
+        audio = s2v.audio.float()
+        audio = torch.cat([audio[..., :1].expand(*audio.shape[:-1], spec.motion_frames), audio], dim=-1)
+        local, global_ = self.casual_audio_encoder(audio)
+        skip = spec.motion_latents
+        if local.shape[1] - skip != f:
+            raise ValueError(f"{audio.shape[-1] - spec.motion_frames} audio frames give {local.shape[1] - skip} "
+                             f"latent frames, the clip has {f}")
+        inputs.audio = AudioTokens(local[:, skip:], global_[:, skip:, 0], noisy)
+        return seq
 
     def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """[B, L, prod(patch)*C] with C fastest -> [B, C, F, H, W] (official einsum 'fhwpqrc->cfphqwr')."""

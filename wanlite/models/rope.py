@@ -31,6 +31,14 @@ def rope_cos_sin(grid: tuple[int, int, int], head_dim: int, device=None, theta: 
     return angles.cos().float(), angles.sin().float()
 
 
+def rope_cos_sin_at(positions: torch.Tensor, head_dim: int, theta: float = 10000.0):
+    """cos, sin [N, head_dim/2] for tokens at explicit (t, h, w) positions [N, 3] (negative times allowed: the
+    S2V motion history sits before the clip)."""
+    dims = axis_dims(head_dim)
+    angles = torch.cat([_angles(positions[:, i], dims[i], theta) for i in range(3)], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2j], x[2j+1]) of x: [B, L, H, D] by the angles in cos/sin: [L, D/2]."""
     pairs = x.float().unflatten(-1, (-1, 2))  # [B, L, H, D/2, 2]

@@ -1,0 +1,155 @@
+"""S2V-14B: the speech-to-video parts of the one DiT, audio features, key names (parity with the official code:
+bench/s2v_parity.py, bench/results/s2v_parity.json)."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import rel_err
+from wanlite.archs import manifest
+from wanlite.loading.keymaps import s2v_key_from_official, s2v_key_to_official
+from wanlite.models.dit import WanDiT
+from wanlite.models.s2v import AudioInjector, AudioTokens, FramePacker, S2VConditions
+from wanlite.pipelines.audio import frame_features, resample_features
+from wanlite.specs import DIT_SPECS, TINY_DIT_SPECS
+
+
+def test_injectors_live_in_their_blocks_and_map_to_official_names():
+    layers = DIT_SPECS["s2v-14B"].s2v.inject_layers
+    official = manifest("s2v-14B")
+    assert "audio_injector.injector.11.q.weight" in official
+    assert s2v_key_from_official("audio_injector.injector.11.q.weight", layers) == \
+        "blocks.39.audio_injector.attn.q.weight"
+    assert s2v_key_from_official("audio_injector.injector_adain_layers.6.linear.bias", layers) == \
+        "blocks.24.audio_injector.adain.bias"
+    for key in official:
+        assert s2v_key_to_official(s2v_key_from_official(key, layers), layers) == key
+    with torch.device("meta"):
+        dit = WanDiT(DIT_SPECS["s2v-14B"])
+    assert [i for i, b in enumerate(dit.blocks) if b.audio_injector is not None] == list(layers)
+    per_block = sum(p.numel() for p in dit.blocks[1].parameters())
+    injector = sum(p.numel() for p in dit.blocks[0].audio_injector.parameters())
+    assert sum(p.numel() for p in dit.blocks.parameters()) == 40 * per_block + 12 * injector
+
+
+def test_framepack_positions_match_the_reference_layout():
+    # newest latent at t=-1 on the full token grid, 2 latents at t=-3 and 16 at t=-19,-14,-9,-4 on coarser
+    # grids spread over the full one (spec §9.4)
+    spec = TINY_DIT_SPECS["s2v-14B"].s2v
+    packer = FramePacker(spec, 256)
+    h, w = 16, 24
+    tokens, pos = packer(torch.randn(1, 16, 19, h, w))
+    n1, n2, n4 = (h // 2) * (w // 2), (h // 4) * (w // 4), 4 * (h // 8) * (w // 8)
+    assert tokens.shape == (1, n1 + n2 + n4, 256) and pos.shape == (n1 + n2 + n4, 3)
+    assert set(pos[:n1, 0].tolist()) == {-1} and set(pos[n1:n1 + n2, 0].tolist()) == {-3}
+    assert sorted(set(pos[n1 + n2:, 0].tolist())) == [-19, -14, -9, -4]
+    assert sorted(set(pos[n1:n1 + n2, 1].tolist())) == [0, 2, 4, 7]  # np.linspace(0, 7, 4) truncated
+    assert pos[n1 + n2:, 2].max() == w // 2 - 1
+    # shorter history: zero latents fill the oldest slots
+    few, _ = packer(torch.randn(1, 16, 1, h, w))
+    empty, _ = packer(torch.zeros(1, 16, 1, h, w))
+    assert torch.equal(few[:, n1:], empty[:, n1:])
+
+
+def _tiny_s2v(seed=0):
+    torch.manual_seed(seed)
+    spec = TINY_DIT_SPECS["s2v-14B"]
+    dit = WanDiT(spec).eval()
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    return dit, spec
+
+
+def _s2v_inputs(spec, frames=3, h=16, w=16, motion=True, pose=True, batch=1):
+    s2v = spec.s2v
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 16, frames, h, w, generator=g)
+    cond = S2VConditions(torch.randn(batch, 16, 1, h, w, generator=g),
+                         torch.randn(batch, s2v.audio_layers, s2v.audio_dim, 4 * frames, generator=g),
+                         torch.randn(batch, 16, s2v.motion_latents, h, w, generator=g) if motion else None,
+                         torch.randn(batch, 16, frames, h, w, generator=g) if pose else None)
+    return x, [torch.randn(5, spec.text_dim, generator=g)] * batch, cond
+
+
+def test_chunked_blocks_equal_whole_blocks_with_segment_modulation():
+    dit, spec = _tiny_s2v()
+    x, ctx, cond = _s2v_inputs(spec)
+    t = torch.tensor([700.0])
+    with torch.no_grad():
+        whole = dit(x, t, ctx, s2v=cond)
+        dit.chunk_tokens = 40  # straddles frames, the noisy/reference boundary and the motion tokens
+        chunked = dit(x, t, ctx, s2v=cond)
+    assert rel_err(chunked, whole) < 1e-5
+
+
+def test_reference_and_motion_tokens_see_timestep_zero():
+    # the zero-timestep row: with every block's modulation of the clean tokens pinned to t=0, a forward at t
+    # equals one where those tokens' row was computed at t (checked by swapping the rows' source)
+    dit, spec = _tiny_s2v()
+    x, ctx, cond = _s2v_inputs(spec)
+    seen = []
+    for block in dit.blocks:
+        block.register_forward_pre_hook(lambda m, args: seen.append(args[1]))
+    with torch.no_grad():
+        dit(x, torch.tensor([500.0]), ctx, s2v=cond)
+    inputs = seen[0]
+    _, e0_zero = dit.embed_time(torch.zeros(1, 1))
+    _, e0_t = dit.embed_time(torch.full((1, 1), 500.0))
+    assert torch.equal(inputs.e0[:, 1:], e0_zero) and torch.equal(inputs.e0[:, :1], e0_t)
+    hw = 8 * 8
+    assert inputs.split[0] == 3 * hw and inputs.split[1] == hw + (hw + hw // 4 + 4 * hw // 16)
+
+
+def test_audio_injector_touches_only_noisy_tokens_and_chunks_by_frame():
+    torch.manual_seed(0)
+    injector = AudioInjector(256, 2, 1e-6)
+    with torch.no_grad():
+        for p in injector.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    frames, per_frame, extra = 4, 6, 5
+    x = torch.randn(2, frames * per_frame + extra, 256)
+    audio = AudioTokens(torch.randn(2, frames, 5, 256), torch.randn(2, frames, 256), frames * per_frame)
+    with torch.no_grad():
+        whole = injector(x.clone(), audio)
+        chunked = injector(x.clone(), audio, frames_per_chunk=3)
+    assert torch.equal(whole[:, -extra:], x[:, -extra:])
+    assert not torch.allclose(whole[:, :-extra], x[:, :-extra])
+    assert rel_err(chunked, whole) < 1e-6
+
+
+def test_silent_uncond_row_and_no_pose_differ_from_conditioned():
+    dit, spec = _tiny_s2v()
+    x, ctx, cond = _s2v_inputs(spec, pose=False)
+    t = torch.tensor([400.0])
+    with torch.no_grad():
+        speaking = dit(x, t, ctx, s2v=cond)
+        cond.audio = torch.zeros_like(cond.audio)
+        silent = dit(x, t, ctx, s2v=cond)
+    assert rel_err(silent, speaking) > 1e-3
+
+
+def test_audio_frames_must_match_the_clip():
+    dit, spec = _tiny_s2v()
+    x, ctx, cond = _s2v_inputs(spec)
+    cond.audio = cond.audio[..., :-4]
+    with pytest.raises(ValueError, match="audio frames"), torch.no_grad():
+        dit(x, torch.tensor([400.0]), ctx, s2v=cond)
+
+
+def test_frame_features_pick_the_nearest_30fps_column_half_to_even():
+    layers, length, channels = 2, 45, 3  # 1.5 s at 30 fps
+    states = torch.arange(length, dtype=torch.float32).view(1, length, 1).expand(layers, length, channels)
+    out, clips = frame_features(states, fps=16, clip_frames=8)
+    assert clips == 4 and out.shape == (layers, channels, 32)  # 45 / 15 columns per clip -> 3 + 1
+    picked = out[0, 0].tolist()
+    assert picked[4] == 8.0  # 4/16 s = 7.5 columns: rounds half to even
+    assert picked[12] == 22.0  # 22.5 -> 22
+    assert picked[23] == 43.0 and picked[24] == 0.0  # 45 columns end at frame 24 (round(24*1.875) = 45)
+    assert np.allclose(out[1].numpy(), out[0].numpy())
+
+
+def test_features_resampled_to_30fps_with_aligned_corners():
+    states = torch.linspace(0, 1, 100).view(1, 100, 1)  # 2 s at 50 Hz
+    out = resample_features(states)
+    assert out.shape == (1, 60, 1)
+    assert out[0, 0, 0] == 0 and abs(float(out[0, -1, 0]) - 1) < 1e-6
