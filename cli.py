@@ -125,6 +125,9 @@ def cmd_generate(args) -> int:
         taylorseer_order=args.taylorseer_order, cache_force=args.cache_force,
         lora=tuple(args.lora), lora_high=tuple(args.lora_high), lora_low=tuple(args.lora_low),
         lora_mode=args.lora_mode, preset=args.preset,
+        audio=None if args.audio is None else Path(args.audio),
+        pose_video=None if args.pose_video is None else Path(args.pose_video), num_clip=args.num_clip,
+        start_from_ref=args.start_from_ref, wav2vec=None if args.wav2vec is None else Path(args.wav2vec),
         **{flag: Path(getattr(args, flag)) for flag in COMPONENT_FLAGS if getattr(args, flag) is not None})
     with ProgressPrinter() as progress:
         result = generate(request, progress=progress)
@@ -142,7 +145,7 @@ def _cache_line(c: dict) -> str:
 
 
 def _workload_args(parser) -> None:
-    parser.add_argument("--task", required=True, help="t2v-A14B, i2v-A14B or ti2v-5B")
+    parser.add_argument("--task", required=True, help="t2v-A14B, i2v-A14B, ti2v-5B or s2v-14B")
     parser.add_argument("--size", default=None, help="WIDTH*HEIGHT (default: the task's)")
     parser.add_argument("--frame_num", type=int, default=None, help="frames, 4k+1 (default: the task's)")
     parser.add_argument("--sample_steps", type=int, default=None)
@@ -308,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON including the full {key: shape} manifest")
     info.set_defaults(func=cmd_info)
     gen = sub.add_parser("generate", help="generate a video (official generate.py flags are accepted)")
-    gen.add_argument("--task", required=True, help="t2v-A14B, i2v-A14B or ti2v-5B (tiny-t2v, tiny-ti2v: the bundled models)")
+    gen.add_argument("--task", required=True, help="t2v-A14B, i2v-A14B, ti2v-5B or s2v-14B (tiny-t2v, tiny-ti2v: the bundled models)")
     gen.add_argument("--ckpt_dir", default=None, help="checkpoint folder (official, diffusers, ComfyUI or GGUF "
                      "files); optional when every component is given as a file")
     gen.add_argument("--prompt", required=True)
@@ -325,9 +328,23 @@ def build_parser() -> argparse.ArgumentParser:
                        ("vae", "the VAE: safetensors or .pth")):
         gen.add_argument(f"--{flag}", default=None, metavar="FILE", help=f"{what}; overrides --ckpt_dir")
     gen.add_argument("--negative_prompt", default=None, help="default: the official negative prompt")
-    gen.add_argument("--image", default=None, help="input image (i2v-A14B: required; ti2v-5B: optional)")
-    gen.add_argument("--size", default=None, help="WIDTH*HEIGHT, e.g. 1280*720 (default: the task's)")
+    gen.add_argument("--image", default=None,
+                     help="input image (i2v-A14B: required; ti2v-5B: optional; s2v-14B: the reference face/person)")
+    gen.add_argument("--size", default=None,
+                     help="WIDTH*HEIGHT, e.g. 1280*720 (default: the task's); s2v-14B: the area to fit, the "
+                          "reference image sets the aspect")
     gen.add_argument("--frame_num", type=int, default=None, help="frames, 4k+1 (default: the task's)")
+    gen.add_argument("--infer_frames", dest="frame_num", type=int, default=None,
+                     help="s2v-14B: frames per clip, a multiple of 4 (default 80)")
+    gen.add_argument("--audio", default=None, metavar="FILE",
+                     help="s2v-14B: the speech or song (any file with an audio track); muxed into the mp4")
+    gen.add_argument("--pose_video", default=None, metavar="FILE", help="s2v-14B: a pose (DWPose) video to follow")
+    gen.add_argument("--num_clip", type=int, default=None, metavar="N",
+                     help="s2v-14B: at most N clips (default: as many as the audio lasts)")
+    gen.add_argument("--start_from_ref", action="store_true",
+                     help="s2v-14B: start the motion history from the reference image")
+    gen.add_argument("--wav2vec", default=None, metavar="DIR",
+                     help="s2v-14B: the wav2vec2-large-xlsr-53-english folder (default: inside --ckpt_dir)")
     gen.add_argument("--sample_solver", default=None, choices=["unipc", "dpm++", "euler"])
     gen.add_argument("--sample_steps", type=int, default=None)
     gen.add_argument("--sample_shift", type=float, default=None)

@@ -153,3 +153,113 @@ def test_features_resampled_to_30fps_with_aligned_corners():
     out = resample_features(states)
     assert out.shape == (1, 60, 1)
     assert out[0, 0, 0] == 0 and abs(float(out[0, -1, 0]) - 1) < 1e-6
+
+
+# ---------------------------------------------------------------- generation (tiny S2V, official layout)
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import wave  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+from wanlite import generate  # noqa: E402
+from wanlite.pipelines.audio import read_audio  # noqa: E402
+from wanlite.pipelines.video_io import read_mp4, read_mp4_metadata  # noqa: E402
+from wanlite.testing.fixtures import write_fixture  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_wav(path: Path, seconds: float, rate: int = 22050) -> Path:
+    t = np.arange(int(seconds * rate)) / rate
+    tone = (np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * 3 * t) * 12000).astype(np.int16)
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(tone.tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def s2v_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("s2v")
+    ckpt = write_fixture("s2v-14B", "official", root / "ckpt")
+    rgb = np.zeros((80, 64, 3), np.uint8)
+    rgb[20:50, 16:48] = (230, 180, 150)
+    Image.fromarray(rgb).save(root / "face.png")
+    return {"ckpt": ckpt, "image": root / "face.png", "audio": write_wav(root / "speech.wav", 0.8), "root": root}
+
+
+def _s2v(inputs, out, **kw):
+    args = dict(task="s2v-14B", prompt="a person talking", ckpt_dir=inputs["ckpt"], image=inputs["image"],
+                audio=inputs["audio"], size=(64, 64), frames=8, steps=2, seed=5, dtype="fp32", save_file=out)
+    args.update(kw)
+    return generate(**args)
+
+
+def test_two_clip_generation_muxes_the_audio_to_the_video_length(s2v_inputs, tmp_path):
+    result = _s2v(s2v_inputs, tmp_path / "talk.mp4")
+    frames, info = read_mp4(result.path)
+    # 0.8 s of audio covers 2 clips of 8 frames: 5 (the first drops 3) + 8, capped at ceil(0.8 * 16) = 13
+    assert frames.shape[0] == 13 and result.settings.num_clip == 2
+    assert result.settings.size == (64, 64) and info["fps"] == 16
+    audio_seconds = read_audio(result.path).size / 16000
+    assert abs(audio_seconds - frames.shape[0] / 16) <= 1 / 16
+    meta = read_mp4_metadata(result.path)
+    assert meta["task"] == "s2v-14B" and meta["audio"].endswith("speech.wav") and meta["frames"] == 8
+    assert result.frames.std() > 1
+
+
+def test_num_clip_limits_and_trims_the_audio(s2v_inputs, tmp_path):
+    result = _s2v(s2v_inputs, tmp_path / "one.mp4", num_clip=1)
+    frames, _ = read_mp4(result.path)
+    assert frames.shape[0] == 5
+    assert abs(read_audio(result.path).size / 16000 - 5 / 16) <= 1 / 16
+
+
+def test_pose_video_and_start_from_ref_run(s2v_inputs, tmp_path):
+    from wanlite.pipelines.video_io import write_mp4
+
+    pose = np.zeros((20, 48, 48, 3), np.uint8)
+    for i in range(20):
+        pose[i, 10:30, 5 + i:15 + i] = 255
+    pose_path = write_mp4(pose, tmp_path / "pose.mp4", fps=16)
+    plain = _s2v(s2v_inputs, tmp_path / "a.mp4", num_clip=1, start_from_ref=True)
+    posed = _s2v(s2v_inputs, tmp_path / "b.mp4", num_clip=1, start_from_ref=True, pose_video=pose_path)
+    # no frames dropped when the history starts from the reference: the first clip keeps all 8
+    assert plain.frames.shape[0] == 8 and posed.frames.shape[0] == 8
+    assert np.abs(plain.frames.astype(int) - posed.frames.astype(int)).mean() > 0.05  # pose latents reach the DiT
+
+
+def _written(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _cli(inputs, tmp_path, *extra):
+    out = tmp_path / "bad.mp4"
+    args = [sys.executable, "cli.py", "generate", "--task", "s2v-14B", "--prompt", "hi", "--ckpt_dir",
+            str(inputs["ckpt"]), "--image", str(inputs["image"]), "--size", "64*64", "--sample_steps", "1",
+            "--save_file", str(out), *extra]
+    run = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+    return run, out
+
+
+@pytest.mark.parametrize("make,flags,message", [
+    (lambda d, i: i["image"], ["--audio"], "has no audio stream"),
+    (lambda d, i: _written(d / "noise.mp3", b"\x00garbage" * 50), ["--audio"], "ffmpeg cannot read it"),
+    (lambda d, i: write_wav(d / "blip.wav", 0.03), ["--audio"], "shorter than one video frame"),
+    (lambda d, i: i["audio"], ["--infer_frames", "10", "--audio"], "must be a multiple of 4"),
+    (lambda d, i: i["audio"], ["--pose_video", "{bad}", "--audio"], "--pose_video"),
+])
+def test_bad_speech_input_is_one_line_exit_2(s2v_inputs, tmp_path, make, flags, message):
+    bad = tmp_path / "pose.mp4"
+    bad.write_bytes(b"not a video at all")
+    path = make(tmp_path, s2v_inputs)
+    run, out = _cli(s2v_inputs, tmp_path, *[f.replace("{bad}", str(bad)) for f in flags], str(path))
+    assert run.returncode == 2, run.stderr
+    line = run.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line and message in line, line
+    assert not out.exists() and not list(tmp_path.glob(".bad*"))

@@ -164,6 +164,13 @@ DEFAULT_NEGATIVE_PROMPT = (
 )
 
 
+# S2V-14B's own negative prompt (`wan_s2v_14B.sample_neg_prompt`)
+S2V_NEGATIVE_PROMPT = (
+    "画面模糊，最差质量，画面模糊，细节模糊不清，情绪激动剧烈，手快速抖动，字幕，丑陋的，残缺的，多余的手指，画得不好的手部，"
+    "画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """Everything that makes one Wan task different from another; the generation loop reads only this."""
@@ -172,7 +179,9 @@ class TaskSpec:
     dit: str  # key of DIT_SPECS
     vae: str  # key of VAE_SPECS
     experts: tuple[str, ...]  # ("high_noise", "low_noise") for MoE, ("main",) otherwise
-    conditioning: str  # "text", "image_concat" (I2V-A14B channels) or "first_frame" (TI2V latent frame 0)
+    # "text", "image_concat" (I2V-A14B channels), "first_frame" (TI2V latent frame 0) or "speech" (S2V: a
+    # reference image and audio, generated clip by clip; `frames` is then the frames per clip)
+    conditioning: str
     image: str  # "forbidden" | "required" | "optional"
     steps: int
     shift: float
@@ -203,6 +212,11 @@ TASKS = {
                         steps=50, shift=5.0, guide_scale=(5.0, 5.0), frames=121, fps=24, size=(1280, 704),
                         sizes=((1280, 704), (704, 1280))),
 }
+
+TASKS["s2v-14B"] = TaskSpec("s2v-14B", "s2v-14B", "vae2.1", ("main",), "speech", "required", steps=40, shift=3.0,
+                            guide_scale=(4.5, 4.5), frames=80, fps=16, size=(1024, 704),
+                            sizes=(*_A14B_SIZES, (1024, 704), (704, 1024), (1280, 704), (704, 1280)),
+                            negative_prompt=S2V_NEGATIVE_PROMPT)
 
 # The bundled tiny models (wanlite.tiny): real architectures at toy sizes, trained here on coloured shapes.
 TASKS["tiny-t2v"] = TaskSpec("tiny-t2v", "t2v-A14B", "vae2.1", ("high_noise", "low_noise"), "text", "forbidden",

@@ -11,12 +11,12 @@ import torch
 
 from wanlite.errors import CheckpointError
 from wanlite.loading.checkpoints import CheckpointSet, Component
-from wanlite.loading.keymaps import dit_key_from_diffusers, strip_comfy_prefix
+from wanlite.loading.keymaps import dit_key_from_diffusers, s2v_key_from_official, strip_comfy_prefix
 from wanlite.loading.stream import PthSource, SafetensorsSource, check_against, load_into, load_pairs, open_source
 from wanlite.models.blocks import keeps_fp32
 from wanlite.models.dit import WanDiT
 from wanlite.quant.base import QuantConfig
-from wanlite.specs import DIT_SPECS, MODEL_TYPE_CHANNELS, TASKS, VAE_SPECS, DiTSpec, VAESpec
+from wanlite.specs import DIT_SPECS, MODEL_TYPE_CHANNELS, TASKS, VAE_SPECS, DiTSpec, S2VSpec, VAESpec
 
 _BLOCK_INDEX = re.compile(r"^blocks\.(\d+)\.")
 
@@ -38,7 +38,8 @@ def dit_spec_from_shapes(shapes: dict[str, tuple[int, ...]], config: dict, where
     out_dim = out_features // math.prod(patch)
     num_layers = 1 + max((int(m[1]) for k in shapes if (m := _BLOCK_INDEX.match(k))), default=-1)
     num_heads = config.get("num_heads") or config.get("num_attention_heads") or max(1, dim // 128)
-    model_type = next((t for t, ch in MODEL_TYPE_CHANNELS.items() if ch == (in_dim, out_dim)), None)
+    s2v = s2v_spec_from_shapes(shapes, config, num_layers, where)
+    model_type = "s2v" if s2v else next((t for t, ch in MODEL_TYPE_CHANNELS.items() if ch == (in_dim, out_dim)), None)
     if model_type is None:
         raise CheckpointError(f"{where}: a DiT with {in_dim} input / {out_dim} output channels is not a Wan2.2 "
                               "t2v, i2v or ti2v model")
@@ -47,7 +48,26 @@ def dit_spec_from_shapes(shapes: dict[str, tuple[int, ...]], config: dict, where
         num_layers=num_layers, in_dim=in_dim, out_dim=out_dim,
         freq_dim=_need(shapes, "time_embedding.0.weight", where)[1],
         text_dim=_need(shapes, "text_embedding.0.weight", where)[1],
-        text_len=int(config.get("text_len", 512)), patch_size=tuple(patch))
+        text_len=int(config.get("text_len", 512)), patch_size=tuple(patch), s2v=s2v)
+
+
+def s2v_spec_from_shapes(shapes: dict[str, tuple[int, ...]], config: dict, num_layers: int, where) -> S2VSpec | None:
+    """The S2V additions read off the (official-named) shapes, None for other DiTs. Which blocks the audio
+    injectors follow comes from config.json (`audio_inject_layers`), else the released model's list."""
+    if "casual_audio_encoder.weights" not in shapes:
+        return None
+    base = S2VSpec()
+    injectors = sum(1 for k in shapes if re.match(r"^audio_injector\.injector\.\d+\.q\.weight$", k))
+    layers = tuple(config.get("audio_inject_layers") or base.inject_layers)
+    if len(layers) != injectors or max(layers, default=0) >= num_layers:
+        raise CheckpointError(f"{where}: {injectors} audio injectors do not fit audio_inject_layers {list(layers)} "
+                              f"of a {num_layers}-block DiT; put the model's config.json next to its weights")
+    local = _need(shapes, "casual_audio_encoder.encoder.conv1_local.conv.weight", where)
+    hidden = _need(shapes, "casual_audio_encoder.encoder.conv1_global.conv.weight", where)[0]
+    return S2VSpec(audio_dim=local[1], audio_layers=_need(shapes, "casual_audio_encoder.weights", where)[1],
+                   audio_tokens=local[0] // hidden, inject_layers=layers,
+                   cond_dim=_need(shapes, "cond_encoder.weight", where)[1],
+                   motion_frames=int(config.get("motion_frames", base.motion_frames)))
 
 
 def _task_name_for(spec: DiTSpec) -> str:
@@ -83,6 +103,9 @@ def prepare_dit(comp: Component, task: str) -> Prepared:
     rename = _dit_rename(comp)
     shapes = {rename(k): s for k, s in source.shapes().items()}
     spec = dit_spec_from_shapes(shapes, comp.config, comp.where)
+    if spec.s2v is not None:  # its audio injectors are stored in one list, wanlite keeps them in their blocks
+        base, layers = rename, spec.s2v.inject_layers
+        rename = lambda key: s2v_key_from_official(base(key), layers)  # noqa: E731
     want = DIT_SPECS[TASKS[task].dit]
     if spec.model_type != want.model_type:
         raise CheckpointError(
@@ -115,7 +138,8 @@ class DiTPieces:
             owner = self.model.get_submodule(name.rpartition(".")[0])
             owner._parameters[name.rpartition(".")[2]] = torch.nn.Parameter(
                 p.to(self.dtype_for(name, p.dtype)), requires_grad=False)
-        self.template = copy.deepcopy(self.model.blocks[0])  # pristine, so reads never touch the shell
+        # pristine copies, so reads never touch the shell: a plain block and (S2V) one with an audio injector
+        self._templates = {b.audio_injector is not None: copy.deepcopy(b) for b in reversed(self.model.blocks)}
         self.source, self.quant, self.lora = prepared.source, quant, lora
         self.pairs, _ = check_against(prepared.model, prepared.source, prepared.rename, prepared.what)
         self.where = comp.where
@@ -124,12 +148,16 @@ class DiTPieces:
     def num_blocks(self) -> int:
         return len(self.model.blocks)
 
+    def template(self, i: int) -> torch.nn.Module:
+        """A pristine (meta) module shaped like block `i`; do not modify it, deep-copy it."""
+        return self._templates[self.model.blocks[i].audio_injector is not None]
+
     def load(self, piece: str | int) -> torch.nn.Module:
         """A new module holding `piece`'s weights: block `i` as a WanBlock, "pre"/"head" as a module with the
         DiT's own child names (so its layout matches the shell's)."""
         holder = torch.nn.Module()
         if isinstance(piece, int):
-            holder.blocks = torch.nn.ModuleDict({str(piece): copy.deepcopy(self.template)})
+            holder.blocks = torch.nn.ModuleDict({str(piece): copy.deepcopy(self.template(piece))})
             prefix = f"blocks.{piece}."
         else:
             names = ["head"] if piece == "head" else [n for n, _ in self.model.named_children()

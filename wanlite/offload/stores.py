@@ -263,7 +263,7 @@ class DiskCache:
     def path(self, piece: Piece) -> Path:
         return self.folder / (f"block_{piece:03d}.bin" if isinstance(piece, int) else f"{piece}.bin")
 
-    def valid(self, model: nn.Module, template: nn.Module, all_pieces: list[Piece]) -> bool:
+    def valid(self, model: nn.Module, template: Callable[[int], nn.Module], all_pieces: list[Piece]) -> bool:
         """True when the manifest was written for this fingerprint, every piece file has its size and every
         layout matches the shell rebuilt from it; the layouts and block shells are then kept."""
         try:
@@ -278,7 +278,7 @@ class DiskCache:
             if not self.path(piece).is_file() or self.path(piece).stat().st_size != entry["nbytes"]:
                 return False
             if isinstance(piece, int):
-                shells[piece] = _rebuild_shell(template, entry["shell"])
+                shells[piece] = _rebuild_shell(template(piece), entry["shell"])
                 layout = layout_of(shells[piece])
             else:
                 layout = layout_of(model, piece_filter(piece))

@@ -58,6 +58,13 @@ class Request:
     lora_low: tuple[str, ...] = ()
     lora_mode: str = "auto"  # auto | merge | runtime (wanlite.lora)
     preset: str | None = None  # a sampling recipe (wanlite.lora.PRESETS: lightning); explicit flags still win
+    # S2V: the speech (any file with an audio track), an optional pose video, how many clips at most (default:
+    # as many as the audio covers), and whether the motion history starts from the reference image
+    audio: Path | None = None
+    pose_video: Path | None = None
+    num_clip: int | None = None
+    start_from_ref: bool = False
+    wav2vec: Path | None = None  # the wav2vec2 folder, when not inside ckpt_dir
     # component files overriding what ckpt_dir provides (ComfyUI-style folders of separate files)
     high_noise_model: Path | None = None
     low_noise_model: Path | None = None
@@ -90,6 +97,10 @@ class Settings:
     # (t_from, guide, lora_gain) while t >= t_from, the first that matches (a preset's phases); else guide_scale
     # and LoRAs at full strength
     phases: tuple = ()
+    audio: str | None = None  # S2V (frames: per clip)
+    pose_video: str | None = None
+    num_clip: int | None = None
+    start_from_ref: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,6 +144,28 @@ def check_frames(frames: int) -> None:
                            f"nearest valid values: {low} or {low + 4}")
 
 
+def check_clip_frames(frames: int) -> None:
+    if frames < 4 or frames % 4:
+        low = max(4, frames // 4 * 4)
+        raise WanliteError(f"--infer_frames {frames} must be a multiple of 4 (frames per S2V clip); nearest valid "
+                           f"values: {low} or {low + 4}")
+
+
+def check_speech_flags(task: TaskSpec, req: Request) -> None:
+    speech = task.conditioning == "speech"
+    if not speech:
+        given = [f"--{flag}" for flag in ("audio", "pose_video", "num_clip") if getattr(req, flag) is not None]
+        if req.start_from_ref:
+            given.append("--start_from_ref")
+        if given:
+            raise WanliteError(f"{', '.join(given)}: only the speech-to-video task (s2v-14B) uses them")
+        return
+    if req.audio is None:
+        raise WanliteError(f"{task.name} is driven by speech: pass --audio FILE (wav, mp3, m4a or a video with sound)")
+    if req.num_clip is not None and req.num_clip < 1:
+        raise WanliteError(f"--num_clip {req.num_clip} must be at least 1")
+
+
 def check_component_flags(task: TaskSpec, req: Request) -> None:
     given = req.component_files()
     if len(task.experts) > 1 and "dit" in given:
@@ -156,10 +189,16 @@ def resolve(req: Request, seed: int) -> Settings:
     if req.image is not None and not Path(req.image).is_file():
         raise WanliteError(f"--image {req.image} does not exist")
     check_component_flags(task, req)
+    check_speech_flags(task, req)
     size = req.size or task.size
-    check_size(task, size)
     frames = task.frames if req.frames is None else req.frames
-    check_frames(frames)
+    if task.conditioning == "speech":  # --size is the area to fit; the reference image sets the aspect
+        if size[0] < 64 or size[1] < 64:
+            raise WanliteError(f"--size {size[0]}*{size[1]}: S2V sizes are multiples of 64; give at least 64*64")
+        check_clip_frames(frames)
+    else:
+        check_size(task, size)
+        check_frames(frames)
     from wanlite.lora import MODES, PRESETS, parse_lora_arg
 
     for text in (*req.lora, *req.lora_high, *req.lora_low):
@@ -196,7 +235,10 @@ def resolve(req: Request, seed: int) -> Settings:
                     shift=shift, guide_scale=tuple(guide), solver=solver, size=tuple(size), frames=frames,
                     fps=task.fps, image=None if req.image is None else str(req.image),
                     boundary=recipe.get("boundary") if task.boundary is not None else None,
-                    phases=tuple(recipe.get("phases", ())))
+                    phases=tuple(recipe.get("phases", ())),
+                    audio=None if req.audio is None else str(req.audio),
+                    pose_video=None if req.pose_video is None else str(req.pose_video),
+                    num_clip=req.num_clip, start_from_ref=req.start_from_ref)
 
 
 def cache_settings(req: Request, name=None):

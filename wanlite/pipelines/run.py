@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import re
 import secrets
 import time
@@ -23,7 +24,7 @@ from wanlite.models.vae import Tiling
 from wanlite.offload import OffloadConfig, Telemetry
 from wanlite.offload.memory import return_large_frees_to_os
 from wanlite.quant import QuantConfig, parse_quant
-from wanlite.specs import TASKS, VAE_SPECS, TaskSpec
+from wanlite.specs import DIT_SPECS, TASKS, VAE_SPECS, TaskSpec
 from wanlite.cache.config import describe as describe_cache
 from wanlite.cache.magcache import CalibratePolicy, write_curve
 
@@ -83,7 +84,10 @@ class Transformers:
         self.engine = None
 
     def set_schedule(self, schedule: list[str]) -> None:
-        if self.offload.mode == "block":
+        """The experts of the coming denoising run (S2V: one run per clip; the engine opens once)."""
+        if self.offload.mode != "block":
+            return
+        if self.engine is None:
             from wanlite.offload import open_offloaded
 
             self.engine = open_offloaded(self.components, self.task, self.dtype, self.quant, self.offload,
@@ -92,7 +96,7 @@ class Transformers:
                 expert.model.chunk_tokens = self.chunk_tokens
                 if self.cache is not None:
                     self.cache.attach(expert.model, role)
-            self.engine.set_schedule(schedule)
+        self.engine.set_schedule(schedule)
 
     def __call__(self, role: str) -> torch.nn.Module:
         if self.engine is not None:
@@ -207,6 +211,17 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     dtype, device = DTYPES[req.dtype], pick_device(req.device)
     out_path = _output_path(req, settings)
     image = None if settings.image is None else load_image(Path(settings.image))  # fail before any loading
+    speech = pose = None
+    if task.conditioning == "speech":
+        from wanlite.pipelines.speech import read_pose_frames, read_speech
+
+        speech = read_speech(Path(settings.audio), task.fps)
+        if settings.pose_video is not None:  # enough frames for every clip the audio can cover
+            most = settings.frames * (int(speech.seconds * task.fps / settings.frames) + 2)
+            pose = read_pose_frames(Path(settings.pose_video), task.fps, most)
+        if req.wav2vec is None and req.ckpt_dir is None:
+            raise WanliteError("s2v-14B reads speech with wav2vec2: pass --ckpt_dir (holding "
+                               "wav2vec2-large-xlsr-53-english/) or --wav2vec DIR")
 
     parse_quant(req.quant, req.quant_backend)  # a bad --quant fails before anything is read
     ckpt = with_components(None if req.ckpt_dir is None else discover(req.ckpt_dir), req.component_files())
@@ -241,46 +256,97 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     context = encode_text(ckpt, [settings.prompt, settings.negative_prompt], t5_device, dtype, text_len, emit,
                           quant)
 
-    y, first_frame, size = _condition(task, ckpt, settings, image, device, emit, placement.vae_tile)
+    clips = vae = tiling = None
+    if speech is None:
+        y, first_frame, size = _condition(task, ckpt, settings, image, device, emit, placement.vae_tile)
+    else:
+        y = first_frame = None
+        clips, vae, tiling, size = _prepare_speech(task, ckpt, req, settings, image, speech, pose, device,
+                                                   placement.vae_tile, emit)
+        settings = Settings(**{**settings.to_dict(), "num_clip": clips.clips})
     if size != settings.size:
         settings = Settings(**{**settings.to_dict(), "size": size})
     w, h = size
     vae_spec = VAE_SPECS[task.vae]
     vt, vs, _ = vae_spec.stride
-    latent_shape = (1, vae_spec.z_dim, (settings.frames - 1) // vt + 1, h // vs, w // vs)
-    noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    # S2V's frames are per clip, a multiple of 4, after a causal history: frames / 4 latents
+    latent_frames = (settings.frames - 1) // vt + 1 if clips is None else settings.frames // vt
+    latent_shape = (1, vae_spec.z_dim, latent_frames, h // vs, w // vs)
 
     sigmas = make_sigmas(settings.solver, settings.steps, settings.shift)
     timesteps = model_timesteps(settings.solver, settings.steps, settings.shift).tolist()
     offload = offload_config(placement, req, device, experts)
     dits = Transformers(experts, task.name, dtype, device, quant, offload, telemetry, emit, placement.chunk_tokens,
                         step_cache, loras)
-    cond = Conditioning(context=context, y=None if y is None else y.to(device),
-                        first_frame=None if first_frame is None else first_frame.to(device))
-    denoiser = Denoiser(task, dits, cond, timesteps, settings.guide_scale,
-                        on_expert=lambda role, step: emit({"event": "expert", "role": role, "step": step}),
-                        cache=step_cache, boundary=settings.boundary, phases=settings.phases,
-                        on_lora_gain=lambda gain: [setattr(ls, "gain", gain) for ls in loras.values()])
-    schedule = denoiser.schedule()
-    dits.set_schedule(schedule)
-    started = time.perf_counter()
+    n_clips = 1 if clips is None else clips.clips
+    writer = None
+    pieces = []  # uint8 frames, for the caller and the contact sheet (a quarter of a float video)
+    vae_dtype = DTYPES[req.vae_dtype]
+    plan_info = {"device": str(device), "dtype": req.dtype, "t5_device": str(t5_device),
+                 "quant": req.quant if quant is None else quant.name, "vae_dtype": req.vae_dtype,
+                 "offload": offload.describe(), "chunk_tokens": placement.chunk_tokens,
+                 "planned": None if placement.plan is None else placement.plan.to_dict(),
+                 "lora": {role: {"files": [{"file": f.path.name, "strength": s, "format": f.format}
+                                           for f, s in ls.loras], "applied": ls.counts}
+                          for role, ls in loras.items()} or None}
+    try:
+        for r in range(n_clips):
+            noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed + r), dtype=torch.float32)
+            cond = Conditioning(context=context, y=None if y is None else y.to(device),
+                                first_frame=None if first_frame is None else first_frame.to(device),
+                                s2v=None if clips is None else clips.conditions(r, device))
+            denoiser = Denoiser(task, dits, cond, timesteps, settings.guide_scale,
+                                on_expert=lambda role, step: emit({"event": "expert", "role": role, "step": step}),
+                                cache=step_cache, boundary=settings.boundary, phases=settings.phases,
+                                on_lora_gain=lambda gain: [setattr(ls, "gain", gain) for ls in loras.values()])
+            schedule = denoiser.schedule()
+            dits.set_schedule(schedule)
+            started = time.perf_counter()
 
-    def on_step(info: dict) -> None:
-        i = info["i"]
-        role = schedule[i]
-        telemetry.sample(device)
-        emit({"event": "step", "i": i + 1, "total": len(schedule), "role": role,
-              "role_i": schedule[: i + 1].count(role), "role_total": schedule.count(role),
-              "elapsed": time.perf_counter() - started})
+            def on_step(info: dict, schedule=schedule, started=started, r=r) -> None:
+                i = info["i"]
+                role = schedule[i]
+                telemetry.sample(device)
+                emit({"event": "step", "i": i + 1, "total": len(schedule), "role": role,
+                      "role_i": schedule[: i + 1].count(role), "role_total": schedule.count(role),
+                      "elapsed": time.perf_counter() - started,
+                      **({} if clips is None else {"clip": r + 1, "clips": n_clips})})
 
-    emit({"event": "stage", "name": "denoise", "schedule": schedule})
-    x = noise.to(device)
-    if first_frame is not None:
-        x[:, :, :1] = first_frame
-    with torch.no_grad():
-        x = SAMPLERS[settings.solver](denoiser, x, sigmas, callback=on_step)
-        if first_frame is not None:
-            x[:, :, :1] = first_frame
+            emit({"event": "stage", "name": "denoise" if clips is None else f"denoise clip {r + 1}/{n_clips}",
+                  "schedule": schedule})
+            x = noise.to(device)
+            if first_frame is not None:
+                x[:, :, :1] = first_frame
+            with torch.no_grad():
+                x = SAMPLERS[settings.solver](denoiser, x, sigmas, callback=on_step)
+                if first_frame is not None:
+                    x[:, :, :1] = first_frame
+            if clips is None:
+                break
+            emit({"event": "stage", "name": f"decode clip {r + 1}/{n_clips}"})
+            with torch.no_grad():
+                latents = torch.cat([clips.decode_prefix(r).to(x), x], dim=2).to(vae_dtype)
+                pixels = (torch.cat([c.cpu() for c in vae.decode_chunks(latents)], dim=2) if tiling is None
+                          else vae.decode_tiled(latents, tiling, out_device="cpu"))
+                new = clips.keep(r, pixels)
+            if writer is None:  # opened after the first clip, so its metadata carries that clip's telemetry
+                total = sum(clips.frames_of(i) for i in range(n_clips))
+                frames_out = min(total, math.ceil(speech.seconds * settings.fps))
+                metadata = {**settings.to_dict(), "wanlite": __version__,
+                            "plan": {**plan_info, "vae_tiling": None if tiling is None else [tiling.tile,
+                                                                                            tiling.overlap]},
+                            "telemetry": telemetry.to_dict()}
+                writer = Mp4Writer(out_path, (w, h), settings.fps, metadata, audio=speech.path,
+                                   duration=frames_out / settings.fps)
+            room = frames_out - sum(len(p) for p in pieces)
+            if room > 0:
+                pieces.append(to_uint8(new[0, :, :room]))
+                writer.append(pieces[-1])
+        if writer is not None:
+            writer.close()
+    finally:
+        if writer is not None and not writer.closed:
+            writer.abort()
     dits.close()
     cache_stats = None
     if step_cache is not None:
@@ -291,32 +357,24 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
                                                          step_cache.policy.finished(settings.steps)))
         emit({"event": "cache", **cache_stats})
 
-    emit({"event": "stage", "name": "decode"})
-    vae_dtype = DTYPES[req.vae_dtype]
-    vae = load_vae(ckpt.vae, task.name, vae_dtype).to(device)
-    tiling = vae_tiling(placement.vae_tile, vae.spec.stride[1], x.shape[-2:])
-    telemetry.sample(device)
-    metadata = {**settings.to_dict(), "wanlite": __version__,
-                "plan": {"device": str(device), "dtype": req.dtype, "t5_device": str(t5_device),
-                         "quant": req.quant if quant is None else quant.name,
-                         "vae_tiling": None if tiling is None else [tiling.tile, tiling.overlap],
-                         "vae_dtype": req.vae_dtype,
-                         "offload": offload.describe(), "chunk_tokens": placement.chunk_tokens,
-                         "planned": None if placement.plan is None else placement.plan.to_dict(),
-                         "cache": cache_stats,
-                         "lora": {role: {"files": [{"file": f.path.name, "strength": s, "format": f.format}
-                                                   for f, s in ls.loras], "applied": ls.counts}
-                                  for role, ls in loras.items()} or None},
-                "telemetry": telemetry.to_dict()}  # through denoising: the file is opened before the decode
-    pieces = []  # uint8 frames, for the caller and the contact sheet (a quarter of a float video)
-    with torch.no_grad(), Mp4Writer(out_path, (w, h), settings.fps, metadata) as writer:
-        # untiled, each latent frame's video goes to the writer as soon as it is decoded; tiles are blended on
-        # the host first (each tile runs through all frames so only one tile's causal cache exists at a time)
-        chunks = (vae.decode_chunks(x.to(vae_dtype)) if tiling is None
-                  else [vae.decode_tiled(x.to(vae_dtype), tiling, out_device="cpu")])
-        for chunk in chunks:
-            pieces.append(to_uint8(chunk[0]))
-            writer.append(pieces[-1])
+    if clips is None:
+        emit({"event": "stage", "name": "decode"})
+        vae = load_vae(ckpt.vae, task.name, vae_dtype).to(device)
+        tiling = vae_tiling(placement.vae_tile, vae.spec.stride[1], x.shape[-2:])
+        telemetry.sample(device)
+        metadata = {**settings.to_dict(), "wanlite": __version__,
+                    "plan": {**plan_info, "cache": cache_stats,
+                             "vae_tiling": None if tiling is None else [tiling.tile, tiling.overlap]},
+                    "telemetry": telemetry.to_dict()}  # through denoising: the file is opened before the decode
+        with torch.no_grad(), Mp4Writer(out_path, (w, h), settings.fps, metadata) as writer:
+            # untiled, each latent frame's video goes to the writer as soon as it is decoded; tiles are blended
+            # on the host first (each tile runs through all frames so only one tile's causal cache exists at a
+            # time)
+            chunks = (vae.decode_chunks(x.to(vae_dtype)) if tiling is None
+                      else [vae.decode_tiled(x.to(vae_dtype), tiling, out_device="cpu")])
+            for chunk in chunks:
+                pieces.append(to_uint8(chunk[0]))
+                writer.append(pieces[-1])
     frames = np.concatenate(pieces)
     release(vae)
     telemetry.sample(device)
@@ -324,6 +382,37 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     preview = contact_sheet(frames, path.with_suffix(".png")) if req.preview else None
     emit({"event": "done", "path": str(path), "telemetry": telemetry.to_dict()})
     return GenerationResult(path, frames, settings, preview, telemetry, cache_stats)
+
+
+def _prepare_speech(task: TaskSpec, ckpt: CheckpointSet, req: Request, settings: Settings, image, speech, pose,
+                    device: torch.device, vae_tile: int | None, emit: Progress):
+    """S2V before sampling: the output size from the reference image, wav2vec2 features (wav2vec2 loaded and
+    released), the VAE (kept: every clip encodes its motion history and decodes), the reference latent and
+    the first motion history. Returns (SpeechClips, vae, tiling, (width, height))."""
+    from wanlite.pipelines.speech import SpeechClips, cover_crop, find_wav2vec, s2v_size, speech_features
+
+    w0, h0 = settings.size
+    h, w = s2v_size(image.height, image.width, w0 * h0)
+    folder = Path(req.wav2vec) if req.wav2vec is not None else find_wav2vec(Path(req.ckpt_dir))
+    emit({"event": "stage", "name": "encode speech"})
+    features, count = speech_features(speech, folder, task.fps, settings.frames, device)
+    if settings.num_clip is not None:
+        count = min(count, settings.num_clip)
+    vae = load_vae(ckpt.vae, task.name, DTYPES[req.vae_dtype]).to(device)
+    stride = vae.spec.stride[1]
+    tiling = vae_tiling(vae_tile, stride, (h // stride, w // stride))
+    vae_dtype = next(vae.parameters()).dtype
+
+    def encode(video: torch.Tensor) -> torch.Tensor:
+        video = video.to(device, vae_dtype)
+        with torch.no_grad():
+            return (vae.encode(video) if tiling is None else vae.encode_tiled(video, tiling)).float()
+
+    emit({"event": "stage", "name": "encode reference and motion history"})
+    spec = DIT_SPECS[task.dit].s2v
+    clips = SpeechClips(encode, cover_crop(np.asarray(image)[None], (w, h)), features, count, settings.frames,
+                        spec.motion_frames, pose, settings.start_from_ref, (w, h))
+    return clips, vae, tiling, (w, h)
 
 
 def magcache_file(task: str, experts: dict[str, Component], reading: bool = False) -> Path:

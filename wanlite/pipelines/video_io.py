@@ -32,10 +32,11 @@ def _temp_name(path: Path) -> Path:
 
 class Mp4Writer:
     """Append uint8 frames [n, H, W, 3] to an H.264 mp4 as they are produced (yuv420p, +faststart, JSON
-    metadata); the file appears under its name only when the context exits cleanly (temp file + rename)."""
+    metadata, optionally an audio track as AAC cut to `duration` seconds); the file appears under its name only
+    on `close()` or a clean context exit (temp file + rename), `abort()` removes it."""
 
     def __init__(self, path: Path, size: tuple[int, int], fps: int, metadata: dict | None = None,
-                 audio: Path | None = None, crf: int = 18):
+                 audio: Path | None = None, crf: int = 18, duration: float | None = None):
         import imageio_ffmpeg
 
         w, h = size
@@ -45,13 +46,16 @@ class Mp4Writer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = _temp_name(self.path)
         params = ["-crf", str(crf), "-movflags", "+faststart"]
+        if duration is not None:  # the audio may outlast the frames: cut the output at the video's length
+            params += ["-t", f"{duration:.6f}"]
         if metadata is not None:
             params += ["-metadata", f"{METADATA_KEY}={json.dumps(metadata, ensure_ascii=False, separators=(',', ':'))}"]
         self.writer = imageio_ffmpeg.write_frames(
             str(self.tmp), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p", macro_block_size=1,
             output_params=params, audio_path=None if audio is None else str(audio),
-            audio_codec=None if audio is None else "aac")
+            audio_codec=None if audio is None else "aac", ffmpeg_log_level="error")
         self.writer.send(None)
+        self.closed = False
 
     def append(self, frames: np.ndarray) -> None:
         frames = np.ascontiguousarray(frames)
@@ -64,12 +68,23 @@ class Mp4Writer:
     def __enter__(self) -> Mp4Writer:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def close(self) -> None:
         self.writer.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
+        self.closed = True
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.closed = True
+        try:
+            self.writer.close()
+        finally:
             self.tmp.unlink(missing_ok=True)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def write_mp4(frames: np.ndarray, path: Path, fps: int, metadata: dict | None = None,

@@ -63,15 +63,22 @@ class Workload:
 
     @property
     def tokens(self) -> int:
+        """Tokens of one DiT forward; S2V adds its reference frame and ~1.5 frames of FramePack history."""
         f, h, w = self.latent
         pt, ph, pw = self.spec.patch_size
-        return (f // pt) * (h // ph) * (w // pw)
+        per_frame = (h // ph) * (w // pw)
+        extra = 0
+        if self.spec.s2v is not None:  # reference + newest history latent, then the 2x and 4x packed groups
+            extra = 2 * per_frame + (h // 4) * (w // 4) + 4 * (h // 8) * (w // 8)
+        return (f // pt) * per_frame + extra
 
 
 @lru_cache(maxsize=None)
 def dit_bytes(spec: DiTSpec, fmt: str) -> tuple[int, int]:
     """(non-block bytes, bytes of one block) of one expert stored in `fmt` (the planner's weight numbers:
-    the model built on meta, every quantizable weight in `fmt`, the rest bf16)."""
+    the model built on meta, every quantizable weight in `fmt`, the rest bf16). S2V's blocks differ (12 carry
+    an audio injector): the block figure is their mean, so totals are exact; a ring buffer holding the
+    largest is ~0.2 GB more than the mean, inside the planner's margin."""
     import torch
 
     from wanlite.models.dit import WanDiT
@@ -79,9 +86,9 @@ def dit_bytes(spec: DiTSpec, fmt: str) -> tuple[int, int]:
 
     with torch.device("meta"):
         full = {k: tuple(v.shape) for k, v in WanDiT(spec).state_dict().items()}
-    block0 = {k: v for k, v in full.items() if k.startswith("blocks.0.")}
+    blocks = {k: v for k, v in full.items() if k.startswith("blocks.")}
     rest = {k: v for k, v in full.items() if not k.startswith("blocks.")}
-    return weight_bytes(rest, "bf16"), weight_bytes(block0, fmt)
+    return weight_bytes(rest, "bf16"), weight_bytes(blocks, fmt) // spec.num_layers
 
 
 @lru_cache(maxsize=None)

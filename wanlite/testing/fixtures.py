@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from wanlite.loading.keymaps import dit_key_to_diffusers
+from wanlite.loading.keymaps import dit_key_to_diffusers, s2v_key_to_official
 from wanlite.loading.vae_keymap import vae_key_to_diffusers
 from wanlite.loading.writers import save_pth, save_safetensors, write_json, write_shards
 from wanlite.models.dit import WanDiT
@@ -23,10 +23,44 @@ BOUNDARY = {"t2v-A14B": 0.875, "i2v-A14B": 0.9}
 
 
 def official_dit_config(spec: DiTSpec) -> dict:
-    return {"_class_name": "WanModel", "_diffusers_version": "0.33.0", "dim": spec.dim, "eps": spec.eps,
-            "ffn_dim": spec.ffn_dim, "freq_dim": spec.freq_dim, "in_dim": spec.in_dim, "model_type": spec.model_type,
-            "num_heads": spec.num_heads, "num_layers": spec.num_layers, "out_dim": spec.out_dim,
-            "text_len": spec.text_len}
+    config = {"_class_name": "WanModel", "_diffusers_version": "0.33.0", "dim": spec.dim, "eps": spec.eps,
+              "ffn_dim": spec.ffn_dim, "freq_dim": spec.freq_dim, "in_dim": spec.in_dim,
+              "model_type": spec.model_type, "num_heads": spec.num_heads, "num_layers": spec.num_layers,
+              "out_dim": spec.out_dim, "text_len": spec.text_len}
+    if spec.s2v is not None:  # the released S2V config.json's extra fields
+        s2v = spec.s2v
+        config.update({"_class_name": "WanModel_S2V", "audio_dim": s2v.audio_dim, "num_audio_token": s2v.audio_tokens,
+                       "audio_inject_layers": list(s2v.inject_layers), "cond_dim": s2v.cond_dim,
+                       "enable_adain": True, "adain_mode": "attn_norm", "enable_framepack": True,
+                       "enable_motioner": False, "framepack_drop_mode": "padd", "zero_init": True,
+                       "zero_timestep": True, "add_last_motion": True, "trainable_token_pos_emb": False,
+                       "motion_frames": s2v.motion_frames})
+    return config
+
+
+def official_dit_tensors(dit: WanDiT) -> dict[str, torch.Tensor]:
+    """The DiT's state dict under the official checkpoint's names (S2V: injectors in their top-level list)."""
+    state = dict(dit.state_dict())
+    if dit.spec.s2v is None:
+        return state
+    layers = dit.spec.s2v.inject_layers
+    return {s2v_key_to_official(k, layers): v for k, v in state.items()}
+
+
+def write_tiny_wav2vec(folder: Path, spec: DiTSpec, seed: int = 0) -> Path:
+    """A random transformers Wav2Vec2ForCTC folder whose hidden states fit the tiny S2V audio encoder."""
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+
+    torch.manual_seed(seed)
+    s2v = spec.s2v
+    config = Wav2Vec2Config(hidden_size=s2v.audio_dim, num_hidden_layers=s2v.audio_layers - 1, num_attention_heads=2,
+                            intermediate_size=2 * s2v.audio_dim, conv_dim=(32,) * 7, vocab_size=32,
+                            num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, do_stable_layer_norm=True,
+                            feat_extract_norm="layer")
+    Wav2Vec2ForCTC(config).save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                             return_attention_mask=True).save_pretrained(folder)
+    return folder
 
 
 def diffusers_dit_config(spec: DiTSpec) -> dict:
@@ -63,18 +97,22 @@ def write_fixture(task: str, layout: str, out: Path, seed: int = 0) -> Path:
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
     out = Path(out)
+    if TASKS[task].conditioning == "speech" and layout != "official":
+        raise ValueError(f"{task} fixtures exist in the official layout only")
     dits, vae, t5 = build_tiny_models(task, seed)
     version = TINY_VAE_SPECS[TASKS[task].vae].version
     spec = TINY_DIT_SPECS[task]
     if layout == "official":
         for role, dit in dits.items():
             folder = out if role == "main" else out / f"{role}_model"
-            write_shards(folder, "diffusion_pytorch_model", dict(dit.state_dict()))  # fp32, as released
+            write_shards(folder, "diffusion_pytorch_model", official_dit_tensors(dit))  # fp32, as released
             write_json(official_dit_config(spec), folder / "config.json")
         t5_official = {official_name_from_umt5(k): v.to(torch.bfloat16) for k, v in _t5_hf_tensors(t5).items()}
         save_pth(t5_official, out / "models_t5_umt5-xxl-enc-bf16.pth")
         save_pth(dict(vae.state_dict()), out / f"Wan{version}_VAE.pth")
         write_tiny_tokenizer(out / "google" / "umt5-xxl", TINY_T5.vocab_size)
+        if spec.s2v is not None:
+            write_tiny_wav2vec(out / "wav2vec2-large-xlsr-53-english", spec, seed)
     elif layout == "diffusers":
         index = {"_class_name": "WanPipeline", "expand_timesteps": task == "ti2v-5B"}
         if task in BOUNDARY:
