@@ -1,6 +1,6 @@
 """Peak memory and fidelity of tiled vs untiled VAE decoding, on CPU.
 
-Usage: python bench/vae_tiling.py [--frames 2] [--only vae2.1]
+Usage: python bench/vae_tiling.py [--frames 2] [--only vae2.1] [--height 480]
 For the full-size Wan2.1 and Wan2.2 VAEs (random weights: none can be downloaded here) at 480p and 720p, and
 for the bundled tiny models' trained VAEs, each decode runs in a fresh subprocess sampled by a psutil thread
 every 2 ms; peaks are over the process's RSS once the model and latents are in memory. The tiled run uses the
@@ -71,11 +71,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=2, help="latent frames (2 = 5 video frames)")
     parser.add_argument("--only", default=None, help="one VAE name, e.g. vae2.1 or tiny-ti2v")
+    parser.add_argument("--height", type=int, default=None, help="only the cases of this height (480, 704, 720)")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, height, width in CASES:
-            if args.only and name != args.only:
+            if (args.only and name != args.only) or (args.height and height != args.height):
                 continue
             full = run(name, height, width, args.frames, "none", Path(tmp) / "full.pt")
             # the tiny VAEs' frames fit one default tile: tile them at a quarter of the frame instead

@@ -69,9 +69,9 @@ def test_generate_picks_and_records_the_tiling(tmp_path):
     from wanlite.pipelines.video_io import read_mp4_metadata
 
     assert vae_tiling(None, 8, (8, 8)) is None  # the frame fits one default tile
-    assert vae_tiling(None, 8, (90, 160)) == Tiling(32, 8)  # 720p on the Wan2.1 VAE: 256-pixel tiles
-    assert vae_tiling(None, 16, (44, 80)) == Tiling(16, 4)
-    assert vae_tiling(0, 8, (90, 160)) is None and vae_tiling(6, 8, (8, 8)) == Tiling(6, 1)
+    assert vae_tiling(None, 8, (90, 160)) == Tiling(32, 12)  # 720p on the Wan2.1 VAE: 256-pixel tiles
+    assert vae_tiling(None, 16, (44, 80)) == Tiling(16, 6)
+    assert vae_tiling(0, 8, (90, 160)) is None and vae_tiling(6, 8, (8, 8)) == Tiling(6, 2)
     from PIL import Image
 
     from wanlite.eval import psnr as frame_psnr
@@ -86,7 +86,7 @@ def test_generate_picks_and_records_the_tiling(tmp_path):
                    steps=4, output_dir=tmp_path)
     assert out.frames.shape == (17, 128, 128, 3)
     assert frame_psnr(out.frames[0], first) >= 25
-    assert read_mp4_metadata(out.path)["plan"]["vae_tiling"] == [6, 1]
+    assert read_mp4_metadata(out.path)["plan"]["vae_tiling"] == [6, 2]
 
 
 def test_bad_vae_tile_is_one_line(tmp_path, capsys):

@@ -142,30 +142,28 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
-        # x: [B, L, d] in the compute dtype
+        # x: [B, L, d] in the compute dtype; rebound as soon as each stage is done, so this frame never keeps
+        # the block's input alive (the runner dropped its own reference)
         if inputs.chunk and inputs.chunk < x.shape[1]:
             x = self.forward_chunked(x, inputs, inputs.chunk)
         else:
-            x = self.forward_whole(x, inputs)
+            split = inputs.split
+            mod = self.modulation.float().unsqueeze(0) + inputs.e0  # [B, R, 6, d]
+            shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = mod.unsqueeze(2).unbind(3)
+
+            h = modulate(layer_norm_fp32(x, self.eps), shift_msa, scale_msa, split)
+            x = gated_add(x, self.self_attn(h.to(x.dtype), inputs.rope), gate_msa, split)
+
+            h = layer_norm_fp32(x, self.eps, self.norm3).to(x.dtype)
+            x = (x.float() + self.cross_attn(h, inputs.context).float()).to(x.dtype)
+
+            h = modulate(layer_norm_fp32(x, self.eps), shift_ffn, scale_ffn, split)
+            x = gated_add(x, self.ffn(h.to(x.dtype)), gate_ffn, split)
         if self.audio_injector is not None and inputs.audio is not None:
             frames = inputs.audio.local.shape[1]
             per_chunk = None if not inputs.chunk else max(1, inputs.chunk * frames // inputs.audio.noisy_tokens)
             x = self.audio_injector(x, inputs.audio, per_chunk)
         return x
-
-    def forward_whole(self, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
-        split = inputs.split
-        mod = self.modulation.float().unsqueeze(0) + inputs.e0  # [B, R, 6, d]
-        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = mod.unsqueeze(2).unbind(3)
-
-        h = modulate(layer_norm_fp32(x, self.eps), shift_msa, scale_msa, split)
-        x = gated_add(x, self.self_attn(h.to(x.dtype), inputs.rope), gate_msa, split)
-
-        h = layer_norm_fp32(x, self.eps, self.norm3).to(x.dtype)
-        x = (x.float() + self.cross_attn(h, inputs.context).float()).to(x.dtype)
-
-        h = modulate(layer_norm_fp32(x, self.eps), shift_ffn, scale_ffn, split)
-        return gated_add(x, self.ffn(h.to(x.dtype)), gate_ffn, split)
 
     def forward_chunked(self, x: torch.Tensor, inputs: BlockInputs, chunk: int) -> torch.Tensor:
         """`forward` with every per-token step done `chunk` tokens at a time (whole latent frames when each

@@ -4,7 +4,7 @@ bytes moved per step.
 
 DiT forward, per CFG batch B (= 2), L video tokens, T = 512 text rows, hidden d, bf16 compute; the numbers
 are exact fits to allocations traced with `LiveBytes` on CPU (d = 256...1024, L = 2048...8192, any ffn/d):
-- a block run whole peaks at 26 x B*L*d bytes (its fp32 islands — LayerNorm, modulation, gated residual,
+- a block run whole peaks at 24 x B*L*d bytes (its fp32 islands — LayerNorm, modulation, gated residual,
   RMSNorm of q/k — keep several fp32 copies of the hidden state alive next to q and the attention output);
 - a block run in chunks of n tokens (`WanDiT.chunk_tokens`) peaks at 6 x B*L*d (keys, values, output) plus
   20 x B*n*d for the chunk's temporaries;
@@ -27,7 +27,7 @@ from functools import lru_cache
 from wanlite.specs import DIT_SPECS, TASKS, VAE_SPECS, DiTSpec
 
 GB = 1e9
-WHOLE_BLOCK = 26.0  # bf16 block peak / (B * L * d), run whole
+WHOLE_BLOCK = 24.0  # bf16 block peak / (B * L * d), run whole
 CHUNKED_BLOCK = 6.0  # ... run in chunks, plus CHUNK_TEMPS * B * n * d
 CHUNK_TEMPS = 20.0
 VAE_BYTES_PER_PIXEL = {"2.1": 19650.0, "2.2": 20700.0}  # decode peak / pixels of one frame (traced, fp32)

@@ -184,9 +184,11 @@ def make_plan(work: Workload, hw: Hardware, quant: str = "auto", prefetch: int =
         return _cpu_plan(work, hw, formats)
     budget = hw.vram_free * VRAM_MARGIN
     reasons = []
-    tile, vae_need, vae_reason = _vae_tile(work, budget)
-    if vae_reason:
-        reasons.append(vae_reason)
+    speech = TASKS[work.task].conditioning == "speech"
+    if not speech:
+        tile, vae_need, vae_reason = _vae_tile(work, budget)
+        if vae_reason:
+            reasons.append(vae_reason)
     options = _candidates(work, hw, formats, budget, prefetch)
     if not options:
         raise WanliteError(_nothing_fits(work, hw, quant, budget, prefetch))
@@ -197,6 +199,12 @@ def make_plan(work: Workload, hw: Hardware, quant: str = "auto", prefetch: int =
     best = min(fast, key=lambda o: (rank[o.fmt], o.s_per_step, placement_rank[o.offload], -o.resident,
                                     -(o.chunk or 1 << 30)))
     reasons += _explain(work, hw, best, budget, formats)
+    if speech:
+        # S2V encodes and decodes between clips with the transformer's weights and buffers still on the device
+        tile, vae_need, vae_reason = _vae_tile(work, budget - best.weights - best.buffers)
+        if vae_reason:
+            reasons.append(vae_reason + " next to the transformer (S2V keeps it between clips)")
+        vae_need += best.weights + best.buffers
     # the text encoder runs alone before the DiT loads, in the DiT's format (bf16 / fp8 / int8; GGUF: bf16)
     t5_fmt = best.fmt if best.fmt in ("fp8", "int8") else "bf16"
     t5_vram = t5_bytes(t5_fmt) + t5_activation_bytes()
