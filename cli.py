@@ -70,6 +70,7 @@ def cmd_check(args) -> int:
 
     from wanlite.loading.checkpoints import discover
     from wanlite.loading.models import check_checkpoint
+    from wanlite.specs import TASKS
 
     ckpt = discover(args.ckpt_dir)
     found = check_checkpoint(ckpt, args.task)
@@ -82,6 +83,10 @@ def cmd_check(args) -> int:
         where = comp.where.relative_to(ckpt.root) if comp.where != ckpt.root else comp.where.name
         table.add_row(label, comp.layout, f"{len(comp.files)} x {where}", ",".join(dtypes), f"{params:,}")
     table.add_row("tokenizer", "", str(ckpt.tokenizer.relative_to(ckpt.root)), "", "")
+    if TASKS[args.task].conditioning == "speech":
+        from wanlite.pipelines.speech import find_wav2vec
+
+        table.add_row("wav2vec2", "transformers", str(find_wav2vec(ckpt.root).relative_to(ckpt.root)), "", "")
     Console().print(table)
     print(f"ok: every {args.task} component is present and its tensor names and shapes match")
     return 0

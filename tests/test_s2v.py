@@ -263,3 +263,28 @@ def test_bad_speech_input_is_one_line_exit_2(s2v_inputs, tmp_path, make, flags, 
     line = run.stderr.strip()
     assert "\n" not in line and "Traceback" not in line and message in line, line
     assert not out.exists() and not list(tmp_path.glob(".bad*"))
+
+
+def test_block_offload_and_step_cache_carry_the_injectors(s2v_inputs, tmp_path):
+    # blocks with and without an audio injector stream through the same buffers (disk cache included); a step
+    # cache skipping middle blocks for one CFG branch slices the audio tokens with the rows
+    plain = _s2v(s2v_inputs, tmp_path / "plain.mp4", num_clip=1)
+    streamed = _s2v(s2v_inputs, tmp_path / "disk.mp4", num_clip=1, offload="block", ram_mode="disk",
+                    resident_blocks=0, prefetch=1, offload_cache=tmp_path / "cache")
+    assert np.array_equal(plain.frames, streamed.frames)
+    assert sorted(p.name for p in (tmp_path / "cache").rglob("block_*.bin")) == ["block_000.bin", "block_001.bin"]
+    cached = _s2v(s2v_inputs, tmp_path / "cached.mp4", num_clip=1, steps=10, cache="safe")
+    assert cached.cache["skipped_fraction"] > 0 and cached.frames.shape == plain.frames.shape
+
+
+def test_check_lists_the_wav2vec_folder_and_a_missing_one_is_one_line(s2v_inputs, tmp_path):
+    import shutil
+
+    run = subprocess.run([sys.executable, "cli.py", "check", "--task", "s2v-14B", "--ckpt_dir",
+                          str(s2v_inputs["ckpt"])], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "wav2vec2" in run.stdout and "transformer" in run.stdout
+    broken = shutil.copytree(s2v_inputs["ckpt"], tmp_path / "ckpt")
+    shutil.rmtree(broken / "wav2vec2-large-xlsr-53-english")
+    run, out = _cli({**s2v_inputs, "ckpt": broken}, tmp_path, "--audio", str(s2v_inputs["audio"]))
+    assert run.returncode == 2 and "no wav2vec2 folder found" in run.stderr and not out.exists()

@@ -213,7 +213,7 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     image = None if settings.image is None else load_image(Path(settings.image))  # fail before any loading
     speech = pose = None
     if task.conditioning == "speech":
-        from wanlite.pipelines.speech import read_pose_frames, read_speech
+        from wanlite.pipelines.speech import find_wav2vec, read_pose_frames, read_speech
 
         speech = read_speech(Path(settings.audio), task.fps)
         if settings.pose_video is not None:  # enough frames for every clip the audio can cover
@@ -222,6 +222,7 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
         if req.wav2vec is None and req.ckpt_dir is None:
             raise WanliteError("s2v-14B reads speech with wav2vec2: pass --ckpt_dir (holding "
                                "wav2vec2-large-xlsr-53-english/) or --wav2vec DIR")
+        wav2vec = find_wav2vec(Path(req.wav2vec if req.wav2vec is not None else req.ckpt_dir))
 
     parse_quant(req.quant, req.quant_backend)  # a bad --quant fails before anything is read
     ckpt = with_components(None if req.ckpt_dir is None else discover(req.ckpt_dir), req.component_files())
@@ -261,8 +262,8 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
         y, first_frame, size = _condition(task, ckpt, settings, image, device, emit, placement.vae_tile)
     else:
         y = first_frame = None
-        clips, vae, tiling, size = _prepare_speech(task, ckpt, req, settings, image, speech, pose, device,
-                                                   placement.vae_tile, emit)
+        clips, vae, tiling, size = _prepare_speech(task, ckpt, req, settings, image, speech, pose, wav2vec,
+                                                   device, placement.vae_tile, emit)
         settings = Settings(**{**settings.to_dict(), "num_clip": clips.clips})
     if size != settings.size:
         settings = Settings(**{**settings.to_dict(), "size": size})
@@ -385,17 +386,16 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
 
 
 def _prepare_speech(task: TaskSpec, ckpt: CheckpointSet, req: Request, settings: Settings, image, speech, pose,
-                    device: torch.device, vae_tile: int | None, emit: Progress):
+                    wav2vec: Path, device: torch.device, vae_tile: int | None, emit: Progress):
     """S2V before sampling: the output size from the reference image, wav2vec2 features (wav2vec2 loaded and
     released), the VAE (kept: every clip encodes its motion history and decodes), the reference latent and
     the first motion history. Returns (SpeechClips, vae, tiling, (width, height))."""
-    from wanlite.pipelines.speech import SpeechClips, cover_crop, find_wav2vec, s2v_size, speech_features
+    from wanlite.pipelines.speech import SpeechClips, cover_crop, s2v_size, speech_features
 
     w0, h0 = settings.size
     h, w = s2v_size(image.height, image.width, w0 * h0)
-    folder = Path(req.wav2vec) if req.wav2vec is not None else find_wav2vec(Path(req.ckpt_dir))
     emit({"event": "stage", "name": "encode speech"})
-    features, count = speech_features(speech, folder, task.fps, settings.frames, device)
+    features, count = speech_features(speech, wav2vec, task.fps, settings.frames, device)
     if settings.num_clip is not None:
         count = min(count, settings.num_clip)
     vae = load_vae(ckpt.vae, task.name, DTYPES[req.vae_dtype]).to(device)

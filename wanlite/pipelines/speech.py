@@ -50,6 +50,8 @@ def find_wav2vec(root: Path) -> Path:
     """The wav2vec2 folder inside the checkpoint (`wav2vec2-large-xlsr-53-english`, or any transformers folder
     whose config.json says wav2vec2)."""
     root = Path(root)
+    if (root / "config.json").is_file() and (root / "preprocessor_config.json").is_file():
+        return root  # the folder itself (--wav2vec DIR)
     named = root / "wav2vec2-large-xlsr-53-english"
     if (named / "config.json").is_file():
         return named
