@@ -288,3 +288,21 @@ def test_check_lists_the_wav2vec_folder_and_a_missing_one_is_one_line(s2v_inputs
     shutil.rmtree(broken / "wav2vec2-large-xlsr-53-english")
     run, out = _cli({**s2v_inputs, "ckpt": broken}, tmp_path, "--audio", str(s2v_inputs["audio"]))
     assert run.returncode == 2 and "no wav2vec2 folder found" in run.stderr and not out.exists()
+
+
+def test_plan_counts_the_injectors_and_fits_12gb_with_32gb_ram_at_480p():
+    import math
+
+    from wanlite.planner.estimate import Workload, dit_bytes
+    from wanlite.planner.plan import make_plan
+    from wanlite.planner.probe import hypothetical
+
+    spec = DIT_SPECS["s2v-14B"]
+    nonblock, block = dit_bytes(spec, "bf16")
+    total = 2 * sum(math.prod(s) for s in manifest("s2v-14B").values())
+    assert abs(nonblock + spec.num_layers * block - total) <= 2 * spec.num_layers  # the mean block, to the byte
+    work = Workload("s2v-14B", 832, 480, 80, 40)
+    assert work.tokens == 20 * 1560 + 2 * 1560 + 15 * 26 + 4 * 7 * 13  # clip + reference + FramePack history
+    plan = make_plan(work, hypothetical(12, 32))
+    assert plan.predicted.peak_vram_gb <= 12 and plan.predicted.peak_ram_gb <= 32
+    assert plan.vae_tile  # the VAE shares the card with the transformer between clips
