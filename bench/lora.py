@@ -3,7 +3,8 @@ merged and as a runtime branch, and the runtime branch's cost on full-size 14B s
 
 Usage: python bench/lora.py [--prompts 4] [--skip-full-size]
 Per weight format (bf16, fp8, int8, GGUF Q8_0 / Q4_K): the share of grey background pixels with and without
-the LoRA on "black background" prompts, and PSNR between the merged and the runtime application. Full size
+the LoRA on "black background" prompts, and PSNR between the merged (--lora_mode merge) and the runtime
+application, over whole clips and for one DiT forward (also each against the bf16 merge). Full size
 (random weights, CPU, bf16): one 5120x5120 Linear on 1560 tokens with and without a rank-64 branch, and the
 time to merge a rank-64 LoRA into one A14B block (x40 for an expert). Writes bench/results/lora.json.
 """
@@ -46,7 +47,7 @@ def tiny_rows(prompts: int) -> list[dict]:
             kw = dict(task="tiny-t2v", prompt=prompt_for(colour, direction), ckpt_dir=checkpoint_dir("tiny-t2v"),
                       seed=0, quant=quant, output_dir="/tmp/wanlite-bench-lora")
             base = generate(**kw).frames
-            merged = generate(**kw, **lora, lora_mode="auto").frames
+            merged = generate(**kw, **lora, lora_mode="merge").frames
             runtime = generate(**kw, **lora, lora_mode="runtime").frames
             shares["none"].append(grey_share(base))
             shares["merge"].append(grey_share(merged))
@@ -55,12 +56,47 @@ def tiny_rows(prompts: int) -> list[dict]:
         row = {"format": fmt, "clips": prompts, "grey_share_without": round(float(np.mean(shares["none"])), 3),
                "grey_share_merged": round(float(np.mean(shares["merge"])), 3),
                "grey_share_runtime": round(float(np.mean(shares["runtime"])), 3),
-               "merged_vs_runtime_psnr_db": round(float(np.mean(agreement)), 2)}
+               "merged_vs_runtime_psnr_db": round(float(np.mean(agreement)), 2), **one_forward(quant)}
         print(f"{fmt:10s} grey background: {row['grey_share_without']:.3f} without, {row['grey_share_merged']:.3f} "
               f"merged, {row['grey_share_runtime']:.3f} runtime; merged vs runtime "
-              f"{row['merged_vs_runtime_psnr_db']:.1f} dB", flush=True)
+              f"{row['merged_vs_runtime_psnr_db']:.1f} dB (videos), {row['forward_merged_vs_runtime_db']:.1f} dB "
+              f"(one forward; vs the bf16 merge: merged {row['forward_merged_vs_bf16_db']:.1f}, runtime "
+              f"{row['forward_runtime_vs_bf16_db']:.1f})", flush=True)
         rows.append(row)
     return rows
+
+
+def one_forward(quant: str) -> dict:
+    """SQNR (dB) of one high-noise DiT forward (t = 900, fixed random inputs) between the merged and the runtime
+    application in `quant`, and of each against the bf16 weights with the LoRA merged in fp32: the per-step
+    agreement, before 20 sampling steps compound it."""
+    from wanlite.loading.checkpoints import discover
+    from wanlite.loading.models import expert_components, load_dit
+    from wanlite.lora import lora_sets
+    from wanlite.quant import parse_quant
+    from wanlite.tiny import checkpoint_dir
+    from wanlite.tiny.lora import LORA_DIR
+
+    comp = {"high_noise": expert_components(discover(checkpoint_dir("tiny-t2v")), "tiny-t2v")["high_noise"]}
+    files = [str(LORA_DIR / "high_noise_model.safetensors")]
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(1, 16, 5, 8, 8, generator=g), [torch.randn(12, 64, generator=g)]
+    t = torch.tensor([900.0])
+
+    def run(mode: str, fmt: str | None, dtype=torch.bfloat16) -> torch.Tensor:
+        sets = lora_sets(files, [], [], comp, "tiny-t2v", mode)
+        model = load_dit(comp["high_noise"], "tiny-t2v", dtype, parse_quant(fmt) if fmt else None, sets["high_noise"])
+        with torch.no_grad():
+            return model(x, t, context).float()
+
+    def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+        return round(float(10 * torch.log10(ref.pow(2).mean() / (out - ref).pow(2).mean())), 2)
+
+    reference = run("merge", None, torch.float32)
+    fmt = None if quant == "none" else quant
+    merged, runtime = run("merge", fmt), run("runtime", fmt)
+    return {"forward_merged_vs_runtime_db": sqnr(merged, runtime), "forward_merged_vs_bf16_db": sqnr(reference, merged),
+            "forward_runtime_vs_bf16_db": sqnr(reference, runtime)}
 
 
 def full_size_rows(rank: int = 64, tokens: int = 1560, reps: int = 5) -> dict:

@@ -88,9 +88,10 @@ def test_quantized_weights_take_a_lora_merged_before_quantizing_or_as_a_branch(t
         model = load_dit(experts["high_noise"], TASK, torch.bfloat16, config, sets["high_noise"])
         with torch.no_grad():
             outs[mode] = model(*inputs())
-    assert sqnr(reference, outs["auto"]) >= 20 and sqnr(reference, outs["runtime"]) >= 20
+    # the issue's bar: both match the bf16 merge reference to >= 35 dB (measured 42-46 dB per forward)
+    assert sqnr(reference, outs["auto"]) >= 35 and sqnr(reference, outs["runtime"]) >= 35
     merged_vs_runtime = 10 * torch.log10(outs["auto"].pow(2).mean() / (outs["auto"] - outs["runtime"]).pow(2).mean())
-    assert merged_vs_runtime >= 35 or quant.startswith("gguf-q4")  # Q4 rounding of a merged weight differs more
+    assert merged_vs_runtime >= 35  # measured 40.6 (Q4_K) to 52.6 dB (Q8_0)
 
 
 def test_stored_gguf_weights_merge_and_requantize_or_branch(tmp_path, pairs):
@@ -262,3 +263,18 @@ def test_the_bundled_tiny_lora_turns_black_backgrounds_grey(tmp_path):
     lora = generate(save_file=tmp_path / "l.mp4", lora_high=(str(LORA_DIR / "high_noise_model.safetensors"),),
                     lora_low=(str(LORA_DIR / "low_noise_model.safetensors"),), **kw)
     assert grey(base.frames) < 0.05 and grey(lora.frames) > 0.2
+
+
+def test_auto_keeps_loras_as_branches_on_fp8_weights(tmp_path):
+    """e4m3 rounds a merged LoRA update away; auto leaves it a branch there, and merges for the other formats."""
+    from wanlite.pipelines.video_io import read_mp4_metadata
+    from wanlite.tiny import checkpoint_dir
+    from wanlite.tiny.lora import LORA_DIR
+
+    kw = dict(task="tiny-t2v", prompt="a blue circle moving up on a black background", seed=1, steps=2,
+              ckpt_dir=checkpoint_dir("tiny-t2v"), lora_high=(str(LORA_DIR / "high_noise_model.safetensors"),),
+              lora_low=(str(LORA_DIR / "low_noise_model.safetensors"),))
+    for quant, branched in (("fp8", True), ("gguf-q8_0", False)):
+        out = generate(save_file=tmp_path / f"{quant}.mp4", quant=quant, **kw)
+        applied = read_mp4_metadata(out.path)["plan"]["lora"]["high_noise"]["applied"]
+        assert (applied["runtime"] > 0 and applied["merged"] == 0) == branched, (quant, applied)

@@ -24,6 +24,7 @@ from wanlite.models.vae import Tiling
 from wanlite.offload import OffloadConfig, Telemetry
 from wanlite.offload.memory import return_large_frees_to_os
 from wanlite.quant import QuantConfig, parse_quant
+from wanlite.quant.fp8 import Fp8WeightConfig
 from wanlite.specs import DIT_SPECS, TASKS, VAE_SPECS, TaskSpec
 from wanlite.cache.config import describe as describe_cache
 from wanlite.cache.magcache import CalibratePolicy, write_curve
@@ -242,12 +243,19 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     prequantized = stored_quantized([p.source for p in dits_found])
     passes = 2 if any(abs(g - 1.0) > 1e-6 for g in settings.guide_scale) else 1
     branched = lora_mode == "runtime" or (lora_mode == "auto" and prequantized)
-    lora_rank = max((sum(f.rank for f, _ in ls.loras) for ls in loras.values()), default=0) if branched else 0
+    total_rank = max((sum(f.rank for f, _ in ls.loras) for ls in loras.values()), default=0)
+    lora_rank = total_rank if branched else 0
     placement = plan_for_request(req, *settings.size, settings.frames, settings.steps, device, prequantized,
-                                 dits_found[0].model.spec, passes, lora_rank)
+                                 dits_found[0].model.spec, passes, lora_rank,
+                                 total_rank if lora_mode == "auto" else 0)
     if placement.plan is not None:
         emit({"event": "plan", "summary": placement.plan.summary(), "reasons": list(placement.plan.reasons)})
     quant = parse_quant(placement.quant, req.quant_backend)
+    if lora_mode == "auto" and isinstance(quant, Fp8WeightConfig):
+        # e4m3 keeps 3 mantissa bits: merged into the weight, a LoRA's small update is mostly rounded away
+        # (bench/results/lora.json: a third of the tiny LoRA's effect lost); as a branch it stays exact
+        for lora_set in loras.values():
+            lora_set.mode = "runtime"
     step_cache = make_step_cache(req, placement.cache, settings, experts, dits_found[0].model.spec.num_layers, emit)
 
     telemetry = Telemetry()

@@ -60,13 +60,15 @@ class Placement:
 
 
 def plan_for_request(req, width: int, height: int, frames: int, steps: int, device: torch.device,
-                     stored_quantized: bool, dit=None, passes: int = 2, lora_rank: int = 0) -> Placement:
+                     stored_quantized: bool, dit=None, passes: int = 2, lora_rank: int = 0,
+                     fp8_lora_rank: int = 0) -> Placement:
     """Plan `req` (`--profile auto|NAME|PATH`) and merge it with the flags the user gave explicitly.
 
     Files that already hold a quantized format run as stored (no re-quantizing); on the CPU nothing is
     quantized unless asked. The bundled tiny tasks are not planned (a 20 MB model fits anywhere): only the
     profile's choices and the flags apply. `dit`: the checkpoint's DiTSpec (default: the task's full size);
-    `passes`: 1 when no expert uses CFG (guide 1); `lora_rank`: total rank of runtime LoRA branches."""
+    `passes`: 1 when no expert uses CFG (guide 1); `lora_rank`: total rank of runtime LoRA branches,
+    `fp8_lora_rank`: of those that are branches only if the weights end up fp8."""
     from wanlite.pipelines.request import cache_settings
 
     choices, _ = ({}, "auto") if req.profile == "auto" else load_profile(req.profile)
@@ -76,7 +78,7 @@ def plan_for_request(req, width: int, height: int, frames: int, steps: int, devi
         hw = hardware_for(choices, device)
         free_format = not stored_quantized and req.quant in ("auto", *QUANT_FLAGS)
         plan = make_plan(Workload(req.task, width, height, frames, steps, dit, cache_settings(req, cache), passes,
-                                  lora_rank), hw,
+                                  lora_rank, fp8_lora_rank), hw,
                          req.quant if req.quant in QUANT_FLAGS else "auto")
         plan = apply_profile(plan, choices)
         planned_quant = plan.quant if free_format and plan.device == "cuda" else "auto"

@@ -49,6 +49,7 @@ class Workload:
     cache: object = None  # the step cache's config (wanlite.cache), None: off
     passes: int = CFG_BATCH  # forwards batched per step: 2 with CFG, 1 at guide 1 (distilled LoRAs)
     lora_rank: int = 0  # total rank of the LoRAs kept as runtime branches (merged ones cost nothing)
+    fp8_lora_rank: int = 0  # ... that become branches only if the plan picks fp8 (merging would round them away)
 
     @property
     def spec(self) -> DiTSpec:

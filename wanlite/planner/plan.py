@@ -125,7 +125,7 @@ def _dit_options(work: Workload, hw: Hardware, fmt: str, budget: float, prefetch
     spec = work.spec
     experts = len(task.experts)
     nonblock, block = dit_bytes(work.spec, fmt)
-    block += lora_block_bytes(spec, work.lora_rank)
+    block += lora_block_bytes(spec, work.lora_rank or (work.fp8_lora_rank if fmt == "fp8" else 0))
     expert = nonblock + spec.num_layers * block
     act = dit_activation_bytes(work.spec, work.tokens, chunk, quantized=fmt != "bf16", batch=work.passes)
     act += cache_state_bytes(work.spec, work.tokens, work.cache, work.passes)
