@@ -278,3 +278,46 @@ def test_auto_keeps_loras_as_branches_on_fp8_weights(tmp_path):
         out = generate(save_file=tmp_path / f"{quant}.mp4", quant=quant, **kw)
         applied = read_mp4_metadata(out.path)["plan"]["lora"]["high_noise"]["applied"]
         assert (applied["runtime"] > 0 and applied["merged"] == 0) == branched, (quant, applied)
+
+
+@pytest.mark.parametrize("quant", ["gguf-q8_0", "fp8"])
+def test_merged_and_quantized_weights_are_cached_per_lora_combination(tmp_path, quant):
+    import numpy as np
+
+    from wanlite.loading.checkpoints import discover
+    from wanlite.loading.models import expert_components, load_dit
+    from wanlite.offload import load_merged_cached
+    from wanlite.pipelines.video_io import read_mp4_metadata
+    from wanlite.quant import parse_quant
+    from wanlite.tiny import checkpoint_dir
+    from wanlite.tiny.lora import LORA_DIR
+
+    comps = expert_components(discover(checkpoint_dir("tiny-t2v")), "tiny-t2v")
+    high = str(LORA_DIR / "high_noise_model.safetensors")
+    config = parse_quant(quant)
+
+    def loaded(cached: bool, strength: float):
+        sets = lora_sets([f"{high}:{strength}"], [], [], {"high_noise": comps["high_noise"]}, "tiny-t2v", "merge")
+        if cached:
+            return load_merged_cached(comps["high_noise"], "high_noise", "tiny-t2v", torch.bfloat16, config,
+                                      sets["high_noise"], tmp_path / "merged"), sets["high_noise"]
+        return load_dit(comps["high_noise"], "tiny-t2v", torch.bfloat16, config, sets["high_noise"]), sets["high_noise"]
+
+    direct, _ = loaded(False, 0.8)
+    written, _ = loaded(True, 0.8)
+    read_back, lora = loaded(True, 0.8)
+    assert lora.counts.get("cached") and lora.counts["merged"] > 0
+    want = direct.state_dict()
+    for got in (written.state_dict(), read_back.state_dict()):
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    loaded(True, 0.5)  # another strength: its own folder, the first is kept
+    assert len(list((tmp_path / "merged").iterdir())) == 2
+    if quant == "fp8":
+        return  # auto keeps fp8 LoRAs as branches: nothing merged to cache in a generation
+    kw = dict(task="tiny-t2v", prompt="a blue circle moving up on a black background", seed=1, steps=2,
+              ckpt_dir=checkpoint_dir("tiny-t2v"), quant="gguf-q8_0", lora_high=(high,),
+              lora_low=(str(LORA_DIR / "low_noise_model.safetensors"),), offload_cache=tmp_path / "gen")
+    first = generate(save_file=tmp_path / "a.mp4", **kw)
+    second = generate(save_file=tmp_path / "b.mp4", **kw)
+    assert np.array_equal(first.frames, second.frames)
+    assert read_mp4_metadata(second.path)["plan"]["lora"]["high_noise"]["applied"].get("cached")

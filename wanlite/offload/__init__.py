@@ -25,7 +25,7 @@ from wanlite.offload.runner import Expert, OffloadEngine, Telemetry
 from wanlite.offload.stores import DiskCache, FileStore, PinBudget, RamStore, pieces, source_fingerprint
 
 __all__ = ["OffloadConfig", "OffloadEngine", "Telemetry", "attach_offload", "open_offloaded", "OFFLOAD_MODES",
-           "RAM_MODES", "default_cache_dir"]
+           "RAM_MODES", "default_cache_dir", "load_merged_cached", "merges_into_quantized"]
 
 OFFLOAD_MODES = ("none", "model", "block")
 RAM_MODES = ("pinned", "mmap", "disk")
@@ -148,6 +148,45 @@ def open_offloaded(components: dict, task: str, dtype: torch.dtype, quant, confi
     engine.telemetry.pinned_bytes, engine.telemetry.pageable_bytes = budget.pinned, budget.pageable
     engine.ram_mode = ram_mode
     return engine
+
+
+def merges_into_quantized(quant, lora) -> bool:
+    """A LoRA merged before quantizing to one of wanlite's own formats: worth caching (merging into a 14B expert
+    takes minutes), and the disk cache can hold the result."""
+    return lora is not None and lora.mode != "runtime" and _converts_on_load(quant)
+
+
+def load_merged_cached(comp, role: str, task: str, dtype: torch.dtype, quant, lora, cache_dir: Path | None,
+                       emit: Callable[[dict], None] = lambda e: None) -> nn.Module:
+    """One expert with its LoRAs merged and then quantized, as `load_dit` gives it, from a disk cache keyed by
+    the checkpoint, the format and the LoRA files and strengths (one folder per combination, so switching
+    between LoRAs does not rebuild); the first run writes the cache piece by piece (one piece in RAM)."""
+    from wanlite.lora import fingerprint
+    from wanlite.loading.models import DiTPieces
+    from wanlite.offload.slabs import bind
+    from wanlite.offload.stores import shell_of
+
+    parts = DiTPieces(comp, task, dtype, quant, lora)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "merged"
+    cache = _disk_cache(OffloadConfig(cache_dir=root), comp, role, task, dtype, quant, lora)
+    cache.folder = cache.folder.with_name(f"{cache.folder.name}-lora{fingerprint(lora)}")
+    all_pieces = pieces(parts.num_blocks)
+    if cache.valid(parts.model, parts.template, all_pieces):
+        emit({"event": "stage", "name": f"load merged LoRA weights ({role}) from {cache.folder}"})
+        lora.counts["merged"] = len(lora.targets())
+        lora.counts["cached"] = True
+    else:
+        _check_disk_space(cache.folder, _stored_bytes(comp))
+        emit({"event": "stage", "name": f"merge LoRA and quantize ({role}), cached in {cache.folder}"})
+        cache.write(parts.load, all_pieces)
+    for i, shell in cache.shells.items():
+        parts.model.blocks[i] = shell
+    for piece in all_pieces:
+        layout = cache.layouts[piece]
+        slab = torch.empty(layout.nbytes, dtype=torch.uint8)
+        cache.read(piece, slab)
+        bind(shell_of(parts.model, piece), layout, slab)
+    return parts.model.eval().requires_grad_(False)
 
 
 def _converts_on_load(quant) -> bool:

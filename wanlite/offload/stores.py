@@ -221,6 +221,7 @@ def _shell_spec(block: nn.Module) -> dict:
     for path, module in block.named_modules():
         if isinstance(module, QLinear):
             out[path] = {"family": module.family, "qtype": module.qtype, "shape": list(module.weight_shape),
+                         "qdata": [str(module.qdata.dtype), list(module.qdata.shape)],
                          "fast_matmul": module.fast_matmul, "scale": None if module.scale is None else
                          [str(module.scale.dtype), list(module.scale.shape)],
                          "bias": None if module.bias is None else str(module.bias.dtype)}
@@ -243,8 +244,8 @@ def _rebuild_shell(template: nn.Module, spec: dict) -> nn.Module:
     meta = torch.device("meta")
     for path, q in spec.items():
         scale = None if q["scale"] is None else torch.empty(q["scale"][1], dtype=_dtype(q["scale"][0]), device=meta)
-        weight = QuantizedWeight(q["family"], q["qtype"], tuple(q["shape"]),
-                                 torch.empty(0, dtype=torch.uint8, device=meta), scale, q["fast_matmul"])
+        qdata = torch.empty(q["qdata"][1], dtype=_dtype(q["qdata"][0]), device=meta)
+        weight = QuantizedWeight(q["family"], q["qtype"], tuple(q["shape"]), qdata, scale, q["fast_matmul"])
         bias = None if q["bias"] is None else torch.empty(q["shape"][0], dtype=_dtype(q["bias"]), device=meta)
         set_submodule(shell, path, QLinear(weight, bias))
     return shell

@@ -21,7 +21,7 @@ from wanlite.lora import lora_sets
 from wanlite.pipelines.denoise import Conditioning, Denoiser
 from wanlite.pipelines.request import Request, Settings, cache_settings, resolve
 from wanlite.models.vae import Tiling
-from wanlite.offload import OffloadConfig, Telemetry
+from wanlite.offload import OffloadConfig, Telemetry, load_merged_cached, merges_into_quantized
 from wanlite.offload.memory import return_large_frees_to_os
 from wanlite.quant import QuantConfig, parse_quant
 from wanlite.quant.fp8 import Fp8WeightConfig
@@ -105,8 +105,12 @@ class Transformers:
         if role not in self.models:
             if self.offload.mode == "model":
                 self._release_models()  # one expert at a time
-            model = load_dit(self.components[role], self.task, self.dtype, self.quant,
-                             self.loras.get(role)).to(self.device)
+            lora = self.loras.get(role)
+            if merges_into_quantized(self.quant, lora):  # minutes of merging: done once, then read back
+                model = load_merged_cached(self.components[role], role, self.task, self.dtype, self.quant, lora,
+                                           self.offload.cache_dir, self.emit).to(self.device)
+            else:
+                model = load_dit(self.components[role], self.task, self.dtype, self.quant, lora).to(self.device)
             model.chunk_tokens = self.chunk_tokens
             self.telemetry.bytes_moved += sum(t.nbytes for t in model.state_dict().values())
             if self.cache is not None:
