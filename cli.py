@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="settings stored in a wanlite mp4, or sizes and manifest of an architecture")
     info.add_argument("file", nargs="?", help="an mp4 written by wanlite generate")
-    info.add_argument("--arch", help="t2v-A14B, i2v-A14B, ti2v-5B, s2v-14B, vae2.1, vae2.2, umt5-xxl-encoder")
+    info.add_argument("--arch", help="t2v-A14B, i2v-A14B, ti2v-5B, s2v-14B, animate-14B, vae2.1, vae2.2, umt5-xxl-encoder")
     info.add_argument("--json", action="store_true", help="print JSON including the full {key: shape} manifest")
     info.set_defaults(func=cmd_info)
     gen = sub.add_parser("generate", help="generate a video (official generate.py flags are accepted)")

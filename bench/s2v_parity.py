@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
-import subprocess
 import sys
 import tempfile
 import types
@@ -22,37 +20,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _official import load_official, rel, revision  # noqa: E402
 from _record import machine, write_json  # noqa: E402
 
 
-def load_official(root: Path):
-    """Import the official S2V modules without running wan/__init__.py (which imports every pipeline)."""
-    for name, folder in (("wan", "wan"), ("wan.modules", "wan/modules"), ("wan.modules.s2v", "wan/modules/s2v"),
-                         ("wan.distributed", "wan/distributed")):
-        package = types.ModuleType(name)
-        package.__path__ = [str(root / folder)]
-        sys.modules[name] = package
-
-    def attention(q, k, v, q_lens=None, k_lens=None, **_):
-        if k_lens is not None and int(k_lens.min()) != k.shape[1]:
-            raise RuntimeError("this parity harness does not mask keys")
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return out.transpose(1, 2).to(q.dtype)
-
-    model = importlib.import_module("wan.modules.model")
-    model_s2v = importlib.import_module("wan.modules.s2v.model_s2v")
-    model.flash_attention = model_s2v.flash_attention = attention
+def load(root: Path):
+    model_s2v, = load_official(root, "wan.modules.s2v.model_s2v")
     # librosa is not installed here: only its load() is used, replaced in audio_parity (after diffusers'
     # import-time package probing, which a bare module would upset)
     sys.modules.setdefault("librosa", types.ModuleType("librosa"))
-    return model_s2v, importlib.import_module("wan.modules.s2v.audio_encoder")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+    audio_encoder, = load_official(root, "wan.modules.s2v.audio_encoder")
+    return model_s2v, audio_encoder
 
 
 def dit_parity(model_s2v) -> dict:
@@ -141,8 +121,7 @@ def main() -> int:
     parser.add_argument("--official", type=Path, required=True, help="checkout of github.com/Wan-Video/Wan2.2")
     args = parser.parse_args()
     root = args.official.resolve()
-    model_s2v, audio_encoder = load_official(root)
-    revision = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    model_s2v, audio_encoder = load(root)
     dit, audio = dit_parity(model_s2v), audio_parity(audio_encoder)
     for name, err in {**dit, **audio}.items():
         print(f"{name:38s} max relative error {err:.2e}")
@@ -151,7 +130,7 @@ def main() -> int:
         "command": "python bench/s2v_parity.py --official PATH/TO/Wan2.2",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
         "official": {"repository": "github.com/Wan-Video/Wan2.2",
-                     "revision": revision.stdout.strip() or "unknown (not a git checkout)"},
+                     "revision": revision(root)},
         "dtype": "float32", "target_max_rel_err": 1e-4, "max_rel_err": worst,
         "dit": dit, "audio_features": audio})
     return 0 if worst <= 1e-4 else 1

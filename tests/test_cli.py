@@ -10,8 +10,9 @@ from wanlite.cli import main
 from wanlite.testing.fixtures import write_fixture
 
 REPO = Path(__file__).resolve().parents[1]
-ARCHS = ["t2v-A14B", "i2v-A14B", "ti2v-5B", "s2v-14B", "vae2.1", "vae2.2", "umt5-xxl-encoder"]
+ARCHS = ["t2v-A14B", "i2v-A14B", "ti2v-5B", "s2v-14B", "animate-14B", "vae2.1", "vae2.2", "umt5-xxl-encoder"]
 COUNTS = {"t2v-A14B": (1095, 14_288_491_584), "ti2v-5B": (825, 4_999_787_712),
+          "animate-14B": (1441, 17274817108),
           "s2v-14B": (1260, 16295755609), "umt5-xxl-encoder": (242, None),
           "vae2.1": (194, 126_892_531), "vae2.2": (196, 704_688_668)}
 

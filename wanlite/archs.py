@@ -11,7 +11,7 @@ ARCHS = tuple(DIT_SPECS) + tuple(VAE_SPECS) + tuple(T5_SPECS)
 def manifest(name: str) -> dict[str, tuple[int, ...]]:
     """The official state-dict `{key: shape}` of architecture `name`."""
     if name in DIT_SPECS:
-        from wanlite.loading.keymaps import s2v_key_to_official
+        from wanlite.loading.keymaps import animate_key_to_official, s2v_key_to_official
         from wanlite.models.dit import WanDiT
 
         spec = DIT_SPECS[name]
@@ -20,6 +20,9 @@ def manifest(name: str) -> dict[str, tuple[int, ...]]:
         if spec.s2v is not None:
             layers = spec.s2v.inject_layers
             return {s2v_key_to_official(k, layers): tuple(v.shape) for k, v in model.state_dict().items()}
+        if spec.animate is not None:
+            every = spec.animate.face_every
+            return {animate_key_to_official(k, every): tuple(v.shape) for k, v in model.state_dict().items()}
     elif name in VAE_SPECS:
         from wanlite.models.vae import WanVAE
 

@@ -52,6 +52,22 @@ class S2VSpec:
 
 
 @dataclass(frozen=True)
+class AnimateSpec:
+    """The character-animation additions (`WanAnimateModel`): CLIP image tokens in every cross-attention, a
+    pose embedding, a face-motion network over face crops and face adapters after every `face_every`-th block."""
+
+    face_size: int = 512  # face crop side the motion network takes
+    face_width: int = 512  # its widest feature maps (the official channel table is capped here; tiny: less)
+    motion_dim: int = 512  # its appearance / motion vector width (motion_encoder_dim)
+    motion_codes: int = 20  # orthogonal motion directions
+    face_tokens: int = 4  # face token streams per latent frame (+ 1 learned padding token)
+    face_hidden: int = 1024  # the face token encoder's width
+    face_every: int = 5  # a face adapter after blocks 0, 5, 10, ...
+    clip_dim: int = 1280  # CLIP ViT-H/14 width
+    image_tokens: int = 257  # CLS + 16 x 16 patches
+
+
+@dataclass(frozen=True)
 class DiTSpec:
     """Hyper-parameters of one Wan DiT (`WanModel.__init__`); head_dim = dim / num_heads."""
 
@@ -68,6 +84,7 @@ class DiTSpec:
     patch_size: tuple[int, int, int] = (1, 2, 2)
     eps: float = 1e-6
     s2v: S2VSpec | None = None
+    animate: AnimateSpec | None = None
 
     def __post_init__(self):
         if self.s2v is not None and max(self.s2v.inject_layers, default=0) >= self.num_layers:
@@ -133,6 +150,8 @@ DIT_SPECS = {
     "ti2v-5B": DiTSpec("ti2v", dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48),
     "s2v-14B": DiTSpec("s2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=16, out_dim=16,
                        s2v=S2VSpec()),
+    "animate-14B": DiTSpec("animate", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, out_dim=16,
+                           animate=AnimateSpec()),
 }
 
 VAE_SPECS = {
@@ -148,7 +167,9 @@ T5_SPECS = {"umt5-xxl-encoder": T5Spec()}
 TINY_T5 = T5Spec(vocab_size=384, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
 TINY_DIT_SPECS = {
     name: replace(spec, dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=TINY_T5.d_model,
-                  s2v=spec.s2v and replace(spec.s2v, audio_dim=32, audio_layers=3, inject_layers=(0, 1)))
+                  s2v=spec.s2v and replace(spec.s2v, audio_dim=32, audio_layers=3, inject_layers=(0, 1)),
+                  animate=spec.animate and replace(spec.animate, face_every=1, face_size=32, face_width=16,
+                                                   motion_dim=32, motion_codes=4, face_hidden=32, clip_dim=64))
     for name, spec in DIT_SPECS.items()
 }
 TINY_VAE_SPECS = {

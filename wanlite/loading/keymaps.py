@@ -85,3 +85,19 @@ def s2v_key_to_official(key: str, inject_layers: tuple[int, ...]) -> str:
     k = inject_layers.index(int(m[1]))
     return (f"audio_injector.injector.{k}.{m[3]}" if m[2] == "attn"
             else f"audio_injector.injector_adain_layers.{k}.linear.{m[3]}")
+
+
+# Animate: the face adapters are one top-level list (`face_adapter.fuser_blocks.K`, after block every*K); wanlite
+# keeps adapter K inside that block (`blocks.L.face_adapter`).
+_ANIMATE_OFFICIAL = re.compile(r"^face_adapter\.fuser_blocks\.(\d+)\.(.+)$")
+_ANIMATE_OURS = re.compile(r"^blocks\.(\d+)\.face_adapter\.(.+)$")
+
+
+def animate_key_from_official(key: str, every: int) -> str:
+    m = _ANIMATE_OFFICIAL.match(key)
+    return key if m is None else f"blocks.{every * int(m[1])}.face_adapter.{m[2]}"
+
+
+def animate_key_to_official(key: str, every: int) -> str:
+    m = _ANIMATE_OURS.match(key)
+    return key if m is None else f"face_adapter.fuser_blocks.{int(m[1]) // every}.{m[2]}"

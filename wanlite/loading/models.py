@@ -11,12 +11,13 @@ import torch
 
 from wanlite.errors import CheckpointError
 from wanlite.loading.checkpoints import CheckpointSet, Component
-from wanlite.loading.keymaps import dit_key_from_diffusers, s2v_key_from_official, strip_comfy_prefix
+from wanlite.loading.keymaps import (animate_key_from_official, dit_key_from_diffusers, s2v_key_from_official,
+                                     strip_comfy_prefix)
 from wanlite.loading.stream import PthSource, SafetensorsSource, check_against, load_into, load_pairs, open_source
 from wanlite.models.blocks import keeps_fp32
 from wanlite.models.dit import WanDiT
 from wanlite.quant.base import QuantConfig
-from wanlite.specs import DIT_SPECS, MODEL_TYPE_CHANNELS, TASKS, VAE_SPECS, DiTSpec, S2VSpec, VAESpec
+from wanlite.specs import DIT_SPECS, MODEL_TYPE_CHANNELS, TASKS, VAE_SPECS, AnimateSpec, DiTSpec, S2VSpec, VAESpec
 
 _BLOCK_INDEX = re.compile(r"^blocks\.(\d+)\.")
 
@@ -39,7 +40,9 @@ def dit_spec_from_shapes(shapes: dict[str, tuple[int, ...]], config: dict, where
     num_layers = 1 + max((int(m[1]) for k in shapes if (m := _BLOCK_INDEX.match(k))), default=-1)
     num_heads = config.get("num_heads") or config.get("num_attention_heads") or max(1, dim // 128)
     s2v = s2v_spec_from_shapes(shapes, config, num_layers, where)
-    model_type = "s2v" if s2v else next((t for t, ch in MODEL_TYPE_CHANNELS.items() if ch == (in_dim, out_dim)), None)
+    animate = animate_spec_from_shapes(shapes, num_layers, where)
+    model_type = "s2v" if s2v else "animate" if animate else next(
+        (t for t, ch in MODEL_TYPE_CHANNELS.items() if ch == (in_dim, out_dim)), None)
     if model_type is None:
         raise CheckpointError(f"{where}: a DiT with {in_dim} input / {out_dim} output channels is not a Wan2.2 "
                               "t2v, i2v or ti2v model")
@@ -48,7 +51,26 @@ def dit_spec_from_shapes(shapes: dict[str, tuple[int, ...]], config: dict, where
         num_layers=num_layers, in_dim=in_dim, out_dim=out_dim,
         freq_dim=_need(shapes, "time_embedding.0.weight", where)[1],
         text_dim=_need(shapes, "text_embedding.0.weight", where)[1],
-        text_len=int(config.get("text_len", 512)), patch_size=tuple(patch), s2v=s2v)
+        text_len=int(config.get("text_len", 512)), patch_size=tuple(patch), s2v=s2v, animate=animate)
+
+
+def animate_spec_from_shapes(shapes: dict[str, tuple[int, ...]], num_layers: int, where) -> AnimateSpec | None:
+    """The Animate additions read off the (official-named) shapes, None for other DiTs; adapters follow every
+    num_layers / adapters-th block (5 in the released model)."""
+    if "face_encoder.out_proj.weight" not in shapes:
+        return None
+    adapters = sum(1 for k in shapes if re.match(r"^face_adapter\.fuser_blocks\.\d+\.linear1_q\.weight$", k))
+    if not 0 < adapters <= num_layers or num_layers // (num_layers // adapters) != adapters:
+        raise CheckpointError(f"{where}: {adapters} face adapters do not fit a {num_layers}-block Animate DiT")
+    hidden = _need(shapes, "face_encoder.conv2.conv.weight", where)[0]
+    resblocks = sum(1 for k in shapes if re.match(r"^motion_encoder\.enc\.net_app\.convs\.\d+\.conv1\.0\.weight$", k))
+    last = _need(shapes, f"motion_encoder.enc.net_app.convs.{resblocks}.conv2.1.weight", where)
+    return AnimateSpec(face_size=2 ** (resblocks + 2), face_width=last[0],
+                       motion_dim=_need(shapes, "face_encoder.conv1_local.conv.weight", where)[1],
+                       motion_codes=_need(shapes, "motion_encoder.dec.direction.weight", where)[1],
+                       face_tokens=_need(shapes, "face_encoder.conv1_local.conv.weight", where)[0] // hidden,
+                       face_hidden=hidden, face_every=num_layers // adapters,
+                       clip_dim=_need(shapes, "img_emb.proj.1.weight", where)[1])
 
 
 def s2v_spec_from_shapes(shapes: dict[str, tuple[int, ...]], config: dict, num_layers: int, where) -> S2VSpec | None:
@@ -106,6 +128,9 @@ def prepare_dit(comp: Component, task: str) -> Prepared:
     if spec.s2v is not None:  # its audio injectors are stored in one list, wanlite keeps them in their blocks
         base, layers = rename, spec.s2v.inject_layers
         rename = lambda key: s2v_key_from_official(base(key), layers)  # noqa: E731
+    if spec.animate is not None:  # and so are Animate's face adapters
+        base, every = rename, spec.animate.face_every
+        rename = lambda key: animate_key_from_official(base(key), every)  # noqa: E731
     want = DIT_SPECS[TASKS[task].dit]
     if spec.model_type != want.model_type:
         raise CheckpointError(
@@ -124,6 +149,11 @@ def load_dit(comp: Component, task: str, dtype: torch.dtype = torch.bfloat16,
     return prepare_dit(comp, task).load(lambda name, _: torch.float32 if keeps_fp32(name) else dtype, quant, lora)
 
 
+def _kind(block) -> tuple[bool, bool]:
+    """Blocks differ only by what follows them: an S2V audio injector, an Animate face adapter."""
+    return block.audio_injector is not None, block.face_adapter is not None
+
+
 class DiTPieces:
     """One DiT read piece by piece, for offload modes that never hold the whole model in RAM: "pre" (the
     embeddings before the blocks), "head", or block `i`, each materialized into a fresh module from the
@@ -138,8 +168,8 @@ class DiTPieces:
             owner = self.model.get_submodule(name.rpartition(".")[0])
             owner._parameters[name.rpartition(".")[2]] = torch.nn.Parameter(
                 p.to(self.dtype_for(name, p.dtype)), requires_grad=False)
-        # pristine copies, so reads never touch the shell: a plain block and (S2V) one with an audio injector
-        self._templates = {b.audio_injector is not None: copy.deepcopy(b) for b in reversed(self.model.blocks)}
+        # pristine copies, so reads never touch the shell: a plain block and one per extra it can carry
+        self._templates = {_kind(b): copy.deepcopy(b) for b in reversed(self.model.blocks)}
         self.source, self.quant, self.lora = prepared.source, quant, lora
         self.pairs, _ = check_against(prepared.model, prepared.source, prepared.rename, prepared.what)
         self.where = comp.where
@@ -150,7 +180,7 @@ class DiTPieces:
 
     def template(self, i: int) -> torch.nn.Module:
         """A pristine (meta) module shaped like block `i`; do not modify it, deep-copy it."""
-        return self._templates[self.model.blocks[i].audio_injector is not None]
+        return self._templates[_kind(self.model.blocks[i])]
 
     def load(self, piece: str | int) -> torch.nn.Module:
         """A new module holding `piece`'s weights: block `i` as a WanBlock, "pre"/"head" as a module with the

@@ -74,11 +74,15 @@ class BlockInputs:
     # tokens per modulation row; None: the R rows split the tokens evenly (one per latent frame, or all)
     split: tuple[int, ...] | None = None
     audio: object | None = None  # wanlite.models.s2v.AudioTokens for the blocks followed by an audio injector
+    image_context: torch.Tensor | None = None  # Animate: [B, 257, d] CLIP image tokens for the cross-attention
+    face: object | None = None  # Animate: wanlite.models.animate.FaceTokens for the face adapters
 
     def rows(self, index: torch.Tensor) -> "BlockInputs":
         """The inputs of some batch rows only (a step cache running the middle blocks for one CFG branch)."""
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
         return BlockInputs(self.e0[index], self.context[index], self.rope, self.chunk, self.split,
-                           None if self.audio is None else self.audio.rows(index))
+                           None if self.audio is None else self.audio.rows(index), pick(self.image_context),
+                           None if self.face is None else self.face.rows(index))
 
 
 def modulate(t: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split) -> torch.Tensor:
@@ -119,25 +123,44 @@ class WanSelfAttention(nn.Module):
 
 
 class WanCrossAttention(WanSelfAttention):
-    """Queries from video tokens, keys/values from all text_len context rows (no mask, no RoPE)."""
+    """Queries from video tokens, keys/values from all text_len context rows (no mask, no RoPE); with `image`
+    (Animate) a second key/value set from CLIP image tokens whose attention output is added before `o`."""
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def __init__(self, dim: int, num_heads: int, eps: float, image: bool = False):
+        super().__init__(dim, num_heads, eps)
+        if image:
+            self.k_img = nn.Linear(dim, dim)
+            self.v_img = nn.Linear(dim, dim)
+            self.norm_k_img = WanRMSNorm(dim, eps)
+
+    def keys_values(self, context: torch.Tensor, image: torch.Tensor | None = None) -> list:
+        kvs = [(self._heads(self.norm_k(self.k(context))), self._heads(self.v(context)))]
+        if image is not None:
+            kvs.append((self._heads(self.norm_k_img(self.k_img(image))), self._heads(self.v_img(image))))
+        return kvs
+
+    def attend(self, x: torch.Tensor, kvs: list) -> torch.Tensor:
         q = self._heads(self.norm_q(self.q(x)))
-        k = self._heads(self.norm_k(self.k(context)))
-        v = self._heads(self.v(context))
-        return self.o(attention(q, k, v).flatten(2))
+        out = attention(q, *kvs[0])
+        for k, v in kvs[1:]:
+            out = out + attention(q, k, v)
+        return self.o(out.flatten(2))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        return self.attend(x, self.keys_values(context, image))
 
 
 class WanBlock(nn.Module):
     """`WanAttentionBlock`: modulated self-attention, cross-attention, modulated GELU-tanh FFN."""
 
-    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float):
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float, image_context: bool = False):
         super().__init__()
         self.eps = eps
         self.audio_injector: nn.Module | None = None  # S2V: wanlite.models.s2v.AudioInjector after this block
+        self.face_adapter: nn.Module | None = None  # Animate: wanlite.models.animate.FaceAdapter after it
         self.self_attn = WanSelfAttention(dim, num_heads, eps)
         self.norm3 = nn.LayerNorm(dim, eps=eps, elementwise_affine=True)
-        self.cross_attn = WanCrossAttention(dim, num_heads, eps)
+        self.cross_attn = WanCrossAttention(dim, num_heads, eps, image=image_context)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
@@ -155,7 +178,7 @@ class WanBlock(nn.Module):
             x = gated_add(x, self.self_attn(h.to(x.dtype), inputs.rope), gate_msa, split)
 
             h = layer_norm_fp32(x, self.eps, self.norm3).to(x.dtype)
-            x = (x.float() + self.cross_attn(h, inputs.context).float()).to(x.dtype)
+            x = (x.float() + self.cross_attn(h, inputs.context, inputs.image_context).float()).to(x.dtype)
 
             h = modulate(layer_norm_fp32(x, self.eps), shift_ffn, scale_ffn, split)
             x = gated_add(x, self.ffn(h.to(x.dtype)), gate_ffn, split)
@@ -163,6 +186,10 @@ class WanBlock(nn.Module):
             frames = inputs.audio.local.shape[1]
             per_chunk = None if not inputs.chunk else max(1, inputs.chunk * frames // inputs.audio.noisy_tokens)
             x = self.audio_injector(x, inputs.audio, per_chunk)
+        if self.face_adapter is not None and inputs.face is not None:
+            frames = inputs.face.tokens.shape[1]
+            per_chunk = None if not inputs.chunk else max(1, inputs.chunk * frames // x.shape[1])
+            x = self.face_adapter(x, inputs.face, per_chunk)
         return x
 
     def forward_chunked(self, x: torch.Tensor, inputs: BlockInputs, chunk: int) -> torch.Tensor:
@@ -199,14 +226,12 @@ class WanBlock(nn.Module):
             q = apply_rope(sa._heads(sa.norm_q(sa.q(h))), cos[s:e], sin[s:e])
             out[:, s:e] = gated(x[:, s:e], sa.o(attention(q, keys, values).flatten(2)), gate_msa, rows)
         del keys, values
-        text_k = ca._heads(ca.norm_k(ca.k(inputs.context)))
-        text_v = ca._heads(ca.v(inputs.context))
+        context_kvs = ca.keys_values(inputs.context, inputs.image_context)
         for s, e, _ in spans:
             xc = out[:, s:e]
-            h = layer_norm_fp32(xc, self.eps, self.norm3).to(x.dtype)
-            y = ca.o(attention(ca._heads(ca.norm_q(ca.q(h))), text_k, text_v).flatten(2))
+            y = ca.attend(layer_norm_fp32(xc, self.eps, self.norm3).to(x.dtype), context_kvs)
             xc.copy_((xc.float() + y.float()).to(x.dtype))
-        del text_k, text_v
+        del context_kvs
         for s, e, rows in spans:
             xc = out[:, s:e]
             y = self.ffn(modulated(xc, rows, shift_ffn, scale_ffn).to(x.dtype))

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wanlite.models.animate import (AnimateConditions, FaceAdapter, FaceMotionEncoder, FaceTokenEncoder, FaceTokens,
+                                    ImageProjection)
 from wanlite.models.blocks import BlockInputs, Head, WanBlock, linear_fp32
 from wanlite.models.rope import rope_cos_sin, rope_cos_sin_at
 from wanlite.models.s2v import (REF_TIME_POSITION, AudioInjector, AudioTokens, CausalAudioEncoder, FramePacker,
@@ -22,6 +24,15 @@ from wanlite.specs import DiTSpec
 # runner(blocks, x, inputs, start=0, stop=None) -> x after blocks[start:stop]; the model always asks for all
 # of them, a step cache wrapping another runner asks for ranges
 Runner = Callable[..., torch.Tensor]
+
+
+FACE_BATCH = 8  # face crops through the motion network at a time (its 512x512 activations are large)
+
+
+def face_adapter_layers(spec: DiTSpec) -> list[int]:
+    """The blocks a face adapter follows: 0, 5, 10, ... (num_layers // 5 of them, official `FaceAdapter`)."""
+    every = spec.animate.face_every
+    return [every * k for k in range(spec.num_layers // every)]
 
 
 def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, inputs: BlockInputs, start: int = 0,
@@ -49,8 +60,8 @@ class WanDiT(nn.Module):
         self.text_embedding = nn.Sequential(nn.Linear(spec.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
         self.time_embedding = nn.Sequential(nn.Linear(spec.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
-        self.blocks = nn.ModuleList(
-            WanBlock(d, spec.ffn_dim, spec.num_heads, spec.eps) for _ in range(spec.num_layers))
+        self.blocks = nn.ModuleList(WanBlock(d, spec.ffn_dim, spec.num_heads, spec.eps, spec.animate is not None)
+                                    for _ in range(spec.num_layers))
         self.head = Head(d, spec.out_dim * math.prod(spec.patch_size), spec.eps)
         if spec.s2v is not None:
             self.cond_encoder = nn.Conv3d(spec.s2v.cond_dim, d, kernel_size=spec.patch_size, stride=spec.patch_size)
@@ -59,6 +70,14 @@ class WanDiT(nn.Module):
             self.frame_packer = FramePacker(spec.s2v, d)
             for layer in spec.s2v.inject_layers:
                 self.blocks[layer].audio_injector = AudioInjector(d, spec.num_heads, spec.eps)
+        if spec.animate is not None:
+            a = spec.animate
+            self.pose_patch_embedding = nn.Conv3d(16, d, kernel_size=spec.patch_size, stride=spec.patch_size)
+            self.img_emb = ImageProjection(a.clip_dim, d)
+            self.motion_encoder = FaceMotionEncoder(a)
+            self.face_encoder = FaceTokenEncoder(a, d)
+            for layer in face_adapter_layers(spec):
+                self.blocks[layer].face_adapter = FaceAdapter(d, spec.num_heads)
         self.runner: Runner = run_blocks
         self.chunk_tokens: int | None = None  # blocks work this many tokens at a time (the plan sets it)
 
@@ -91,16 +110,18 @@ class WanDiT(nn.Module):
         context: torch.Tensor | list[torch.Tensor],
         y: torch.Tensor | None = None,
         s2v: S2VConditions | None = None,
+        animate: AnimateConditions | None = None,
     ) -> torch.Tensor:
         """Predict the flow velocity.
 
         x: latents [B, C, F, H, W]; t: timesteps [B] (all tokens) or [B, F] (one per latent frame, TI2V);
         context: [B, <=text_len, text_dim] or a list of [L_i, text_dim]; y: i2v conditioning [B, C', F, H, W]
-        concatenated on channels; s2v: the S2V model's reference / motion / pose / audio inputs.
+        concatenated on channels; s2v: the S2V model's reference / motion / pose / audio inputs; animate: the
+        Animate model's CLIP features, pose latents and face crops.
         Returns float32 [B, out_dim, F, H, W].
         """
-        if (s2v is None) != (self.spec.s2v is None):
-            raise ValueError("the S2V DiT needs its s2v conditions; other DiTs take none")
+        if (s2v is None) != (self.spec.s2v is None) or (animate is None) != (self.spec.animate is None):
+            raise ValueError("the S2V and Animate DiTs need their own conditions; other DiTs take none")
         if y is not None:
             x = torch.cat([x, y.to(x.dtype)], dim=1)
         b, c, f, h, w = x.shape
@@ -117,6 +138,9 @@ class WanDiT(nn.Module):
         e, e0 = self.embed_time(t)
         inputs = BlockInputs(e0=e0, context=self.embed_text(context),
                              rope=rope_cos_sin(grid, self.spec.head_dim, device=x.device), chunk=self.chunk_tokens)
+        if animate is not None:
+            tokens = self.runner(self.blocks, self._animate_sequence(x, animate, inputs), inputs)
+            return self.unpatchify(self.head(tokens, e), grid)
         if s2v is None:
             # the embedded tokens [B, L, d] go straight into the runner, so no name here keeps them alive while
             # the blocks run (the runner drops each block's input as the next one starts)
@@ -126,6 +150,24 @@ class WanDiT(nn.Module):
         noisy = math.prod(grid)
         tokens = self.runner(self.blocks, self._s2v_sequence(x, t, s2v, inputs), inputs)
         return self.unpatchify(self.head(tokens[:, :noisy], e), grid)
+
+    def _animate_sequence(self, x: torch.Tensor, animate: AnimateConditions, inputs: BlockInputs) -> torch.Tensor:
+        """Animate's tokens: patches with the pose embedding added to every latent frame after the reference
+        one; fills in `inputs` with the CLIP image tokens and the face tokens (a zero group for the reference
+        frame, then the face crops' motion, 4 crops per latent frame)."""
+        dtype = self.compute_dtype
+        tokens = self.patch_embedding(x.to(dtype))
+        tokens[:, :, 1:] += self.pose_patch_embedding(animate.pose_latents.to(dtype))
+        inputs.image_context = self.img_emb(animate.clip_features.to(dtype))
+        b, _, frames = animate.face_pixels.shape[:3]
+        faces = animate.face_pixels.transpose(1, 2).flatten(0, 1).to(dtype)  # [(B T), 3, S, S]
+        motion = torch.cat([self.motion_encoder(faces[i:i + FACE_BATCH]) for i in range(0, len(faces), FACE_BATCH)])
+        face = self.face_encoder(motion.view(b, frames, -1))
+        inputs.face = FaceTokens(torch.cat([torch.zeros_like(face[:, :1]), face], dim=1))
+        if inputs.face.tokens.shape[1] != tokens.shape[2]:
+            raise ValueError(f"{frames} face crops give {inputs.face.tokens.shape[1] - 1} latent frames after the "
+                             f"reference, the clip has {tokens.shape[2] - 1}")
+        return tokens.flatten(2).transpose(1, 2)
 
     def _s2v_sequence(self, x: torch.Tensor, t: torch.Tensor, s2v: S2VConditions, inputs: BlockInputs):
         """The S2V token sequence [noisy + pose | reference | motion history], each segment tagged by its
