@@ -90,3 +90,50 @@ def test_face_crops_must_cover_the_clip():
     x, y, ctx, cond = _inputs(spec, faces=12)  # 12 crops -> 3 latent frames, the clip has 2 after the reference
     with pytest.raises(ValueError, match="face crops"), torch.no_grad():
         dit(x, torch.tensor([500.0]), ctx, y=y, animate=cond)
+
+
+def _official_clip_tensors(model, spec):
+    """transformers' CLIP vision state -> the official checkpoint's `visual.*` names (the inverse mapping)."""
+    from wanlite.models.clip import state_prefix
+
+    prefix = state_prefix(model)
+    st = {k.removeprefix(prefix): v for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    out = {"visual.patch_embedding.weight": st["embeddings.patch_embedding.weight"],
+           "visual.cls_embedding": st["embeddings.class_embedding"].view(1, 1, -1),
+           "visual.pos_embedding": st["embeddings.position_embedding.weight"][None],
+           "visual.pre_norm.weight": st["pre_layrnorm.weight"], "visual.pre_norm.bias": st["pre_layrnorm.bias"],
+           "visual.post_norm.weight": st["post_layernorm.weight"], "visual.post_norm.bias": st["post_layernorm.bias"]}
+    for i in range(spec.layers_used + 1):  # the checkpoint holds one block more than Animate uses
+        src = f"encoder.layers.{min(i, spec.layers_used - 1)}."
+        dst = f"visual.transformer.{i}."
+        for leaf in ("weight", "bias"):
+            out[dst + f"attn.to_qkv.{leaf}"] = torch.cat([st[src + f"self_attn.{p}_proj.{leaf}"] for p in "qkv"])
+            for ours, theirs in (("layer_norm1", "norm1"), ("layer_norm2", "norm2"), ("self_attn.out_proj", "attn.proj"),
+                                 ("mlp.fc1", "mlp.0"), ("mlp.fc2", "mlp.2")):
+                out[dst + f"{theirs}.{leaf}"] = st[src + f"{ours}.{leaf}"]
+    out["visual.head"] = torch.randn(spec.dim, 16)
+    out["textual.token_embedding.weight"] = torch.randn(10, 8)
+    out["log_scale"] = torch.tensor(4.6)
+    return out
+
+
+def test_clip_vision_tower_loads_from_the_official_pth(tmp_path):
+    from wanlite.errors import CheckpointError
+    from wanlite.models.clip import TINY_CLIP, build_clip_vision, encode_images, load_clip_vision
+
+    torch.manual_seed(0)
+    reference = build_clip_vision(TINY_CLIP)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    official = _official_clip_tensors(reference, TINY_CLIP)
+    torch.save(official, tmp_path / "clip.pth")
+    loaded = load_clip_vision(tmp_path / "clip.pth", TINY_CLIP, torch.float32)
+    images = torch.rand(2, 3, 40, 30) * 2 - 1
+    want = encode_images(reference, images)
+    assert want.shape == (2, TINY_CLIP.tokens, TINY_CLIP.dim)
+    assert torch.equal(encode_images(loaded, images), want)
+    del official["visual.transformer.1.mlp.0.weight"]
+    torch.save(official, tmp_path / "broken.pth")
+    with pytest.raises(CheckpointError, match="missing .*mlp.fc1.weight"):
+        load_clip_vision(tmp_path / "broken.pth", TINY_CLIP, torch.float32)

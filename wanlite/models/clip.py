@@ -1,0 +1,133 @@
+"""The CLIP image encoder Animate-14B conditions on: the vision tower of open-clip XLM-RoBERTa-large ViT-H/14
+(official `wan/modules/animate/clip.py`), run by transformers' `CLIPVisionModel` with the official checkpoint's
+weights mapped onto it. Animate uses the hidden states after the first 31 of its 32 blocks (no final norm), so
+the 32nd block is neither built nor loaded.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from wanlite.errors import CheckpointError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+
+
+@dataclass(frozen=True)
+class ClipVisionSpec:
+    image_size: int = 224
+    patch_size: int = 14
+    dim: int = 1280
+    heads: int = 16
+    mlp_ratio: int = 4
+    layers_used: int = 31  # of 32: Animate reads the output of block 31
+
+    @property
+    def tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+
+TINY_CLIP = ClipVisionSpec(image_size=28, patch_size=14, dim=64, heads=2, layers_used=2)
+
+
+def build_clip_vision(spec: ClipVisionSpec):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(hidden_size=spec.dim, intermediate_size=spec.dim * spec.mlp_ratio,
+                              num_hidden_layers=spec.layers_used, num_attention_heads=spec.heads,
+                              image_size=spec.image_size, patch_size=spec.patch_size, hidden_act="gelu",
+                              layer_norm_eps=1e-5)
+    return CLIPVisionModel(config).eval().requires_grad_(False)
+
+
+_BLOCK = re.compile(r"^visual\.transformer\.(\d+)\.(.+)$")
+_BLOCK_PARTS = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.out_proj",
+                "mlp.0": "mlp.fc1", "mlp.2": "mlp.fc2"}
+
+
+def state_prefix(model) -> str:
+    """What transformers puts before `embeddings.` in this version's CLIPVisionModel state dict."""
+    key = next(k for k in model.state_dict() if k.endswith("embeddings.class_embedding"))
+    return key.removesuffix("embeddings.class_embedding")
+
+
+def clip_vision_tensors(official: dict[str, torch.Tensor], spec: ClipVisionSpec, dtype: torch.dtype,
+                        prefix: str = "") -> dict[str, torch.Tensor]:
+    """The official checkpoint's `visual.*` tensors under transformers' names (the fused q/k/v split, the class
+    and position embeddings reshaped); the text tower, the last block and the projection head are skipped."""
+    out = {}
+    for key, t in official.items():
+        t = t.to(dtype)
+        if key == "visual.patch_embedding.weight":
+            out[prefix + "embeddings.patch_embedding.weight"] = t
+        elif key == "visual.cls_embedding":
+            out[prefix + "embeddings.class_embedding"] = t.reshape(-1)
+        elif key == "visual.pos_embedding":
+            out[prefix + "embeddings.position_embedding.weight"] = t.reshape(-1, t.shape[-1])
+        elif key.startswith(("visual.pre_norm.", "visual.post_norm.")):
+            name = "pre_layrnorm" if "pre_norm" in key else "post_layernorm"
+            out[prefix + name + "." + key.rsplit(".", 1)[1]] = t
+        elif (m := _BLOCK.match(key)) and int(m[1]) < spec.layers_used:
+            layer, rest = f"{prefix}encoder.layers.{m[1]}.", m[2]
+            part, _, leaf = rest.rpartition(".")
+            if part == "attn.to_qkv":
+                for name, piece in zip(("q_proj", "k_proj", "v_proj"), t.chunk(3, dim=0)):
+                    out[f"{layer}self_attn.{name}.{leaf}"] = piece
+            elif part in _BLOCK_PARTS:
+                out[f"{layer}{_BLOCK_PARTS[part]}.{leaf}"] = t
+    return out
+
+
+def load_clip_vision(path: Path, spec: ClipVisionSpec | None = None, dtype: torch.dtype = torch.bfloat16):
+    """The vision tower from the official `.pth` (torch.load weights_only, memory-mapped); every weight it
+    needs must be there with the right shape."""
+    from wanlite.loading.stream import PthSource
+
+    source = PthSource(Path(path))
+    tensors = {k: v for k, v in source.tensors.items() if k.startswith("visual.")}
+    if "visual.pos_embedding" not in tensors:
+        raise CheckpointError(f"{path}: no visual.pos_embedding; not the open-clip XLM-RoBERTa ViT-H/14 checkpoint "
+                              f"({CLIP_FILE})")
+    if spec is None:
+        dim = tensors["visual.pos_embedding"].shape[-1]
+        patch = tensors["visual.patch_embedding.weight"].shape[-1]
+        tokens = tensors["visual.pos_embedding"].shape[-2]
+        blocks = 1 + max(int(m[1]) for k in tensors if (m := _BLOCK.match(k)))
+        spec = ClipVisionSpec(image_size=int(round((tokens - 1) ** 0.5)) * patch, patch_size=patch, dim=dim,
+                              heads=max(1, dim // 80), layers_used=blocks - 1)
+    with torch.device("meta"):
+        model = build_clip_vision(spec)
+    state = clip_vision_tensors(tensors, spec, dtype, state_prefix(model))
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in want if k not in state]
+    wrong = [k for k in want if k in state and tuple(state[k].shape) != want[k]]
+    if missing or wrong:
+        key = (missing or wrong)[0]
+        raise CheckpointError(f"{path}: {'missing' if missing else 'wrong shape for'} {key} (as the ViT-H/14 vision "
+                              f"tower needs it); use the official {CLIP_FILE}")
+    model.load_state_dict(state, strict=True, assign=True)
+    for module in model.modules():  # the one buffer not in the state dict: token positions 0..n-1
+        ids = module._buffers.get("position_ids")
+        if ids is not None and ids.is_meta:
+            module._buffers["position_ids"] = torch.arange(ids.shape[-1]).expand(ids.shape).clone()
+    return model.eval().requires_grad_(False)
+
+
+def encode_images(model, images: torch.Tensor) -> torch.Tensor:
+    """images [B, 3, H, W] in [-1, 1] -> [B, tokens, dim] float32: resized (bicubic) to the tower's input, mapped
+    to [0, 1] and normalised with CLIP's mean and std, as the reference's `CLIPModel.visual`."""
+    config = model.config
+    dtype = next(model.parameters()).dtype
+    x = F.interpolate(images.float(), size=(config.image_size, config.image_size), mode="bicubic",
+                      align_corners=False)
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    x = ((x * 0.5 + 0.5) - mean) / std
+    with torch.no_grad():
+        return model(pixel_values=x.to(dtype)).last_hidden_state.float()
