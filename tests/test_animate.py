@@ -92,48 +92,135 @@ def test_face_crops_must_cover_the_clip():
         dit(x, torch.tensor([500.0]), ctx, y=y, animate=cond)
 
 
-def _official_clip_tensors(model, spec):
-    """transformers' CLIP vision state -> the official checkpoint's `visual.*` names (the inverse mapping)."""
-    from wanlite.models.clip import state_prefix
-
-    prefix = state_prefix(model)
-    st = {k.removeprefix(prefix): v for k, v in model.state_dict().items() if not k.endswith("position_ids")}
-    out = {"visual.patch_embedding.weight": st["embeddings.patch_embedding.weight"],
-           "visual.cls_embedding": st["embeddings.class_embedding"].view(1, 1, -1),
-           "visual.pos_embedding": st["embeddings.position_embedding.weight"][None],
-           "visual.pre_norm.weight": st["pre_layrnorm.weight"], "visual.pre_norm.bias": st["pre_layrnorm.bias"],
-           "visual.post_norm.weight": st["post_layernorm.weight"], "visual.post_norm.bias": st["post_layernorm.bias"]}
-    for i in range(spec.layers_used + 1):  # the checkpoint holds one block more than Animate uses
-        src = f"encoder.layers.{min(i, spec.layers_used - 1)}."
-        dst = f"visual.transformer.{i}."
-        for leaf in ("weight", "bias"):
-            out[dst + f"attn.to_qkv.{leaf}"] = torch.cat([st[src + f"self_attn.{p}_proj.{leaf}"] for p in "qkv"])
-            for ours, theirs in (("layer_norm1", "norm1"), ("layer_norm2", "norm2"), ("self_attn.out_proj", "attn.proj"),
-                                 ("mlp.fc1", "mlp.0"), ("mlp.fc2", "mlp.2")):
-                out[dst + f"{theirs}.{leaf}"] = st[src + f"{ours}.{leaf}"]
-    out["visual.head"] = torch.randn(spec.dim, 16)
-    out["textual.token_embedding.weight"] = torch.randn(10, 8)
-    out["log_scale"] = torch.tensor(4.6)
-    return out
-
-
 def test_clip_vision_tower_loads_from_the_official_pth(tmp_path):
     from wanlite.errors import CheckpointError
     from wanlite.models.clip import TINY_CLIP, build_clip_vision, encode_images, load_clip_vision
 
-    torch.manual_seed(0)
-    reference = build_clip_vision(TINY_CLIP)
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
-    official = _official_clip_tensors(reference, TINY_CLIP)
-    torch.save(official, tmp_path / "clip.pth")
+    from wanlite.testing.fixtures import write_tiny_clip
+
+    write_tiny_clip(tmp_path / "clip.pth", seed=3)
+    torch.manual_seed(3)
+    reference = build_clip_vision(TINY_CLIP)  # the model the fixture writer saved, rebuilt from the same seed
     loaded = load_clip_vision(tmp_path / "clip.pth", TINY_CLIP, torch.float32)
     images = torch.rand(2, 3, 40, 30) * 2 - 1
     want = encode_images(reference, images)
     assert want.shape == (2, TINY_CLIP.tokens, TINY_CLIP.dim)
     assert torch.equal(encode_images(loaded, images), want)
+    official = torch.load(tmp_path / "clip.pth", weights_only=True)
     del official["visual.transformer.1.mlp.0.weight"]
     torch.save(official, tmp_path / "broken.pth")
     with pytest.raises(CheckpointError, match="missing .*mlp.fc1.weight"):
         load_clip_vision(tmp_path / "broken.pth", TINY_CLIP, torch.float32)
+
+
+# ---------------------------------------------------------------- generation (tiny Animate, official layout)
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from wanlite import generate  # noqa: E402
+from wanlite.pipelines.video_io import read_mp4, read_mp4_metadata, write_mp4  # noqa: E402
+from wanlite.testing.fixtures import write_fixture  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_sources(folder: Path, frames: int = 12, size: int = 64, face: int = 32, replace: bool = False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    pose = np.zeros((frames, size, size, 3), np.uint8)
+    faces = np.zeros((frames, face, face, 3), np.uint8)
+    for i in range(frames):
+        pose[i, 20:44, 10 + 2 * i:14 + 2 * i] = 255
+        faces[i, 8:24, 8:24] = (200, 150 + 4 * i, 120)
+    write_mp4(pose, folder / "src_pose.mp4", fps=30)
+    write_mp4(faces, folder / "src_face.mp4", fps=30)
+    ref = np.zeros((80, 48, 3), np.uint8)
+    ref[10:70, 10:38] = (40, 200, 90)
+    Image.fromarray(ref).save(folder / "src_ref.png")
+    if replace:
+        write_mp4(np.full((frames, size, size, 3), 90, np.uint8), folder / "src_bg.mp4", fps=30)
+        mask = np.zeros((frames, size, size, 3), np.uint8)
+        mask[:, 16:48, 16:48] = 255
+        write_mp4(mask, folder / "src_mask.mp4", fps=30)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def animate_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("animate")
+    return {"ckpt": write_fixture("animate-14B", "official", root / "ckpt"),
+            "anim": write_sources(root / "anim"), "repl": write_sources(root / "repl", replace=True)}
+
+
+@pytest.mark.parametrize("mode", ["animation", "replacement"])
+def test_two_segment_generation_in_both_modes(animate_inputs, tmp_path, mode):
+    replace = mode == "replacement"
+    result = generate(task="animate-14B", prompt="a person dancing", ckpt_dir=animate_inputs["ckpt"],
+                      src_root_path=animate_inputs["repl" if replace else "anim"], replace=replace, frames=9,
+                      steps=2, seed=3, dtype="fp32", save_file=tmp_path / "out.mp4")
+    frames, info = read_mp4(result.path)
+    # 12 source frames in segments of 9 overlapping by 1: padded to 17 (0..8, 8..16), trimmed back to 12
+    assert frames.shape == (12, 64, 64, 3) and info["fps"] == 30
+    meta = read_mp4_metadata(result.path)
+    assert meta["task"] == "animate-14B" and meta["replace"] is replace and meta["refert_num"] == 1
+    assert result.frames.std() > 1
+
+
+def test_segment_plan_pads_by_ping_pong_and_overlaps():
+    from wanlite.pipelines.animate import padded_length, ping_pong
+
+    assert padded_length(12, 9, 1) == 17 and padded_length(77, 77, 1) == 77 and padded_length(100, 77, 5) == 149
+    assert ping_pong(np.arange(4), 9).tolist() == [0, 1, 2, 3, 2, 1, 0, 1, 2]
+
+
+def _cli(inputs, src, tmp_path, *extra):
+    out = tmp_path / "bad.mp4"
+    run = subprocess.run([sys.executable, "cli.py", "generate", "--task", "animate-14B", "--prompt", "x",
+                          "--ckpt_dir", str(inputs["ckpt"]), "--src_root_path", str(src), "--frame_num", "9",
+                          "--sample_steps", "1", "--save_file", str(out), *extra], cwd=REPO, capture_output=True,
+                         text=True)
+    return run, out
+
+
+def _drop(folder, name):
+    (folder / name).unlink()
+
+
+def _shorter_face(folder, _):
+    write_mp4(np.zeros((7, 32, 32, 3), np.uint8), folder / "src_face.mp4", fps=30)
+
+
+def _small_mask(folder, _):
+    write_mp4(np.zeros((12, 32, 32, 3), np.uint8), folder / "src_mask.mp4", fps=30)
+
+
+@pytest.mark.parametrize("damage,flags,message", [
+    (lambda d: _drop(d, "src_face.mp4"), [], "src_face.mp4 missing"),
+    (lambda d: _shorter_face(d, None), [], "src_face.mp4 has 7 frames but src_pose.mp4 has 12"),
+    (lambda d: None, ["--refert_num", "3"], "--refert_num 3 must be 1 or 5"),
+    (lambda d: _small_mask(d, None), ["--replace"], "src_mask.mp4 is 32x32"),
+])
+def test_bad_animate_input_is_one_line_exit_2(animate_inputs, tmp_path, damage, flags, message):
+    import shutil
+
+    src = shutil.copytree(animate_inputs["repl"], tmp_path / "src")
+    damage(src)
+    run, out = _cli(animate_inputs, src, tmp_path, *flags)
+    assert run.returncode == 2, run.stderr
+    line = run.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line and message in line, line
+    assert not out.exists()
+
+
+def test_plan_fits_12gb_with_32gb_ram_at_720p():
+    from wanlite.planner.estimate import Workload
+    from wanlite.planner.plan import make_plan
+    from wanlite.planner.probe import hypothetical
+
+    work = Workload("animate-14B", 1280, 720, 77, 20, passes=1)  # guide 1: no unconditional pass
+    assert work.tokens == 21 * 3600  # the reference latent frame + 20 of the segment
+    plan = make_plan(work, hypothetical(12, 32))
+    assert plan.predicted.peak_vram_gb <= 12 and plan.predicted.peak_ram_gb <= 32 and plan.vae_tile

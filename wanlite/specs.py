@@ -200,8 +200,9 @@ class TaskSpec:
     dit: str  # key of DIT_SPECS
     vae: str  # key of VAE_SPECS
     experts: tuple[str, ...]  # ("high_noise", "low_noise") for MoE, ("main",) otherwise
-    # "text", "image_concat" (I2V-A14B channels), "first_frame" (TI2V latent frame 0) or "speech" (S2V: a
-    # reference image and audio, generated clip by clip; `frames` is then the frames per clip)
+    # "text", "image_concat" (I2V-A14B channels), "first_frame" (TI2V latent frame 0), "speech" (S2V: a
+    # reference image and audio, generated clip by clip; `frames` is then the frames per clip) or "animate"
+    # (a preprocessed pose / face / reference folder, generated segment by segment; `frames` per segment)
     conditioning: str
     image: str  # "forbidden" | "required" | "optional"
     steps: int
@@ -238,6 +239,10 @@ TASKS["s2v-14B"] = TaskSpec("s2v-14B", "s2v-14B", "vae2.1", ("main",), "speech",
                             guide_scale=(4.5, 4.5), frames=80, fps=16, size=(1024, 704),
                             sizes=(*_A14B_SIZES, (1024, 704), (704, 1024), (1280, 704), (704, 1280)),
                             negative_prompt=S2V_NEGATIVE_PROMPT)
+
+TASKS["animate-14B"] = TaskSpec("animate-14B", "animate-14B", "vae2.1", ("main",), "animate", "forbidden", steps=20,
+                                shift=5.0, guide_scale=(1.0, 1.0), frames=77, fps=30, size=(1280, 720),
+                                sizes=((1280, 720), (720, 1280)))
 
 # The bundled tiny models (wanlite.tiny): real architectures at toy sizes, trained here on coloured shapes.
 TASKS["tiny-t2v"] = TaskSpec("tiny-t2v", "t2v-A14B", "vae2.1", ("high_noise", "low_noise"), "text", "forbidden",

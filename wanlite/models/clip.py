@@ -33,7 +33,15 @@ class ClipVisionSpec:
         return (self.image_size // self.patch_size) ** 2 + 1
 
 
-TINY_CLIP = ClipVisionSpec(image_size=28, patch_size=14, dim=64, heads=2, layers_used=2)
+TINY_CLIP = ClipVisionSpec(image_size=28, patch_size=14, dim=64, heads=1, layers_used=2)  # heads as read back
+
+
+def find_clip(root: Path) -> Path:
+    """The CLIP checkpoint inside an Animate-14B folder."""
+    path = Path(root) / CLIP_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{root}: {CLIP_FILE} is missing; Animate-14B encodes the reference image with it")
+    return path
 
 
 def build_clip_vision(spec: ClipVisionSpec):

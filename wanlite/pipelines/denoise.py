@@ -22,6 +22,7 @@ class Conditioning:
     y: torch.Tensor | None = None  # I2V-A14B: [1, 20, F, h, w] mask + image latent, concatenated on channels
     first_frame: torch.Tensor | None = None  # TI2V with an image: clean latent of frame 0, [1, C, 1, h, w]
     s2v: object | None = None  # S2V: this clip's wanlite.models.s2v.S2VConditions, rows [cond, uncond]
+    animate: object | None = None  # Animate: this segment's wanlite.models.animate.AnimateConditions, same rows
 
 
 class Denoiser:
@@ -94,7 +95,8 @@ class Denoiser:
         context = [c.to(x.device) for c in self.cond.context[:1] * b + self.cond.context[1:passes] * b]
         if self.cache is not None:
             self.cache.begin(step, role, ("cond",) * b + ("uncond",) * b * (passes - 1))
-        extra = {} if self.cond.s2v is None else {"s2v": self.cond.s2v.rows(slice(0, passes))}
+        extra = {name: getattr(self.cond, name).rows(slice(0, passes)) for name in ("s2v", "animate")
+                 if getattr(self.cond, name) is not None}
         out = model(torch.cat([x, x]) if cfg else x, timestep, context, y=y, **extra).float()
         if cfg:
             v_cond, v_uncond = out.chunk(2)

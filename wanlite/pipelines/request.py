@@ -65,6 +65,11 @@ class Request:
     num_clip: int | None = None
     start_from_ref: bool = False
     wav2vec: Path | None = None  # the wav2vec2 folder, when not inside ckpt_dir
+    # Animate: the preprocessed folder (src_pose.mp4, src_face.mp4, src_ref.png [, src_bg.mp4, src_mask.mp4]),
+    # replacement instead of animation, and the frames each segment overlaps the previous one
+    src_root_path: Path | None = None
+    replace: bool = False
+    refert_num: int = 1
     # component files overriding what ckpt_dir provides (ComfyUI-style folders of separate files)
     high_noise_model: Path | None = None
     low_noise_model: Path | None = None
@@ -101,6 +106,9 @@ class Settings:
     pose_video: str | None = None
     num_clip: int | None = None
     start_from_ref: bool = False
+    src_root_path: str | None = None  # Animate (frames: per segment)
+    replace: bool = False
+    refert_num: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -166,6 +174,21 @@ def check_speech_flags(task: TaskSpec, req: Request) -> None:
         raise WanliteError(f"--num_clip {req.num_clip} must be at least 1")
 
 
+def check_animate_flags(task: TaskSpec, req: Request) -> None:
+    if task.conditioning != "animate":
+        if req.src_root_path is not None or req.replace:
+            raise WanliteError("--src_root_path / --replace: only the character-animation task (animate-14B) uses them")
+        return
+    if req.src_root_path is None:
+        raise WanliteError(f"{task.name} animates a preprocessed folder: pass --src_root_path DIR (src_pose.mp4, "
+                           "src_face.mp4, src_ref.png; with --replace also src_bg.mp4 and src_mask.mp4)")
+    if req.refert_num not in (1, 5):
+        raise WanliteError(f"--refert_num {req.refert_num} must be 1 or 5 (frames each segment overlaps the "
+                           "previous one)")
+    if req.ckpt_dir is None:
+        raise WanliteError(f"{task.name} needs --ckpt_dir (its CLIP image encoder lives there)")
+
+
 def check_component_flags(task: TaskSpec, req: Request) -> None:
     given = req.component_files()
     if len(task.experts) > 1 and "dit" in given:
@@ -190,6 +213,7 @@ def resolve(req: Request, seed: int) -> Settings:
         raise WanliteError(f"--image {req.image} does not exist")
     check_component_flags(task, req)
     check_speech_flags(task, req)
+    check_animate_flags(task, req)
     size = req.size or task.size
     frames = task.frames if req.frames is None else req.frames
     if task.conditioning == "speech":  # --size is the area to fit; the reference image sets the aspect
@@ -238,7 +262,9 @@ def resolve(req: Request, seed: int) -> Settings:
                     phases=tuple(recipe.get("phases", ())),
                     audio=None if req.audio is None else str(req.audio),
                     pose_video=None if req.pose_video is None else str(req.pose_video),
-                    num_clip=req.num_clip, start_from_ref=req.start_from_ref)
+                    num_clip=req.num_clip, start_from_ref=req.start_from_ref,
+                    src_root_path=None if req.src_root_path is None else str(req.src_root_path),
+                    replace=req.replace, refert_num=req.refert_num)
 
 
 def cache_settings(req: Request, name=None):

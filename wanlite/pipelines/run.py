@@ -236,6 +236,14 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     from wanlite.planner import plan_for_request
 
     dits_found = [prepared for label, _, prepared in found if label.startswith("transformer")]
+    sources = None
+    if task.conditioning == "animate":  # the preprocessed folder, read and checked before any model loads
+        from wanlite.models.clip import find_clip
+        from wanlite.pipelines.animate import read_sources
+
+        find_clip(Path(req.ckpt_dir))
+        sources = read_sources(Path(settings.src_root_path), settings.replace,
+                               dits_found[0].model.spec.animate.face_size)
     lora_mode = req.lora_mode
     if any(gain != 1.0 for _, _, gain in settings.phases):
         if lora_mode == "merge":
@@ -269,21 +277,23 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     context = encode_text(ckpt, [settings.prompt, settings.negative_prompt], t5_device, dtype, text_len, emit,
                           quant)
 
-    clips = vae = tiling = None
-    if speech is None:
-        y, first_frame, size = _condition(task, ckpt, settings, image, device, emit, placement.vae_tile)
-    else:
-        y = first_frame = None
-        clips, vae, tiling, size = _prepare_speech(task, ckpt, req, settings, image, speech, pose, wav2vec,
+    parts = vae = tiling = None  # parts: S2V clips / Animate segments, each a denoising run of its own
+    y = first_frame = None
+    if task.conditioning == "speech":
+        parts, vae, tiling, size = _prepare_speech(task, ckpt, req, settings, image, speech, pose, wav2vec,
                                                    device, placement.vae_tile, emit)
-        settings = Settings(**{**settings.to_dict(), "num_clip": clips.clips})
+        settings = Settings(**{**settings.to_dict(), "num_clip": parts.count})
+    elif task.conditioning == "animate":
+        parts, vae, tiling, size = _prepare_animate(task, ckpt, req, settings, sources, device, placement.vae_tile,
+                                                    emit)
+    else:
+        y, first_frame, size = _condition(task, ckpt, settings, image, device, emit, placement.vae_tile)
     if size != settings.size:
         settings = Settings(**{**settings.to_dict(), "size": size})
     w, h = size
     vae_spec = VAE_SPECS[task.vae]
     vt, vs, _ = vae_spec.stride
-    # S2V's frames are per clip, a multiple of 4, after a causal history: frames / 4 latents
-    latent_frames = (settings.frames - 1) // vt + 1 if clips is None else settings.frames // vt
+    latent_frames = (settings.frames - 1) // vt + 1 if parts is None else parts.latent_frames
     latent_shape = (1, vae_spec.z_dim, latent_frames, h // vs, w // vs)
 
     sigmas = make_sigmas(settings.solver, settings.steps, settings.shift)
@@ -291,7 +301,7 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
     offload = offload_config(placement, req, device, experts)
     dits = Transformers(experts, task.name, dtype, device, quant, offload, telemetry, emit, placement.chunk_tokens,
                         step_cache, loras)
-    n_clips = 1 if clips is None else clips.clips
+    count = 1 if parts is None else parts.count
     writer = None
     pieces = []  # uint8 frames, for the caller and the contact sheet (a quarter of a float video)
     vae_dtype = DTYPES[req.vae_dtype]
@@ -303,11 +313,12 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
                                            for f, s in ls.loras], "applied": ls.counts}
                           for role, ls in loras.items()} or None}
     try:
-        for r in range(n_clips):
+        for r in range(count):
             noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed + r), dtype=torch.float32)
-            cond = Conditioning(context=context, y=None if y is None else y.to(device),
-                                first_frame=None if first_frame is None else first_frame.to(device),
-                                s2v=None if clips is None else clips.conditions(r, device))
+            fields = {"y": y} if parts is None else parts.conditioning(r, device)
+            cond = Conditioning(context=context, **{k: None if v is None else v.to(device) if k == "y" else v
+                                                    for k, v in fields.items()},
+                                first_frame=None if first_frame is None else first_frame.to(device))
             denoiser = Denoiser(task, dits, cond, timesteps, settings.guide_scale,
                                 on_expert=lambda role, step: emit({"event": "expert", "role": role, "step": step}),
                                 cache=step_cache, boundary=settings.boundary, phases=settings.phases,
@@ -315,6 +326,7 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
             schedule = denoiser.schedule()
             dits.set_schedule(schedule)
             started = time.perf_counter()
+            unit = None if parts is None else parts.unit
 
             def on_step(info: dict, schedule=schedule, started=started, r=r) -> None:
                 i = info["i"]
@@ -323,9 +335,9 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
                 emit({"event": "step", "i": i + 1, "total": len(schedule), "role": role,
                       "role_i": schedule[: i + 1].count(role), "role_total": schedule.count(role),
                       "elapsed": time.perf_counter() - started,
-                      **({} if clips is None else {"clip": r + 1, "clips": n_clips})})
+                      **({} if parts is None else {"part": r + 1, "parts": count})})
 
-            emit({"event": "stage", "name": "denoise" if clips is None else f"denoise clip {r + 1}/{n_clips}",
+            emit({"event": "stage", "name": "denoise" if parts is None else f"denoise {unit} {r + 1}/{count}",
                   "schedule": schedule})
             x = noise.to(device)
             if first_frame is not None:
@@ -334,24 +346,23 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
                 x = SAMPLERS[settings.solver](denoiser, x, sigmas, callback=on_step)
                 if first_frame is not None:
                     x[:, :, :1] = first_frame
-            if clips is None:
+            if parts is None:
                 break
-            emit({"event": "stage", "name": f"decode clip {r + 1}/{n_clips}"})
+            emit({"event": "stage", "name": f"decode {unit} {r + 1}/{count}"})
             with torch.no_grad():
-                latents = torch.cat([clips.decode_prefix(r).to(x), x], dim=2).to(vae_dtype)
+                latents = parts.latents_to_decode(r, x).to(vae_dtype)
                 pixels = (torch.cat([c.cpu() for c in vae.decode_chunks(latents)], dim=2) if tiling is None
                           else vae.decode_tiled(latents, tiling, out_device="cpu"))
-                new = clips.keep(r, pixels)
-            if writer is None:  # opened after the first clip, so its metadata carries that clip's telemetry
-                total = sum(clips.frames_of(i) for i in range(n_clips))
-                frames_out = min(total, math.ceil(speech.seconds * settings.fps))
+                new = parts.keep(r, pixels)
+            if writer is None:  # opened after the first part, so its metadata carries that part's telemetry
                 metadata = {**settings.to_dict(), "wanlite": __version__,
                             "plan": {**plan_info, "vae_tiling": None if tiling is None else [tiling.tile,
                                                                                             tiling.overlap]},
                             "telemetry": telemetry.to_dict()}
-                writer = Mp4Writer(out_path, (w, h), settings.fps, metadata, audio=speech.path,
-                                   duration=frames_out / settings.fps)
-            room = frames_out - sum(len(p) for p in pieces)
+                writer = Mp4Writer(out_path, (w, h), settings.fps, metadata,
+                                   audio=None if speech is None else speech.path,
+                                   duration=None if speech is None else parts.output_frames / settings.fps)
+            room = parts.output_frames - sum(len(p) for p in pieces)
             if room > 0:
                 pieces.append(to_uint8(new[0, :, :room]))
                 writer.append(pieces[-1])
@@ -370,7 +381,7 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
                                                          step_cache.policy.finished(settings.steps)))
         emit({"event": "cache", **cache_stats})
 
-    if clips is None:
+    if parts is None:
         emit({"event": "stage", "name": "decode"})
         vae = load_vae(ckpt.vae, task.name, vae_dtype).to(device)
         tiling = vae_tiling(placement.vae_tile, vae.spec.stride[1], x.shape[-2:])
@@ -410,6 +421,19 @@ def _prepare_speech(task: TaskSpec, ckpt: CheckpointSet, req: Request, settings:
     features, count = speech_features(speech, wav2vec, task.fps, settings.frames, device)
     if settings.num_clip is not None:
         count = min(count, settings.num_clip)
+    vae, tiling, encode = _vae_encoder(ckpt, task, req, device, vae_tile, (w, h))
+    emit({"event": "stage", "name": "encode reference and motion history"})
+    spec = DIT_SPECS[task.dit].s2v
+    clips = SpeechClips(encode, cover_crop(np.asarray(image)[None], (w, h)), features, count, settings.frames,
+                        spec.motion_frames, pose, settings.start_from_ref, (w, h),
+                        max_frames=math.ceil(speech.seconds * settings.fps))
+    return clips, vae, tiling, (w, h)
+
+
+def _vae_encoder(ckpt: CheckpointSet, task: TaskSpec, req: Request, device: torch.device, vae_tile: int | None,
+                 size: tuple[int, int]):
+    """The VAE, kept for a multi-part task's whole run, its tiling, and encode(video in [-1, 1]) -> fp32 latents."""
+    w, h = size
     vae = load_vae(ckpt.vae, task.name, DTYPES[req.vae_dtype]).to(device)
     stride = vae.spec.stride[1]
     tiling = vae_tiling(vae_tile, stride, (h // stride, w // stride))
@@ -420,11 +444,25 @@ def _prepare_speech(task: TaskSpec, ckpt: CheckpointSet, req: Request, settings:
         with torch.no_grad():
             return (vae.encode(video) if tiling is None else vae.encode_tiled(video, tiling)).float()
 
-    emit({"event": "stage", "name": "encode reference and motion history"})
-    spec = DIT_SPECS[task.dit].s2v
-    clips = SpeechClips(encode, cover_crop(np.asarray(image)[None], (w, h)), features, count, settings.frames,
-                        spec.motion_frames, pose, settings.start_from_ref, (w, h))
-    return clips, vae, tiling, (w, h)
+    return vae, tiling, encode
+
+
+def _prepare_animate(task: TaskSpec, ckpt: CheckpointSet, req: Request, settings: Settings, sources, device,
+                     vae_tile: int | None, emit: Progress):
+    """Animate before sampling: CLIP features of the reference (the image encoder loaded, run and released),
+    the VAE (kept: every segment encodes its pose and guidance frames and decodes), the segment plan."""
+    from wanlite.models.clip import encode_images, find_clip, load_clip_vision
+    from wanlite.pipelines.animate import AnimateSegments
+
+    emit({"event": "stage", "name": "encode reference image (CLIP)"})
+    clip = load_clip_vision(find_clip(Path(req.ckpt_dir)), dtype=DTYPES[req.dtype]).to(device)
+    ref = torch.tensor(sources.ref).permute(2, 0, 1)[None].float() / 127.5 - 1
+    features = encode_images(clip, ref.to(device)).cpu()
+    release(clip)
+    vae, tiling, encode = _vae_encoder(ckpt, task, req, device, vae_tile, sources.size)
+    emit({"event": "stage", "name": "encode reference latent"})
+    segments = AnimateSegments(sources, encode, features, settings.frames, settings.refert_num, settings.replace)
+    return segments, vae, tiling, sources.size
 
 
 def magcache_file(task: str, experts: dict[str, Component], reading: bool = False) -> Path:

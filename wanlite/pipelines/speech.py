@@ -136,13 +136,16 @@ def speech_features(speech: SpeechInput, folder: Path, fps: int, clip_frames: in
 
 
 class SpeechClips:
-    """Per clip: `conditions(r)` for the DiT, `decode_prefix(r)` for the VAE (the latents decoded in front of the
-    clip's, so the causal decoder continues the history), `keep(r, pixels)` -> the clip's new frames, which
-    also become the motion history (re-encoded) for the next clip."""
+    """The clip loop's parts (the protocol `run.generate` drives for multi-part tasks): `count`, `latent_frames`,
+    `output_frames`, `conditioning(r)` for the DiT, `latents_to_decode(r, x)` (the history's latents in front of
+    the clip's, so the causal decoder continues it), `keep(r, pixels)` -> the clip's new frames, which also become
+    the motion history (re-encoded) for the next clip."""
+
+    unit = "clip"
 
     def __init__(self, encode, ref_pixels: torch.Tensor, features: torch.Tensor, clips: int,
                  clip_frames: int, motion_frames: int, pose: np.ndarray | None, start_from_ref: bool,
-                 size: tuple[int, int]):
+                 size: tuple[int, int], max_frames: int):
         self.encode = encode  # video [1, 3, n, H, W] in [-1, 1] -> latents (tiled when the plan says so)
         self.features, self.clips, self.clip_frames = features, clips, clip_frames
         self.size, self.pose = size, pose
@@ -153,6 +156,19 @@ class SpeechClips:
             self.history[:, :, -REF_FRAMES_IN_HISTORY:] = ref_pixels
         self.drop_first = not start_from_ref
         self.motion = encode(self.history)
+        self.max_frames = max_frames  # frames past the end of the speech are not written
+
+    @property
+    def count(self) -> int:
+        return self.clips
+
+    @property
+    def latent_frames(self) -> int:
+        return self.clip_frames // 4
+
+    @property
+    def output_frames(self) -> int:
+        return min(sum(self.frames_of(r) for r in range(self.clips)), self.max_frames)
 
     def first_dropped(self, r: int) -> bool:
         return self.drop_first and r == 0
@@ -160,14 +176,15 @@ class SpeechClips:
     def frames_of(self, r: int) -> int:
         return self.clip_frames - (FIRST_CLIP_DROP if self.first_dropped(r) else 0)
 
-    def conditions(self, r: int, device) -> S2VConditions:
-        """Two batch rows, [conditional, unconditional]: the unconditional one hears silence (zero features)."""
+    def conditioning(self, r: int, device) -> dict:
+        """`Conditioning` fields: S2V conditions with two batch rows, [conditional, unconditional]; the
+        unconditional one hears silence (zero features)."""
         f = self.clip_frames
         audio = self.features[..., r * f:(r + 1) * f]
         pose = None if self.pose is None else self._pose_latent(r)
         two = lambda t: None if t is None else torch.cat([t, t]).to(device)  # noqa: E731
-        return S2VConditions(two(self.ref_latent), torch.cat([audio, torch.zeros_like(audio)]).to(device),
-                             None if self.first_dropped(r) else two(self.motion), two(pose))
+        return {"s2v": S2VConditions(two(self.ref_latent), torch.cat([audio, torch.zeros_like(audio)]).to(device),
+                                     None if self.first_dropped(r) else two(self.motion), two(pose))}
 
     def _pose_latent(self, r: int) -> torch.Tensor:
         f = self.clip_frames
@@ -179,8 +196,9 @@ class SpeechClips:
         # the clip's first frame is encoded twice in front (a 4k+1 video) and its latent dropped
         return self.encode(torch.cat([pixels[:, :, :1], pixels], dim=2))[:, :, 1:]
 
-    def decode_prefix(self, r: int) -> torch.Tensor:
-        return self.ref_latent if self.first_dropped(r) else self.motion
+    def latents_to_decode(self, r: int, x: torch.Tensor) -> torch.Tensor:
+        prefix = self.ref_latent if self.first_dropped(r) else self.motion
+        return torch.cat([prefix.to(x), x], dim=2)
 
     def keep(self, r: int, pixels: torch.Tensor) -> torch.Tensor:
         """pixels: the decoded [1, 3, n, H, W] of prefix + clip -> the clip's new frames; updates the history."""

@@ -64,13 +64,16 @@ class Workload:
 
     @property
     def tokens(self) -> int:
-        """Tokens of one DiT forward; S2V adds its reference frame and ~1.5 frames of FramePack history."""
+        """Tokens of one DiT forward; S2V adds its reference frame and ~1.5 frames of FramePack history, Animate
+        its reference frame."""
         f, h, w = self.latent
         pt, ph, pw = self.spec.patch_size
         per_frame = (h // ph) * (w // pw)
         extra = 0
         if self.spec.s2v is not None:  # reference + newest history latent, then the 2x and 4x packed groups
             extra = 2 * per_frame + (h // 4) * (w // 4) + 4 * (h // 8) * (w // 8)
+        if self.spec.animate is not None:  # the reference image's latent frame before the segment's
+            extra = per_frame
         return (f // pt) * per_frame + extra
 
 

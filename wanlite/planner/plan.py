@@ -184,8 +184,9 @@ def make_plan(work: Workload, hw: Hardware, quant: str = "auto", prefetch: int =
         return _cpu_plan(work, hw, formats)
     budget = hw.vram_free * VRAM_MARGIN
     reasons = []
-    speech = TASKS[work.task].conditioning == "speech"
-    if not speech:
+    # S2V clips and Animate segments encode and decode between denoising runs, next to the transformer
+    multipart = TASKS[work.task].conditioning in ("speech", "animate")
+    if not multipart:
         tile, vae_need, vae_reason = _vae_tile(work, budget)
         if vae_reason:
             reasons.append(vae_reason)
@@ -199,11 +200,10 @@ def make_plan(work: Workload, hw: Hardware, quant: str = "auto", prefetch: int =
     best = min(fast, key=lambda o: (rank[o.fmt], o.s_per_step, placement_rank[o.offload], -o.resident,
                                     -(o.chunk or 1 << 30)))
     reasons += _explain(work, hw, best, budget, formats)
-    if speech:
-        # S2V encodes and decodes between clips with the transformer's weights and buffers still on the device
+    if multipart:
         tile, vae_need, vae_reason = _vae_tile(work, budget - best.weights - best.buffers)
         if vae_reason:
-            reasons.append(vae_reason + " next to the transformer (S2V keeps it between clips)")
+            reasons.append(vae_reason + " next to the transformer (kept between clips / segments)")
         vae_need += best.weights + best.buffers
     # the text encoder runs alone before the DiT loads, in the DiT's format (bf16 / fp8 / int8; GGUF: bf16)
     t5_fmt = best.fmt if best.fmt in ("fp8", "int8") else "bf16"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from wanlite.loading.keymaps import dit_key_to_diffusers, s2v_key_to_official
+from wanlite.loading.keymaps import animate_key_to_official, dit_key_to_diffusers, s2v_key_to_official
 from wanlite.loading.vae_keymap import vae_key_to_diffusers
 from wanlite.loading.writers import save_pth, save_safetensors, write_json, write_shards
 from wanlite.models.dit import WanDiT
@@ -27,6 +27,9 @@ def official_dit_config(spec: DiTSpec) -> dict:
               "ffn_dim": spec.ffn_dim, "freq_dim": spec.freq_dim, "in_dim": spec.in_dim,
               "model_type": spec.model_type, "num_heads": spec.num_heads, "num_layers": spec.num_layers,
               "out_dim": spec.out_dim, "text_len": spec.text_len}
+    if spec.animate is not None:
+        config.update({"_class_name": "WanAnimateModel", "motion_encoder_dim": spec.animate.motion_dim,
+                       "use_img_emb": True})
     if spec.s2v is not None:  # the released S2V config.json's extra fields
         s2v = spec.s2v
         config.update({"_class_name": "WanModel_S2V", "audio_dim": s2v.audio_dim, "num_audio_token": s2v.audio_tokens,
@@ -41,10 +44,39 @@ def official_dit_config(spec: DiTSpec) -> dict:
 def official_dit_tensors(dit: WanDiT) -> dict[str, torch.Tensor]:
     """The DiT's state dict under the official checkpoint's names (S2V: injectors in their top-level list)."""
     state = dict(dit.state_dict())
-    if dit.spec.s2v is None:
-        return state
-    layers = dit.spec.s2v.inject_layers
-    return {s2v_key_to_official(k, layers): v for k, v in state.items()}
+    if dit.spec.s2v is not None:
+        layers = dit.spec.s2v.inject_layers
+        return {s2v_key_to_official(k, layers): v for k, v in state.items()}
+    if dit.spec.animate is not None:
+        every = dit.spec.animate.face_every
+        return {animate_key_to_official(k, every): v for k, v in state.items()}
+    return state
+
+
+def write_tiny_clip(path: Path, seed: int = 0) -> Path:
+    """A random tiny CLIP vision tower saved under the official open-clip checkpoint's names (`visual.*`, one
+    block more than Animate reads, a stand-in text tower)."""
+    from wanlite.models.clip import TINY_CLIP, build_clip_vision, state_prefix
+
+    torch.manual_seed(seed)
+    model = build_clip_vision(TINY_CLIP)
+    prefix = state_prefix(model)
+    st = {k.removeprefix(prefix): v for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    out = {"visual.patch_embedding.weight": st["embeddings.patch_embedding.weight"],
+           "visual.cls_embedding": st["embeddings.class_embedding"].view(1, 1, -1),
+           "visual.pos_embedding": st["embeddings.position_embedding.weight"][None],
+           "visual.pre_norm.weight": st["pre_layrnorm.weight"], "visual.pre_norm.bias": st["pre_layrnorm.bias"],
+           "visual.post_norm.weight": st["post_layernorm.weight"], "visual.post_norm.bias": st["post_layernorm.bias"],
+           "visual.head": torch.randn(TINY_CLIP.dim, 16), "textual.token_embedding.weight": torch.randn(10, 8)}
+    for i in range(TINY_CLIP.layers_used + 1):
+        src, dst = f"encoder.layers.{min(i, TINY_CLIP.layers_used - 1)}.", f"visual.transformer.{i}."
+        for leaf in ("weight", "bias"):
+            out[dst + f"attn.to_qkv.{leaf}"] = torch.cat([st[src + f"self_attn.{p}_proj.{leaf}"] for p in "qkv"])
+            for ours, theirs in (("layer_norm1", "norm1"), ("layer_norm2", "norm2"), ("self_attn.out_proj", "attn.proj"),
+                                 ("mlp.fc1", "mlp.0"), ("mlp.fc2", "mlp.2")):
+                out[dst + f"{theirs}.{leaf}"] = st[src + f"{ours}.{leaf}"]
+    save_pth(out, path)
+    return path
 
 
 def write_tiny_wav2vec(folder: Path, spec: DiTSpec, seed: int = 0) -> Path:
@@ -97,7 +129,7 @@ def write_fixture(task: str, layout: str, out: Path, seed: int = 0) -> Path:
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
     out = Path(out)
-    if TASKS[task].conditioning == "speech" and layout != "official":
+    if TASKS[task].conditioning in ("speech", "animate") and layout != "official":
         raise ValueError(f"{task} fixtures exist in the official layout only")
     dits, vae, t5 = build_tiny_models(task, seed)
     version = TINY_VAE_SPECS[TASKS[task].vae].version
@@ -113,6 +145,10 @@ def write_fixture(task: str, layout: str, out: Path, seed: int = 0) -> Path:
         write_tiny_tokenizer(out / "google" / "umt5-xxl", TINY_T5.vocab_size)
         if spec.s2v is not None:
             write_tiny_wav2vec(out / "wav2vec2-large-xlsr-53-english", spec, seed)
+        if spec.animate is not None:
+            from wanlite.models.clip import CLIP_FILE
+
+            write_tiny_clip(out / CLIP_FILE, seed)
     elif layout == "diffusers":
         index = {"_class_name": "WanPipeline", "expand_timesteps": task == "ti2v-5B"}
         if task in BOUNDARY:
