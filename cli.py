@@ -134,7 +134,7 @@ def cmd_generate(args) -> int:
         pose_video=None if args.pose_video is None else Path(args.pose_video), num_clip=args.num_clip,
         start_from_ref=args.start_from_ref, wav2vec=None if args.wav2vec is None else Path(args.wav2vec),
         src_root_path=None if args.src_root_path is None else Path(args.src_root_path), replace=args.replace,
-        refert_num=args.refert_num,
+        refert_num=args.refert_num, relighting_lora=args.use_relighting_lora,
         **{flag: Path(getattr(args, flag)) for flag in COMPONENT_FLAGS if getattr(args, flag) is not None})
     with ProgressPrinter() as progress:
         result = generate(request, progress=progress)
@@ -355,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "src_bg.mp4 and src_mask.mp4 with --replace)")
     gen.add_argument("--replace", "--replace_flag", dest="replace", action="store_true",
                      help="animate-14B: replace the person in the video with the character (default: animate it)")
-    gen.add_argument("--refert_num", type=int, default=1, choices=None,
+    gen.add_argument("--use_relighting_lora", action="store_true",
+                     help="animate-14B: apply the checkpoint's relighting_lora.ckpt (recommended with --replace)")
+    gen.add_argument("--refert_num", type=int, default=1,
                      help="animate-14B: frames each segment overlaps the previous one, 1 or 5 (default 1)")
     gen.add_argument("--wav2vec", default=None, metavar="DIR",
                      help="s2v-14B: the wav2vec2-large-xlsr-53-english folder (default: inside --ckpt_dir)")

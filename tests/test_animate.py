@@ -224,3 +224,14 @@ def test_plan_fits_12gb_with_32gb_ram_at_720p():
     assert work.tokens == 21 * 3600  # the reference latent frame + 20 of the segment
     plan = make_plan(work, hypothetical(12, 32))
     assert plan.predicted.peak_vram_gb <= 12 and plan.predicted.peak_ram_gb <= 32 and plan.vae_tile
+
+
+def test_relighting_lora_applies_to_every_block_linear(animate_inputs, tmp_path):
+    kw = dict(task="animate-14B", prompt="a person dancing", ckpt_dir=animate_inputs["ckpt"], replace=True,
+              src_root_path=animate_inputs["repl"], frames=9, steps=2, seed=3, dtype="fp32")
+    plain = generate(save_file=tmp_path / "a.mp4", **kw)
+    lit = generate(save_file=tmp_path / "b.mp4", relighting_lora=True, **kw)
+    applied = read_mp4_metadata(lit.path)["plan"]["lora"]["main"]["applied"]
+    # 2 blocks x (self q k v o, cross q k v o k_img v_img, ffn 0 2) = 24 linears
+    assert applied["merged"] + applied["runtime"] == 24
+    assert np.abs(plain.frames.astype(int) - lit.frames.astype(int)).mean() > 0.5

@@ -122,6 +122,8 @@ def map_lora(path: Path, tensors: dict[str, torch.Tensor], model: torch.nn.Modul
         if fmt == "kohya":
             name = flat.get(name.removeprefix("lora_unet_"), name)
         else:
+            # PEFT state dicts (Animate's relighting LoRA) prefix the wrapped model: base_model.model.blocks...
+            name = name.removeprefix("base_model.model.")
             name = name.removeprefix("diffusion_model.").removeprefix("transformer.").removeprefix("model.")
             if fmt == "diffusers":
                 for pattern, repl in DIFFUSERS_NAMES:

@@ -9,6 +9,7 @@ from wanlite.errors import WanliteError
 from wanlite.specs import TASKS, TaskSpec
 
 SOLVERS = ("unipc", "dpm++", "euler")
+RELIGHTING_LORA = "relighting_lora.ckpt"  # Animate-14B's LoRA for lighting the character into the scene
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Request:
     src_root_path: Path | None = None
     replace: bool = False
     refert_num: int = 1
+    relighting_lora: bool = False  # Animate: apply the checkpoint's relighting_lora.ckpt (for replacement)
     # component files overriding what ckpt_dir provides (ComfyUI-style folders of separate files)
     high_noise_model: Path | None = None
     low_noise_model: Path | None = None
@@ -109,6 +111,7 @@ class Settings:
     src_root_path: str | None = None  # Animate (frames: per segment)
     replace: bool = False
     refert_num: int = 1
+    relighting_lora: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -176,8 +179,9 @@ def check_speech_flags(task: TaskSpec, req: Request) -> None:
 
 def check_animate_flags(task: TaskSpec, req: Request) -> None:
     if task.conditioning != "animate":
-        if req.src_root_path is not None or req.replace:
-            raise WanliteError("--src_root_path / --replace: only the character-animation task (animate-14B) uses them")
+        if req.src_root_path is not None or req.replace or req.relighting_lora:
+            raise WanliteError("--src_root_path / --replace / --use_relighting_lora: only the character-animation "
+                               "task (animate-14B) uses them")
         return
     if req.src_root_path is None:
         raise WanliteError(f"{task.name} animates a preprocessed folder: pass --src_root_path DIR (src_pose.mp4, "
@@ -187,6 +191,9 @@ def check_animate_flags(task: TaskSpec, req: Request) -> None:
                            "previous one)")
     if req.ckpt_dir is None:
         raise WanliteError(f"{task.name} needs --ckpt_dir (its CLIP image encoder lives there)")
+    if req.relighting_lora and not (Path(req.ckpt_dir) / RELIGHTING_LORA).is_file():
+        raise WanliteError(f"--use_relighting_lora: {Path(req.ckpt_dir) / RELIGHTING_LORA} is missing; it ships with "
+                           "Wan2.2-Animate-14B")
 
 
 def check_component_flags(task: TaskSpec, req: Request) -> None:
@@ -264,7 +271,7 @@ def resolve(req: Request, seed: int) -> Settings:
                     pose_video=None if req.pose_video is None else str(req.pose_video),
                     num_clip=req.num_clip, start_from_ref=req.start_from_ref,
                     src_root_path=None if req.src_root_path is None else str(req.src_root_path),
-                    replace=req.replace, refert_num=req.refert_num)
+                    replace=req.replace, refert_num=req.refert_num, relighting_lora=req.relighting_lora)
 
 
 def cache_settings(req: Request, name=None):

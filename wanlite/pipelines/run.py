@@ -250,8 +250,13 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
             raise WanliteError(f"--preset {req.preset} switches the LoRAs off for some steps, which merged weights "
                                "cannot do; drop --lora_mode merge")
         lora_mode = "runtime"  # a phase turns the LoRA off: it must stay a branch
-    loras = lora_sets(list(req.lora), list(req.lora_high), list(req.lora_low), experts, task.name, lora_mode,
-                      emit)  # read and checked against the model before any weight is loaded
+    on_all = list(req.lora)
+    if settings.relighting_lora:  # PEFT rank 128, alpha 128: strength 1
+        from wanlite.pipelines.request import RELIGHTING_LORA
+
+        on_all.append(str(Path(req.ckpt_dir) / RELIGHTING_LORA))
+    # read and checked against the model before any weight is loaded
+    loras = lora_sets(on_all, list(req.lora_high), list(req.lora_low), experts, task.name, lora_mode, emit)
     prequantized = stored_quantized([p.source for p in dits_found])
     passes = 2 if any(abs(g - 1.0) > 1e-6 for g in settings.guide_scale) else 1
     branched = lora_mode == "runtime" or (lora_mode == "auto" and prequantized)

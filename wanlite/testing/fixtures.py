@@ -53,6 +53,19 @@ def official_dit_tensors(dit: WanDiT) -> dict[str, torch.Tensor]:
     return state
 
 
+def write_tiny_relighting_lora(path: Path, dit: WanDiT, seed: int = 0, rank: int = 4) -> Path:
+    """A PEFT-style LoRA ({"state_dict": ...} in a .ckpt, keys `base_model.model.blocks.N.<linear>.lora_A/B.weight`)
+    on the linears the official relighting LoRA targets: every block Linear outside the face adapters."""
+    g = torch.Generator().manual_seed(seed + 7)
+    state = {}
+    for name, module in dit.named_modules():
+        if isinstance(module, torch.nn.Linear) and "blocks" in name and "face" not in name and "audio" not in name:
+            state[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.1
+            state[f"base_model.model.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.1
+    torch.save({"state_dict": state}, path)
+    return path
+
+
 def write_tiny_clip(path: Path, seed: int = 0) -> Path:
     """A random tiny CLIP vision tower saved under the official open-clip checkpoint's names (`visual.*`, one
     block more than Animate reads, a stand-in text tower)."""
@@ -149,6 +162,7 @@ def write_fixture(task: str, layout: str, out: Path, seed: int = 0) -> Path:
             from wanlite.models.clip import CLIP_FILE
 
             write_tiny_clip(out / CLIP_FILE, seed)
+            write_tiny_relighting_lora(out / "relighting_lora.ckpt", dits["main"], seed)
     elif layout == "diffusers":
         index = {"_class_name": "WanPipeline", "expand_timesteps": task == "ti2v-5B"}
         if task in BOUNDARY:
