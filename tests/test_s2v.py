@@ -306,3 +306,19 @@ def test_plan_counts_the_injectors_and_fits_12gb_with_32gb_ram_at_480p():
     plan = make_plan(work, hypothetical(12, 32))
     assert plan.predicted.peak_vram_gb <= 12 and plan.predicted.peak_ram_gb <= 32
     assert plan.vae_tile  # the VAE shares the card with the transformer between clips
+
+
+def test_loras_naming_injectors_the_official_way_reach_them():
+    from wanlite.lora.keys import map_lora
+
+    with torch.device("meta"):
+        dit = WanDiT(TINY_DIT_SPECS["s2v-14B"])
+    d = dit.spec.dim
+    tensors = {"diffusion_model.audio_injector.injector.1.q.lora_down.weight": torch.randn(4, d),
+               "diffusion_model.audio_injector.injector.1.q.lora_up.weight": torch.randn(d, 4),
+               "lora_unet_audio_injector_injector_adain_layers_0_linear.lora_down.weight": torch.randn(4, d),
+               "lora_unet_audio_injector_injector_adain_layers_0_linear.lora_up.weight": torch.randn(2 * d, 4)}
+    native = map_lora(Path("a.safetensors"), dict(list(tensors.items())[:2]), dit)
+    kohya = map_lora(Path("b.safetensors"), dict(list(tensors.items())[2:]), dit)
+    assert set(native.low_rank) == {"blocks.1.audio_injector.attn.q"} and not native.unmatched
+    assert set(kohya.low_rank) == {"blocks.0.audio_injector.adain"} and not kohya.unmatched

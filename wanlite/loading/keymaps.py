@@ -101,3 +101,16 @@ def animate_key_from_official(key: str, every: int) -> str:
 def animate_key_to_official(key: str, every: int) -> str:
     m = _ANIMATE_OURS.match(key)
     return key if m is None else f"face_adapter.fuser_blocks.{int(m[1]) // every}.{m[2]}"
+
+
+def official_name(name: str, spec) -> str:
+    """A wanlite parameter or module name as the official checkpoint (and LoRAs trained on it) spell it: S2V's
+    audio injectors and Animate's face adapters sit in top-level lists there."""
+    if spec is None or (spec.s2v is None and spec.animate is None):
+        return name
+    leaf = name + ".weight"  # module names have no leaf: borrow one for the patterns
+    if spec.s2v is not None:
+        leaf = s2v_key_to_official(leaf, spec.s2v.inject_layers)
+    if spec.animate is not None:
+        leaf = animate_key_to_official(leaf, spec.animate.face_every)
+    return leaf.removesuffix(".weight")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from wanlite.errors import WanliteError
+from wanlite.loading.keymaps import official_name
 
 # diffusers module names -> the official ones WanDiT uses (diffusers' lora_conversion_utils, read as facts)
 DIFFUSERS_NAMES = (
@@ -110,7 +111,10 @@ def map_lora(path: Path, tensors: dict[str, torch.Tensor], model: torch.nn.Modul
     fmt = detect_format(tensors)
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
-    flat = {name.replace(".", "_"): name for name in modules}  # kohya joins the path with underscores
+    # LoRAs name S2V injectors / Animate face adapters as the official checkpoint does
+    official = {official_name(name, getattr(model, "spec", None)): name for name in modules}
+    flat = {name.replace(".", "_"): ours for name, ours in official.items()}  # kohya joins the path with underscores
+    flat.update({name.replace(".", "_"): name for name in modules})
     out = LoraFile(path, fmt)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -128,6 +132,7 @@ def map_lora(path: Path, tensors: dict[str, torch.Tensor], model: torch.nn.Modul
             if fmt == "diffusers":
                 for pattern, repl in DIFFUSERS_NAMES:
                     name = re.sub(pattern, repl, name)
+            name = official.get(name, name)
         parts.setdefault(name, {})[part] = tensor
     for name, got in parts.items():
         if "diff_m" in got:
