@@ -321,9 +321,10 @@ def generate(request: Request | None = None, progress: Progress | None = None, *
         for r in range(count):
             noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed + r), dtype=torch.float32)
             fields = {"y": y} if parts is None else parts.conditioning(r, device)
-            cond = Conditioning(context=context, **{k: None if v is None else v.to(device) if k == "y" else v
-                                                    for k, v in fields.items()},
-                                first_frame=None if first_frame is None else first_frame.to(device))
+            if fields.get("y") is not None:
+                fields["y"] = fields["y"].to(device)
+            cond = Conditioning(context=context, first_frame=None if first_frame is None else first_frame.to(device),
+                                **fields)
             denoiser = Denoiser(task, dits, cond, timesteps, settings.guide_scale,
                                 on_expert=lambda role, step: emit({"event": "expert", "role": role, "step": step}),
                                 cache=step_cache, boundary=settings.boundary, phases=settings.phases,
