@@ -87,6 +87,12 @@ def cmd_check(args) -> int:
         from wanlite.pipelines.speech import find_wav2vec
 
         table.add_row("wav2vec2", "transformers", str(find_wav2vec(ckpt.root).relative_to(ckpt.root)), "", "")
+    if TASKS[args.task].conditioning == "animate":
+        from wanlite.models.clip import find_clip, load_clip_vision
+
+        clip = find_clip(ckpt.root)  # checked like the rest: every tensor the vision tower needs, right shapes
+        params = sum(p.numel() for p in load_clip_vision(clip).parameters())
+        table.add_row("CLIP image encoder", "official", clip.name, "", f"{params:,}")
     Console().print(table)
     print(f"ok: every {args.task} component is present and its tensor names and shapes match")
     return 0

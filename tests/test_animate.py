@@ -235,3 +235,10 @@ def test_relighting_lora_applies_to_every_block_linear(animate_inputs, tmp_path)
     # 2 blocks x (self q k v o, cross q k v o k_img v_img, ffn 0 2) = 24 linears
     assert applied["merged"] + applied["runtime"] == 24
     assert np.abs(plain.frames.astype(int) - lit.frames.astype(int)).mean() > 0.5
+
+
+def test_check_lists_the_clip_encoder(animate_inputs):
+    run = subprocess.run([sys.executable, "cli.py", "check", "--task", "animate-14B", "--ckpt_dir",
+                          str(animate_inputs["ckpt"])], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "CLIP" in run.stdout and "transformer" in run.stdout
