@@ -113,6 +113,96 @@ def test_clip_vision_tower_loads_from_the_official_pth(tmp_path):
         load_clip_vision(tmp_path / "broken.pth", TINY_CLIP, torch.float32)
 
 
+
+# diffusers (`WanAnimateTransformer3DModel`) -> official names, for the parity test only (wanlite does not read
+# diffusers-layout Animate checkpoints yet)
+_DIFFUSERS_ANIMATE = [
+    (r"^condition_embedder\.image_embedder\.norm1\.", "img_emb.proj.0."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\.", "img_emb.proj.1."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.2\.", "img_emb.proj.3."),
+    (r"^condition_embedder\.image_embedder\.norm2\.", "img_emb.proj.4."),
+    (r"^motion_encoder\.motion_synthesis_weight$", "motion_encoder.dec.direction.weight"),
+    (r"^motion_encoder\.conv_in\.weight$", "motion_encoder.enc.net_app.convs.0.0.weight"),
+    (r"^motion_encoder\.conv_in\.act_fn\.bias$", "motion_encoder.enc.net_app.convs.0.1.bias"),
+    (r"^motion_encoder\.res_blocks\.(\d+)\.conv1\.weight$", r"res\1.conv1.0.weight"),
+    (r"^motion_encoder\.res_blocks\.(\d+)\.conv1\.act_fn\.bias$", r"res\1.conv1.1.bias"),
+    (r"^motion_encoder\.res_blocks\.(\d+)\.conv2\.weight$", r"res\1.conv2.1.weight"),
+    (r"^motion_encoder\.res_blocks\.(\d+)\.conv2\.act_fn\.bias$", r"res\1.conv2.2.bias"),
+    (r"^motion_encoder\.res_blocks\.(\d+)\.conv_skip\.weight$", r"res\1.skip.1.weight"),
+    (r"^motion_encoder\.motion_network\.", "motion_encoder.enc.fc."),
+    (r"^face_encoder\.(conv1_local|conv2|conv3)\.", r"face_encoder.\1.conv."),
+    (r"^blocks\.(\d+)\.attn2\.add_k_proj\.", r"blocks.\1.cross_attn.k_img."),
+    (r"^blocks\.(\d+)\.attn2\.add_v_proj\.", r"blocks.\1.cross_attn.v_img."),
+    (r"^blocks\.(\d+)\.attn2\.norm_added_k\.", r"blocks.\1.cross_attn.norm_k_img."),
+    (r"^face_adapter\.(\d+)\.to_q\.", r"face_adapter.fuser_blocks.\1.linear1_q."),
+    (r"^face_adapter\.(\d+)\.to_out\.", r"face_adapter.fuser_blocks.\1.linear2."),
+    (r"^face_adapter\.(\d+)\.norm_q\.", r"face_adapter.fuser_blocks.\1.q_norm."),
+    (r"^face_adapter\.(\d+)\.norm_k\.", r"face_adapter.fuser_blocks.\1.k_norm."),
+]
+
+
+def _official_from_diffusers(sd: dict) -> dict:
+    import re
+
+    from wanlite.loading.keymaps import dit_key_from_diffusers
+
+    res_blocks = sum(1 for k in sd if re.match(r"^motion_encoder\.res_blocks\.\d+\.conv1\.weight$", k))
+    out = {}
+    for key, t in sd.items():
+        if re.match(r"^face_adapter\.\d+\.to_[kv]\.", key):  # fused below: k rows first, then v
+            continue
+        if key == "motion_encoder.conv_out.weight":
+            out[f"motion_encoder.enc.net_app.convs.{res_blocks + 1}.weight"] = t
+            continue
+        for pattern, repl in _DIFFUSERS_ANIMATE:
+            name, n = re.subn(pattern, repl, key)
+            if n:
+                if name.startswith("res"):  # resblock K is the network's conv K + 1
+                    i, rest = name[3:].split(".", 1)
+                    name = f"motion_encoder.enc.net_app.convs.{int(i) + 1}.{rest}"
+                break
+        else:
+            name = dit_key_from_diffusers(key)
+        out[name] = t.view(1, -1, 1, 1) if key.endswith("act_fn.bias") else t
+    for k in {key.split(".")[1] for key in sd if key.startswith("face_adapter.")}:
+        for leaf in ("weight", "bias"):
+            out[f"face_adapter.fuser_blocks.{k}.linear1_kv.{leaf}"] = torch.cat(
+                [sd[f"face_adapter.{k}.to_k.{leaf}"], sd[f"face_adapter.{k}.to_v.{leaf}"]])
+    return out
+
+
+def test_forward_matches_diffusers_wan_animate_transformer():
+    diffusers = pytest.importorskip("diffusers")
+    if not hasattr(diffusers, "WanAnimateTransformer3DModel"):
+        pytest.skip("this diffusers has no WanAnimateTransformer3DModel")
+    spec = TINY_DIT_SPECS["animate-14B"]
+    a = spec.animate
+    torch.manual_seed(0)
+    widths = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128, 256: 64, 512: 32}
+    ref = diffusers.WanAnimateTransformer3DModel(
+        num_attention_heads=spec.num_heads, attention_head_dim=spec.head_dim, text_dim=spec.text_dim,
+        ffn_dim=spec.ffn_dim, num_layers=spec.num_layers, inject_face_latents_blocks=a.face_every,
+        motion_encoder_size=a.face_size, motion_encoder_channel_sizes={str(k): min(v, a.face_width)
+                                                                       for k, v in widths.items()},
+        motion_style_dim=a.motion_dim, motion_dim=a.motion_codes, motion_encoder_dim=a.motion_dim,
+        face_encoder_hidden_dim=a.face_hidden, image_dim=a.clip_dim, added_kv_proj_dim=spec.dim).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.copy_(torch.randn_like(p) * (1.0 if name.startswith("motion_encoder") else 0.05))
+    ours = WanDiT(spec).eval()
+    state = {animate_key_from_official(k, a.face_every): v for k, v in _official_from_diffusers(ref.state_dict()).items()}
+    blur = {k: v for k, v in ours.state_dict().items() if k.endswith(".kernel")}  # constants, not in diffusers' dict
+    ours.load_state_dict({**blur, **state}, strict=True)
+    x, y, ctx, cond = _inputs(spec)
+    t = torch.tensor([700.0])
+    text = torch.cat([ctx[0], ctx[0].new_zeros(spec.text_len - len(ctx[0]), spec.text_dim)])[None]
+    with torch.no_grad():
+        want = ref(torch.cat([x, y], 1), t, text, cond.clip_features, cond.pose_latents, cond.face_pixels,
+                   return_dict=False)[0]
+        got = ours(x, t, ctx, y=y, animate=cond)
+    assert rel_err(got, want) <= 1e-4
+
+
 # ---------------------------------------------------------------- generation (tiny Animate, official layout)
 import subprocess  # noqa: E402
 import sys  # noqa: E402
