@@ -15,8 +15,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZES = {"480p": {"t2v-A14B": (832, 480), "i2v-A14B": (832, 480), "ti2v-5B": (832, 480)},
-         "720p": {"t2v-A14B": (1280, 720), "i2v-A14B": (1280, 720), "ti2v-5B": (1280, 704)}}
+SIZES = {"480p": {"t2v-A14B": (832, 480), "i2v-A14B": (832, 480), "ti2v-5B": (832, 480), "s2v-14B": (832, 448),
+                  "animate-14B": (832, 480)},
+         "720p": {"t2v-A14B": (1280, 720), "i2v-A14B": (1280, 720), "ti2v-5B": (1280, 704), "s2v-14B": (1280, 704),
+                  "animate-14B": (1280, 720)}}
+TASK_ORDER = ("t2v-A14B", "i2v-A14B", "ti2v-5B", "s2v-14B", "animate-14B")  # frames: per clip / segment for the last two
 VRAMS, RAMS = (8, 12, 16, 24), (16, 32, 64)
 BEGIN, END = "<!-- plans table: begin (python bench/plans.py) -->", "<!-- plans table: end -->"
 
@@ -27,8 +30,9 @@ def main() -> int:
     from wanlite.specs import TASKS
 
     rows = []
-    for task in ("t2v-A14B", "i2v-A14B", "ti2v-5B"):
+    for task in TASK_ORDER:
         spec = TASKS[task]
+        passes = 2 if any(abs(g - 1.0) > 1e-6 for g in spec.guide_scale) else 1
         for res, sizes in SIZES.items():
             w, h = sizes[task]
             for vram in VRAMS:
@@ -36,7 +40,8 @@ def main() -> int:
                     row = {"task": task, "resolution": res, "size": [w, h], "frames": spec.frames,
                            "vram_gb": vram, "ram_gb": ram}
                     try:
-                        plan = make_plan(Workload(task, w, h, spec.frames, spec.steps), hypothetical(vram, ram))
+                        plan = make_plan(Workload(task, w, h, spec.frames, spec.steps, passes=passes),
+                                         hypothetical(vram, ram))
                         row.update(fits=True, plan=plan.summary(), quant=plan.quant, offload=plan.offload,
                                    resident_blocks=plan.resident_blocks, ram_mode=plan.ram_mode,
                                    chunk_tokens=plan.chunk_tokens, vae_tile=plan.vae_tile,
@@ -67,7 +72,7 @@ def markdown(rows: list[dict]) -> str:
     plan changes): format, placement and predicted peak VRAM / s per step, or 'no'."""
     lines = ["| task | res | " + " | ".join(f"{v} GB VRAM" for v in VRAMS) + " |",
              "|---|---|" + "---|" * len(VRAMS)]
-    for task in ("t2v-A14B", "i2v-A14B", "ti2v-5B"):
+    for task in TASK_ORDER:
         for res in SIZES:
             cells = []
             for vram in VRAMS:
