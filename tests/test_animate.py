@@ -275,23 +275,15 @@ def _cli(inputs, src, tmp_path, *extra):
     return run, out
 
 
-def _drop(folder, name):
-    (folder / name).unlink()
-
-
-def _shorter_face(folder, _):
-    write_mp4(np.zeros((7, 32, 32, 3), np.uint8), folder / "src_face.mp4", fps=30)
-
-
-def _small_mask(folder, _):
-    write_mp4(np.zeros((12, 32, 32, 3), np.uint8), folder / "src_mask.mp4", fps=30)
+def _black(frames, side, name):
+    return lambda folder: write_mp4(np.zeros((frames, side, side, 3), np.uint8), folder / name, fps=30)
 
 
 @pytest.mark.parametrize("damage,flags,message", [
-    (lambda d: _drop(d, "src_face.mp4"), [], "src_face.mp4 missing"),
-    (lambda d: _shorter_face(d, None), [], "src_face.mp4 has 7 frames but src_pose.mp4 has 12"),
+    (lambda d: (d / "src_face.mp4").unlink(), [], "src_face.mp4 missing"),
+    (_black(7, 32, "src_face.mp4"), [], "src_face.mp4 has 7 frames but src_pose.mp4 has 12"),
     (lambda d: None, ["--refert_num", "3"], "--refert_num 3 must be 1 or 5"),
-    (lambda d: _small_mask(d, None), ["--replace"], "src_mask.mp4 is 32x32"),
+    (_black(12, 32, "src_mask.mp4"), ["--replace"], "src_mask.mp4 is 32x32"),
 ])
 def test_bad_animate_input_is_one_line_exit_2(animate_inputs, tmp_path, damage, flags, message):
     import shutil

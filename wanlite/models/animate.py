@@ -15,7 +15,7 @@ from torch import nn
 
 from wanlite.models.attention import attention
 from wanlite.models.blocks import layer_norm_fp32
-from wanlite.models.s2v import CausalConv1d
+from wanlite.models.s2v import CausalConv1d, channel_norm_silu
 from wanlite.specs import AnimateSpec
 
 # LIA channel widths by feature-map side (the official EncoderApp's table)
@@ -167,14 +167,10 @@ class FaceTokenEncoder(nn.Module):
         self.out_proj = nn.Linear(hidden, dim)
         self.padding_tokens = nn.Parameter(torch.zeros(1, 1, 1, dim))
 
-    @staticmethod
-    def _norm_act(x: torch.Tensor) -> torch.Tensor:
-        return F.silu(F.layer_norm(x.transpose(1, 2), (x.shape[1],), eps=1e-6)).transpose(1, 2)
-
     def forward(self, motion: torch.Tensor) -> torch.Tensor:
         b, t, _ = motion.shape
         x = self.conv1_local(motion.transpose(1, 2)).view(b * self.streams, -1, t)
-        x = self._norm_act(self.conv3(self._norm_act(self.conv2(self._norm_act(x)))))
+        x = channel_norm_silu(self.conv3(channel_norm_silu(self.conv2(channel_norm_silu(x)))))
         w, bias = self.out_proj.weight, self.out_proj.bias
         x = F.linear(x.transpose(1, 2), w.float(), None if bias is None else bias.float())  # [(B n), T', d]
         x = x.unflatten(0, (b, self.streams)).transpose(1, 2)

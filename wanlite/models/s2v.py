@@ -33,6 +33,11 @@ class CausalConv1d(nn.Module):
                         None if conv.bias is None else conv.bias.float(), stride=conv.stride)
 
 
+def channel_norm_silu(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, T]: LayerNorm over the channels (no affine, eps 1e-6), then SiLU (the causal token encoders' step)."""
+    return F.silu(F.layer_norm(x.transpose(1, 2), (x.shape[1],), eps=1e-6)).transpose(1, 2)
+
+
 class AudioTokenEncoder(nn.Module):
     """Per-frame audio features [B, C, T] -> local tokens [B, T', n+1, d] (n streams + a learned padding token)
     and one global vector [B, T', 1, d]; T' = T downsampled 4x by two stride-2 causal convolutions."""
@@ -47,14 +52,9 @@ class AudioTokenEncoder(nn.Module):
         self.final_linear = nn.Linear(dim, dim)
         self.padding_tokens = nn.Parameter(torch.zeros(1, 1, 1, dim))
 
-    @staticmethod
-    def _norm_act(x: torch.Tensor) -> torch.Tensor:
-        # [N, C, T]: LayerNorm over channels (no affine), SiLU
-        return F.silu(F.layer_norm(x.transpose(1, 2), (x.shape[1],), eps=1e-6)).transpose(1, 2)
-
     def _shared(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv2(self._norm_act(x))
-        return self._norm_act(self.conv3(self._norm_act(x))).transpose(1, 2)  # [N, T', d]
+        x = self.conv2(channel_norm_silu(x))
+        return channel_norm_silu(self.conv3(channel_norm_silu(x))).transpose(1, 2)  # [N, T', d]
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, _, t = features.shape
