@@ -98,6 +98,26 @@ def cmd_check(args) -> int:
     return 0
 
 
+def cmd_animate_prep(args) -> int:
+    from pathlib import Path
+
+    from wanlite.pipelines.animate_prep import PrepOptions, animate_prep
+
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    options = PrepOptions(replace=args.replace, area=tuple(args.resolution_area), fps=args.fps,
+                          dilate_iterations=args.iterations, dilate_kernel=args.k, grid=(args.w_len, args.h_len),
+                          mask_source=args.mask_source)
+    written = animate_prep(Path(args.video), Path(args.ref), Path(args.out), Path(args.ckpt_path), options, device)
+    print(f"wrote {', '.join(p.name for p in written)} to {Path(args.out)}")
+    mode = " --replace" if args.replace else ""
+    print(f"next: wanlite generate --task animate-14B --ckpt_dir DIR --src_root_path {args.out}{mode}")
+    return 0
+
+
 def _guide_scale(text: str | None):
     from wanlite.errors import WanliteError
 
@@ -466,6 +486,27 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--task", required=True, choices=list(TASKS))
     check.add_argument("--ckpt_dir", required=True, help="checkpoint folder (official, diffusers or ComfyUI files)")
     check.set_defaults(func=cmd_check)
+    prep = sub.add_parser("animate-prep", help="make the animate-14B input folder from a driving video and a "
+                          "character image (pose, face crops; masks for --replace)")
+    prep.add_argument("--video", "--video_path", required=True, help="the driving video (one person)")
+    prep.add_argument("--ref", "--refer_path", required=True, help="the character image")
+    prep.add_argument("--out", "--save_path", required=True, help="folder for src_pose.mp4, src_face.mp4, "
+                      "src_ref.png (and src_bg.mp4, src_mask.mp4 with --replace)")
+    prep.add_argument("--ckpt_path", "--ckpt_dir", required=True,
+                      help="Wan2.2-Animate-14B folder, or its process_checkpoint/ (det/, pose2d/, sam2/)")
+    prep.add_argument("--replace", "--replace_flag", action="store_true",
+                      help="replacement mode: also the background and the person's mask")
+    prep.add_argument("--resolution_area", type=int, nargs=2, default=[1280, 720], metavar=("W", "H"),
+                      help="frames are scaled to this many pixels, aspect kept (default 1280 720)")
+    prep.add_argument("--fps", type=float, default=30, help="frame rate of the outputs; -1: the video's (default 30)")
+    prep.add_argument("--mask_source", default="sam2", choices=["sam2", "pose"],
+                      help="--replace masks from SAM2 (official) or a box around the pose (no extra model)")
+    prep.add_argument("--iterations", type=int, default=3, help="mask dilation passes (default 3)")
+    prep.add_argument("--k", type=int, default=7, help="mask dilation kernel size (default 7)")
+    prep.add_argument("--w_len", type=int, default=1, help="mask grid cells across its box (default 1: the box)")
+    prep.add_argument("--h_len", type=int, default=1, help="mask grid cells down its box (default 1)")
+    prep.add_argument("--device", default="auto", help="device for SAM2 (auto, cuda, cpu)")
+    prep.set_defaults(func=cmd_animate_prep)
     return parser
 
 

@@ -16,23 +16,9 @@ import torch.nn.functional as F
 
 from wanlite.errors import WanliteError
 from wanlite.models.animate import AnimateConditions
+from wanlite.pipelines.video_io import read_video
 
 REFERT_CHOICES = (1, 5)
-
-
-def _read_video(path: Path, what: str) -> tuple[np.ndarray, float]:
-    import imageio_ffmpeg
-
-    try:
-        reader = imageio_ffmpeg.read_frames(str(path))
-        info = next(reader)
-        w, h = info["size"]
-        frames = [np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3) for buf in reader]
-    except (OSError, RuntimeError, StopIteration, KeyError, ValueError) as exc:
-        raise WanliteError(f"{path}: the {what} is not a readable video ({type(exc).__name__})") from None
-    if not frames:
-        raise WanliteError(f"{path}: the {what} has no frames")
-    return np.stack(frames), float(info.get("fps") or 30)
 
 
 def letterbox(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -100,8 +86,8 @@ def read_sources(root: Path, replace: bool, face_size: int) -> AnimateSources:
     if missing:
         raise WanliteError(f"--src_root_path {root}: {', '.join(missing)} missing; run `wanlite animate-prep` (or "
                            "the official preprocess_data.py) to make the folder")
-    pose, _ = _read_video(root / "src_pose.mp4", "pose video")
-    face, _ = _read_video(root / "src_face.mp4", "face video")
+    pose, _ = read_video(root / "src_pose.mp4", "pose video")
+    face, _ = read_video(root / "src_face.mp4", "face video")
     if len(face) != len(pose):
         raise WanliteError(f"--src_root_path {root}: src_face.mp4 has {len(face)} frames but src_pose.mp4 has "
                            f"{len(pose)}; both come from the same preprocessing run")
@@ -112,8 +98,8 @@ def read_sources(root: Path, replace: bool, face_size: int) -> AnimateSources:
     ref = letterbox(np.asarray(load_image(root / "src_ref.png")), h, w)
     sources = AnimateSources(pose, face, ref)
     if replace:
-        bg, _ = _read_video(root / "src_bg.mp4", "background video")
-        mask, _ = _read_video(root / "src_mask.mp4", "mask video")
+        bg, _ = read_video(root / "src_bg.mp4", "background video")
+        mask, _ = read_video(root / "src_mask.mp4", "mask video")
         for name, video in (("src_bg.mp4", bg), ("src_mask.mp4", mask)):
             if video.shape[1:3] != (h, w) or len(video) != len(pose):
                 raise WanliteError(f"--src_root_path {root}: {name} is {video.shape[2]}x{video.shape[1]}, "

@@ -96,7 +96,6 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int, metadata: dict | None = 
     with Mp4Writer(path, (frames.shape[2], frames.shape[1]), fps, metadata, audio, crf) as writer:
         writer.append(frames)
     return Path(path)
-    return path
 
 
 def _unescape_ffmetadata(value: str) -> str:
@@ -158,3 +157,22 @@ def contact_sheet(frames: np.ndarray, path: Path, columns: int = 4, max_frames: 
     Image.fromarray(sheet).save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
+
+
+def read_video(path: Path, what: str) -> tuple[np.ndarray, float]:
+    """Every frame of a user's video, uint8 [F, H, W, 3], and its frame rate; an unreadable or empty file is
+    one WanliteError naming `what` it was meant to be."""
+    import imageio_ffmpeg
+
+    from wanlite.errors import WanliteError
+
+    try:
+        reader = imageio_ffmpeg.read_frames(str(path))
+        info = next(reader)
+        w, h = info["size"]
+        frames = [np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3) for buf in reader]
+    except (OSError, RuntimeError, StopIteration, KeyError, ValueError) as exc:
+        raise WanliteError(f"{path}: the {what} is not a readable video ({type(exc).__name__})") from None
+    if not frames:
+        raise WanliteError(f"{path}: the {what} has no frames")
+    return np.stack(frames), float(info.get("fps") or 30)
