@@ -110,7 +110,10 @@ def cmd_animate_prep(args) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     options = PrepOptions(replace=args.replace, area=tuple(args.resolution_area), fps=args.fps,
                           dilate_iterations=args.iterations, dilate_kernel=args.k, grid=(args.w_len, args.h_len),
-                          mask_source=args.mask_source)
+                          mask_source=args.mask_source, retarget=args.retarget)
+    if args.use_flux:
+        print("note: --use_flux skipped: wanlite does not run FLUX.1-Kontext pose edits; retargeting uses the "
+              "first frame and the character image as they are")
     written = animate_prep(Path(args.video), Path(args.ref), Path(args.out), Path(args.ckpt_path), options, device)
     print(f"wrote {', '.join(p.name for p in written)} to {Path(args.out)}")
     mode = " --replace" if args.replace else ""
@@ -499,6 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--resolution_area", type=int, nargs=2, default=[1280, 720], metavar=("W", "H"),
                       help="frames are scaled to this many pixels, aspect kept (default 1280 720)")
     prep.add_argument("--fps", type=float, default=30, help="frame rate of the outputs; -1: the video's (default 30)")
+    prep.add_argument("--retarget", "--retarget_flag", action="store_true",
+                      help="animation mode: re-proportion the skeleton to the character (both should face the "
+                      "camera, standing, in the first frame and the image)")
+    prep.add_argument("--use_flux", action="store_true", help=argparse.SUPPRESS)
     prep.add_argument("--mask_source", default="sam2", choices=["sam2", "pose"],
                       help="--replace masks from SAM2 (official) or a box around the pose (no extra model)")
     prep.add_argument("--iterations", type=int, default=3, help="mask dilation passes (default 3)")

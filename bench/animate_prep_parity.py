@@ -6,7 +6,9 @@ PATH is a checkout of https://github.com/Wan-Video/Wan2.2; its `wan/modules/anim
 matplotlib). The official Pose2d runs the same ONNX models as wanlite: the tiny stand-ins of
 wanlite.testing.prep_models (real weights cannot be downloaded here), on frames with a moving bright figure.
 Compared: keypoints and scores (133 per frame), face boxes, skeleton drawings of random poses (pixel-exact),
-area resizing, frame sampling, mask dilation + grid fill. Writes bench/results/animate_prep_parity.json.
+area resizing, frame sampling, mask dilation + grid fill, and pose retargeting (jittered standing figures of other
+proportions and canvas sizes; full, three-quarter and half body, hands at the other wrist: keypoints and
+drawings). Writes bench/results/animate_prep_parity.json.
 """
 from __future__ import annotations
 
@@ -40,6 +42,57 @@ def _random_meta(rng, w, h):
     return kp
 
 
+STANDING = np.array([[0.5, 0.15], [0.5, 0.25], [0.42, 0.25], [0.38, 0.38], [0.36, 0.5], [0.58, 0.25],
+                     [0.62, 0.38], [0.64, 0.5], [0.45, 0.52], [0.45, 0.7], [0.45, 0.88], [0.55, 0.52],
+                     [0.55, 0.7], [0.55, 0.88], [0.48, 0.13], [0.52, 0.13], [0.46, 0.14], [0.54, 0.14],
+                     [0.57, 0.92], [0.43, 0.92]])
+
+
+def _figure(rng, width, height, stretch=(1.0, 1.0), hidden=(), crossed=False):
+    """A PoseMeta of a standing figure, jittered; `stretch` widens (x) and lengthens (y) it about the neck;
+    `hidden` body points get low scores; `crossed` puts each hand at the other wrist."""
+    from wanlite.pipelines.animate_prep import PoseMeta
+
+    xy = (STANDING - STANDING[1]) * stretch + STANDING[1] + rng.normal(0, 0.01, STANDING.shape)
+    scores = rng.uniform(0.6, 1.0, 20)
+    scores[list(hidden)] = rng.uniform(0.0, 0.3, len(hidden))
+    hands = []
+    for wrist in ((4, 7) if crossed else (7, 4)):  # COCO left hand at the left wrist (image right), then the right hand
+        pts = xy[wrist] + rng.normal(0, 0.02, (21, 2))
+        hands.append(np.concatenate([pts, rng.uniform(0.2, 1.0, (21, 1))], 1))
+    face = np.concatenate([rng.uniform(0.45, 0.55, (69, 2)), np.ones((69, 1))], 1)
+    return PoseMeta(width, height, np.concatenate([xy, scores[:, None]], 1), hands[0], hands[1], face)
+
+
+def _as_official(meta) -> dict:
+    return {"width": meta.width, "height": meta.height, "keypoints_body": meta.body.copy(),
+            "keypoints_left_hand": meta.left_hand.copy(), "keypoints_right_hand": meta.right_hand.copy(),
+            "keypoints_face": meta.face.copy()}
+
+
+def retarget_parity(retarget_module, human_visualization, ap) -> dict:
+    rng = np.random.default_rng(2)
+    worst_px, worst_coord = 1.0, 0.0
+    legs, hips = (9, 10, 12, 13, 18, 19), (8, 11)
+    cases = [((1280, 720), (576, 1024), (1.3, 1.2), (), False),  # full body
+             ((832, 480), (480, 832), (0.8, 1.1), legs, False),  # three-quarter
+             ((720, 1280), (720, 1280), (1.0, 0.9), legs + hips, False),  # half body
+             ((1280, 720), (720, 1280), (1.1, 1.0), (), True)]  # hands found at the other wrist
+    for (sw, sh), (rw, rh), stretch, hidden, crossed in cases:
+        frames = [_figure(rng, sw, sh, hidden=hidden, crossed=crossed) for _ in range(8)]
+        reference = _figure(rng, rw, rh, stretch, hidden=hidden)
+        official = retarget_module.get_retarget_pose(_as_official(frames[0]), _as_official(reference),
+                                                     [_as_official(m) for m in frames], None, None)
+        mine = ap.retarget(frames[0], reference, frames)
+        for o, m in zip(official, mine):
+            worst_coord = max(worst_coord, float(np.abs(o.kps_body - m.body[:, :2]).max()))
+            ref_img = human_visualization.draw_aapose_by_meta_new(np.zeros((rh, rw, 3), np.uint8), o)
+            my_img = ap.draw_skeleton(np.zeros((rh, rw, 3), np.uint8), m)
+            worst_px = min(worst_px, float((ref_img == my_img).all(-1).mean()))
+    return {"retargeted body keypoints max abs diff (pixels)": worst_coord,
+            "retargeted drawings: fraction of equal pixels (worst of 32)": worst_px}
+
+
 def parity(root: Path) -> dict:
     from wanlite.pipelines import animate_prep as ap
     from wanlite.testing.prep_models import write_prep_models
@@ -48,6 +101,7 @@ def parity(root: Path) -> dict:
     import human_visualization
     import pose2d
     import pose2d_utils
+    import retarget_pose
     import utils
 
     results = {}
@@ -75,7 +129,7 @@ def parity(root: Path) -> dict:
             meta = pose2d_utils.load_pose_metas_from_kp2ds_seq([kp], width=size[1], height=size[0])[0]
             ref = human_visualization.draw_aapose_by_meta_new(np.zeros((*size, 3), np.uint8),
                                                               pose2d_utils.AAPoseMeta.from_humanapi_meta(meta))
-            mine = ap.draw_skeleton(np.zeros((*size, 3), np.uint8), ap.pose_metas([kp], size[1], size[0])[0])
+            mine = ap.draw_skeleton(np.zeros((*size, 3), np.uint8), ap.pose_metas([kp], size[1], size[0])[0].skeleton())
             equal_pixels.append(float((ref == mine).all(-1).mean()))
     results["skeleton drawings: fraction of equal pixels (worst of 15)"] = min(equal_pixels)
 
@@ -97,6 +151,7 @@ def parity(root: Path) -> dict:
         _, mine = ap.replacement_layers([np.zeros((120, 160, 3), np.uint8)], [mask.copy()], opts)
         same_masks.append(np.array_equal(ref * 255, mine[0][..., 0]))
     results["replacement masks equal (3 grids)"] = float(all(same_masks))
+    results.update(retarget_parity(retarget_pose, human_visualization, ap))
     return results
 
 

@@ -144,10 +144,49 @@ def test_skeleton_colours_and_stick_width():
     body[2] = [0.75, 0.5, 1.0]  # right shoulder: limb (2, 3) in the first colour at 60 %
     hand = np.zeros((21, 3))
     meta = ap.PoseMeta(400, 400, body, hand, hand, np.zeros((69, 3)))
-    canvas = ap.draw_skeleton(np.zeros((400, 400, 3), np.uint8), meta)
+    canvas = ap.draw_skeleton(np.zeros((400, 400, 3), np.uint8), meta.skeleton())
     assert tuple(canvas[200, 150]) == (153, 0, 0)
     assert tuple(canvas[200, 100]) == (255, 85, 0)  # the neck's dot in its own colour
     assert canvas[201, 150].any() and not canvas[203, 150].any()  # 'v2' stick: 400 / 200 - 1 = 1 px half-width
+
+
+STANDING = np.array([[0.5, 0.15], [0.5, 0.25], [0.42, 0.25], [0.38, 0.38], [0.36, 0.5], [0.58, 0.25],
+                     [0.62, 0.38], [0.64, 0.5], [0.45, 0.52], [0.45, 0.7], [0.45, 0.88], [0.55, 0.52],
+                     [0.55, 0.7], [0.55, 0.88], [0.48, 0.13], [0.52, 0.13], [0.46, 0.14], [0.54, 0.14],
+                     [0.57, 0.92], [0.43, 0.92]])
+
+
+def _standing(width, height, stretch=(1.0, 1.0), shift=(0.0, 0.0)):
+    xy = (STANDING - STANDING[1]) * stretch + STANDING[1] + shift
+    body = np.concatenate([xy, np.ones((20, 1))], 1)
+    hand = np.concatenate([np.tile(xy[4], (21, 1)) + np.linspace(0, 0.02, 21)[:, None], np.ones((21, 1))], 1)
+    return ap.PoseMeta(width, height, body, hand, hand.copy(), np.ones((69, 3)) * 0.5)
+
+
+def _bones(px):
+    return np.array([np.hypot(*(px[i - 1, :2] - px[j - 1, :2])) for i, j in ap.LIMBS])
+
+
+def test_retargeting_gives_the_performer_the_characters_bones():
+    first = _standing(1280, 720)
+    moved = _standing(1280, 720, shift=(0.1, 0.02))
+    character = _standing(576, 1024, stretch=(1.3, 1.2))
+    out = ap.retarget(first, character, [first, moved])
+    want = _bones(character.skeleton().body)
+    for skeleton in out:  # every bone but the feet (capped at half the shin) takes the character's length
+        np.testing.assert_allclose(_bones(skeleton.body)[:17], want[:17], rtol=3e-3)  # int() of the scaled size
+    hips_x = lambda b: (b[8, 0] + b[11, 0]) / 2  # noqa: E731
+    assert hips_x(out[0].body) == pytest.approx(hips_x(character.skeleton().body), abs=1)  # where the character stands
+    scale = (720 * 0.73) / (1024 * 0.73 * 1.2)  # performer / character, nose to ankles
+    assert hips_x(out[1].body) - hips_x(out[0].body) == pytest.approx(0.1 * 1280 / scale)
+    assert (out[0].left_hand[:, 2] > 0).all()  # hands carried along
+
+
+def test_retarget_flag_draws_on_the_characters_canvas(prep_inputs, tmp_path, capsys):
+    assert _prep(prep_inputs, tmp_path / "rt", "--retarget", "--use_flux") == 0
+    assert "--use_flux skipped" in capsys.readouterr().out
+    sources = read_sources(tmp_path / "rt", replace=False, face_size=512)
+    assert sources.frames == N and sources.size == (80, 128)
 
 
 @pytest.mark.parametrize("damage, extra, message", [
@@ -156,6 +195,7 @@ def test_skeleton_colours_and_stick_width():
     ("bad_video", [], "driving video is not a readable video"),
     ("bad_ref", [], "character image is not a readable image"),
     ("", ["--fps", "0"], "--fps 0"),
+    ("", ["--retarget", "--replace", "--mask_source", "pose"], "--retarget works in animation mode only"),
 ])
 def test_bad_prep_input_is_one_line_exit_2(prep_inputs, tmp_path, capsys, damage, extra, message):
     import shutil

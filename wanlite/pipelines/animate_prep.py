@@ -6,8 +6,8 @@ skeleton style and face crops it was trained on: a YOLOv10 person box and a ViTP
 DARK-decoded heatmaps) per frame through onnxruntime, face crops of 1.3x the face's area scaled to 512x512, the
 OpenPose-style skeleton with hands drawn by OpenCV, and for replacement a SAM2 video mask of the person (point
 prompts from the pose on 4 key frames per 400), dilated and filled to its box. The skeleton is drawn on the source
-frames' canvas; pose retargeting to the character's proportions (official `--retarget_flag`, optionally with
-FLUX.1-Kontext) is not offered.
+frames' canvas, or with `retarget` re-proportioned to the character (official `--retarget_flag`; its optional
+FLUX.1-Kontext pose edits are not run).
 
 onnxruntime and OpenCV are imported only here (`pip install "wanlite[prep]"`); SAM2 only for `--replace`.
 """
@@ -62,6 +62,7 @@ class PrepOptions:
     dilate_kernel: int = 7
     grid: tuple[int, int] = (1, 1)  # (w_len, h_len): mask filled per cell of this grid over its box
     mask_source: str = "sam2"
+    retarget: bool = False  # animation mode: the skeleton re-proportioned to the character
 
 
 # ---- sizes and frame sampling --------------------------------------------------------------------------------
@@ -285,6 +286,19 @@ class PoseMeta:
     right_hand: np.ndarray  # [21, 3]
     face: np.ndarray  # [69, 3]: a foot point, then the 68 face landmarks
 
+    def skeleton(self) -> Skeleton:
+        scale = (self.width, self.height)
+        return Skeleton(*(np.concatenate([part[:, :2] * scale, part[:, 2:]], 1)
+                          for part in (self.body, self.left_hand, self.right_hand)))
+
+
+@dataclass
+class Skeleton:
+    """What is drawn: body [20, 3] and hands [21, 3] as (x, y, score) in canvas pixels."""
+    body: np.ndarray
+    left_hand: np.ndarray
+    right_hand: np.ndarray
+
 
 def pose_metas(keypoints: list[np.ndarray], width: int, height: int) -> list[PoseMeta]:
     """Whole-body keypoints in pixels -> PoseMeta per frame; a frame whose body points are all off-image keeps
@@ -347,19 +361,18 @@ def _stick_width(height: int, width: int) -> int:
     return max(int(min(height, width) / 200) - 1, 1)
 
 
-def draw_skeleton(canvas: np.ndarray, meta: PoseMeta, threshold: float = DRAW_THRESHOLD) -> np.ndarray:
+def draw_skeleton(canvas: np.ndarray, skeleton: Skeleton, threshold: float = DRAW_THRESHOLD) -> np.ndarray:
     """The OpenPose-style body (limbs as ellipses at 60 % colour, joints as dots) and both hands, drawn in place
     on an RGB canvas in the official 'v2' stick widths."""
     cv2 = _cv2()
     H, W = canvas.shape[:2]
     stick = _stick_width(H, W)
-    body = meta.body.copy()
-    body[:, :2] *= (meta.width, meta.height)
+    body = skeleton.body
     for (i, j), color in zip(LIMBS, BODY_COLORS):
         p, q = body[i - 1], body[j - 1]
         if p[2] < threshold or q[2] < threshold:
             continue
-        length = math.hypot(p[0] - q[0], p[1] - q[1])
+        length = ((p[0] - q[0]) ** 2 + (p[1] - q[1]) ** 2) ** 0.5
         angle = math.degrees(math.atan2(p[1] - q[1], p[0] - q[0]))
         center = (int((p[0] + q[0]) / 2), int((p[1] + q[1]) / 2))
         polygon = cv2.ellipse2Poly(center, (int(length / 2), stick), int(angle), 0, 360, 1)
@@ -368,9 +381,7 @@ def draw_skeleton(canvas: np.ndarray, meta: PoseMeta, threshold: float = DRAW_TH
         if point[2] >= threshold:
             cv2.circle(canvas, (int(point[0]), int(point[1])), stick, color, thickness=-1)
     hand_stick = max(stick // 2, 1)
-    for hand in (meta.left_hand, meta.right_hand):
-        pts = hand.copy()
-        pts[:, :2] *= (meta.width, meta.height)
+    for pts in (skeleton.left_hand, skeleton.right_hand):
         for e, (i, j) in enumerate(HAND_EDGES):
             p, q = pts[i], pts[j]
             if p[2] < threshold or q[2] < threshold:
@@ -383,6 +394,129 @@ def draw_skeleton(canvas: np.ndarray, meta: PoseMeta, threshold: float = DRAW_TH
             if p[2] >= threshold and int(p[0]) > 0.01 and int(p[1]) > 0.01:
                 cv2.circle(canvas, (int(p[0]), int(p[1])), hand_stick, (0, 0, 255), thickness=-1)
     return canvas
+
+
+# ---- pose retargeting ----------------------------------------------------------------------------------------
+
+RETARGET_THRESHOLD = 0.4
+# bones whose two sides get the larger of their two length ratios: shoulders, upper arms, forearms, neck-hips,
+# thighs, shins, feet (indices into LIMBS)
+PAIRED_BONES = [(0, 1), (2, 4), (3, 5), (6, 9), (7, 10), (8, 11), (17, 18)]
+
+
+def _limb_geometry(px: np.ndarray) -> tuple[list[float], list[float]]:
+    lengths, angles = [], []
+    for i, j in LIMBS:
+        p, q = px[i - 1], px[j - 1]
+        lengths.append(((p[0] - q[0]) ** 2 + (p[1] - q[1]) ** 2) ** 0.5)
+        angles.append(math.degrees(math.atan2(p[1] - q[1], p[0] - q[0])))
+    return lengths, angles
+
+
+def _regrow(px: np.ndarray, lengths, angles) -> np.ndarray:
+    """The skeleton rebuilt outward from the neck: each bone keeps its direction and takes its new length."""
+    out = px[:, :2].astype(np.float64).copy()
+    for (i, j), length, angle in zip(LIMBS, lengths, angles):
+        out[j - 1] = (out[i - 1][0] - length * math.cos(math.radians(angle)),
+                      out[i - 1][1] - length * math.sin(math.radians(angle)))
+    return out
+
+
+def _nose_to(meta: PoseMeta, lower: tuple[int, int]) -> float:
+    return meta.height * abs((meta.body[lower[0], 1] + meta.body[lower[1], 1]) / 2 - meta.body[0, 1])
+
+
+def _framing(body: np.ndarray, threshold: float) -> int:
+    """2: ankles and hips in frame, 1: hips, 0: neither (the official full / three-quarter / half body)."""
+    def visible(idx):
+        return all(body[k, 1] <= 1 and body[k, 2] >= threshold for k in idx)
+    return 2 if visible((10, 13, 8, 11)) else 1 if visible((8, 11)) else 0
+
+
+def retarget(first: PoseMeta, reference: PoseMeta, metas: list[PoseMeta],
+             threshold: float = RETARGET_THRESHOLD) -> list[Skeleton]:
+    """The driving poses re-proportioned to the character (official `get_retarget_pose` without FLUX edits):
+    every bone scaled by (character's bone / performer's bone in the first frame, both sides alike), the
+    figure scaled by the nose-to-ankle (else nose-to-hip) height ratio, anchored at the feet (or the neck)
+    where the character stands, hands scaled and carried to the new wrists; drawn on the character's canvas."""
+    for lower in ((10, 13), (8, 11)):  # the performer / character height ratio: nose to ankles, else to hips
+        if all((m.body[[0, *lower], 2] > 0.5).all() for m in (first, reference)):
+            scale = _nose_to(first, lower) / _nose_to(reference, lower)
+            break
+    else:
+        scale = math.sqrt(first.height * first.width) / math.sqrt(reference.height * reference.width)
+    dst_w, dst_h = int(reference.width * scale), int(reference.height * scale)
+    framing = min(_framing(reference.body, threshold), _framing(first.body, threshold))
+
+    src_len, _ = _limb_geometry(first.body[:, :2] * (first.width, first.height))
+    dst_len, _ = _limb_geometry(reference.body[:, :2] * (dst_w, dst_h))
+    ratios = [d / s if s > 0 else None for s, d in zip(src_len, dst_len)]
+    shoulders = (ratios[0] + ratios[1]) / 2 if ratios[0] is not None and ratios[1] is not None else 1.0
+    ratios = [shoulders if r is None else r for r in ratios]  # a zero-length bone: the shoulders' ratio
+    for a, b in PAIRED_BONES:
+        ratios[a] = ratios[b] = max(ratios[a], ratios[b])
+    for a, b in ((13, 15), (14, 16)):  # nose-eye and eye-ear bones: the mean of both sides
+        ratios[a] = ratios[b] = (ratios[a] + ratios[b]) / 2
+
+    first_px = first.body[:, :2] * (first.width, first.height)
+    lengths, angles = _limb_geometry(first_px)
+    rescaled_first = _regrow(first_px, [x * r for x, r in zip(lengths, ratios)], angles)
+    if framing == 2:
+        feet = [(reference.body[10, 1] + reference.body[19, 1]) / 2, (reference.body[13, 1] + reference.body[18, 1]) / 2]
+        anchor_x = (rescaled_first[8, 0] + rescaled_first[11, 0]) / 2
+        delta = np.array([anchor_x - (reference.body[8, 0] + reference.body[11, 0]) * dst_w / 2,
+                          max(rescaled_first[10, 1], rescaled_first[13, 1]) - max(feet) * dst_h])
+    else:
+        anchor_x = rescaled_first[1, 0]
+        delta = rescaled_first[1] - reference.body[1, :2] * (dst_w, dst_h)
+
+    hand_ratio = max(ratios[0], ratios[1]) / scale
+    skeletons = []
+    for n, meta in enumerate(metas):
+        size = np.array([meta.width, meta.height], np.float64)
+        px = meta.body[:, :2] * size
+        lengths, angles = _limb_geometry(px)
+        new_len = [x * r for x, r in zip(lengths, ratios)]
+        new_len[18] = min(new_len[18], new_len[8] * 0.5)  # feet at most half the shin
+        new_len[17] = min(new_len[17], new_len[11] * 0.5)
+        body = _regrow(px, new_len, angles)
+        shift = delta.copy()
+        if n == 0 and framing != 1:  # the official re-anchors the first frame on its own hips (neck)
+            shift[0] += ((body[8, 0] + body[11, 0]) / 2 if framing == 2 else body[1, 0]) - anchor_x
+        body = (body - shift) / scale
+
+        def scaled(hand):  # about its root, in normalised coordinates; unconfident points dropped
+            hand = hand.copy()
+            hand[:, :2] = hand[:, :2] * size / size  # the official's pixel round trip
+            out = np.concatenate([hand[:, :2] * hand_ratio - hand[0, :2] * (hand_ratio - 1), hand[:, 2:]], 1)
+            out[hand[:, 2] < threshold] = (-1, -1, 0)
+            return out
+
+        # the official pairs the right wrist (body 4) with the COCO right hand, then swaps the two hands when
+        # that hand's root is nearer the other wrist
+        near, far = scaled(meta.right_hand), scaled(meta.left_hand)
+        d4, d7 = body[4] - px[4], body[7] - px[7]  # where the wrists moved
+        if near[0, 0] != -1:
+            d4 += px[4] - near[0, :2] * size
+        if far[0, 0] != -1:
+            d7 += px[7] - far[0, :2] * size
+        root = near[0, :2] * size
+        if np.hypot(*(px[4] - root)) > np.hypot(*(px[7] - root)):
+            hands = _place_hand(far, d4, size), _place_hand(near, d7, size)
+        else:
+            hands = _place_hand(near, d4, size), _place_hand(far, d7, size)
+        ref_size = np.array([reference.width, reference.height], np.float64)
+        body_px = body / ref_size * ref_size  # normalised and back, as the official stores it
+        skeletons.append(Skeleton(np.concatenate([body_px, meta.body[:, 2:]], 1), *hands))
+    return skeletons
+
+
+def _place_hand(hand: np.ndarray, delta: np.ndarray, size: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(hand)
+    for k, (x, y, score) in enumerate(hand):
+        if score != 0:
+            out[k] = (int(x * size[0] + delta[0]), int(y * size[1] + delta[1]), score)
+    return out
 
 
 # ---- replacement masks -----------------------------------------------------------------------------------------
@@ -523,6 +657,9 @@ def animate_prep(video: Path, ref: Path, out: Path, models: Path, options: PrepO
         raise WanliteError(f"--fps {options.fps:g}: give a positive rate, or -1 for the video's own")
     if min(options.grid) < 1 or options.dilate_kernel < 1 or options.dilate_iterations < 0:
         raise WanliteError("--w_len/--h_len and --k must be at least 1, --iterations at least 0")
+    if options.retarget and options.replace:
+        raise WanliteError("--retarget works in animation mode only: replacement keeps the performer's "
+                           "proportions (they interact with the scene); drop one of the two")
     paths = find_prep_models(models, options.replace and options.mask_source == "sam2")
     area = options.area[0] * options.area[1]
     reference = read_reference(Path(ref))
@@ -536,17 +673,23 @@ def animate_prep(video: Path, ref: Path, out: Path, models: Path, options: PrepO
         log(f"pose: {len(frames)} frames at {frames[0].shape[1]}x{frames[0].shape[0]}")
         metas = estimate_poses(frames, detector, pose)
         videos["src_face.mp4"] = face_crops(frames, metas)
-        videos["src_pose.mp4"] = [draw_skeleton(np.zeros_like(f), m) for f, m in zip(frames, metas)]
+        videos["src_pose.mp4"] = [draw_skeleton(np.zeros_like(f), m.skeleton()) for f, m in zip(frames, metas)]
         log(f"masks: {options.mask_source}")
         segment = Sam2Masks(paths["sam2"], device) if options.mask_source == "sam2" else pose_masks
         videos["src_bg.mp4"], videos["src_mask.mp4"] = replacement_layers(frames, segment(frames, metas), options)
     else:
-        ref_h, ref_w = resize_by_area(reference, area).shape[:2]
-        log(f"pose: {len(frames)} frames, drawn at the character's {ref_w}x{ref_h}")
+        character = resize_by_area(reference, area)
+        ref_h, ref_w = character.shape[:2]
+        log(f"pose: {len(frames)} frames, drawn at the character's {ref_w}x{ref_h}"
+            + (", retargeted to the character's proportions" if options.retarget else ""))
         metas = estimate_poses(frames, detector, pose)
         videos["src_face.mp4"] = face_crops(frames, metas)
-        videos["src_pose.mp4"] = [pad_resize(draw_skeleton(np.zeros_like(f), m), ref_h, ref_w)
-                                  for f, m in zip(frames, metas)]
+        if options.retarget:
+            skeletons = retarget(metas[0], estimate_poses([character], detector, pose)[0], metas)
+            videos["src_pose.mp4"] = [draw_skeleton(np.zeros_like(character), s) for s in skeletons]
+        else:
+            videos["src_pose.mp4"] = [pad_resize(draw_skeleton(np.zeros_like(f), m.skeleton()), ref_h, ref_w)
+                                      for f, m in zip(frames, metas)]
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
