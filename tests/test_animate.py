@@ -204,8 +204,6 @@ def test_forward_matches_diffusers_wan_animate_transformer():
 
 
 # ---------------------------------------------------------------- generation (tiny Animate, official layout)
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -215,7 +213,6 @@ from wanlite import generate  # noqa: E402
 from wanlite.pipelines.video_io import read_mp4, read_mp4_metadata, write_mp4  # noqa: E402
 from wanlite.testing.fixtures import write_fixture  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def write_sources(folder: Path, frames: int = 12, size: int = 64, face: int = 32, replace: bool = False) -> Path:
@@ -266,15 +263,6 @@ def test_segment_plan_pads_by_ping_pong_and_overlaps():
     assert ping_pong(np.arange(4), 9).tolist() == [0, 1, 2, 3, 2, 1, 0, 1, 2]
 
 
-def _cli(inputs, src, tmp_path, *extra):
-    out = tmp_path / "bad.mp4"
-    run = subprocess.run([sys.executable, "cli.py", "generate", "--task", "animate-14B", "--prompt", "x",
-                          "--ckpt_dir", str(inputs["ckpt"]), "--src_root_path", str(src), "--frame_num", "9",
-                          "--sample_steps", "1", "--save_file", str(out), *extra], cwd=REPO, capture_output=True,
-                         text=True)
-    return run, out
-
-
 def _black(frames, side, name):
     return lambda folder: write_mp4(np.zeros((frames, side, side, 3), np.uint8), folder / name, fps=30)
 
@@ -285,15 +273,20 @@ def _black(frames, side, name):
     (lambda d: None, ["--refert_num", "3"], "--refert_num 3 must be 1 or 5"),
     (_black(12, 32, "src_mask.mp4"), ["--replace"], "src_mask.mp4 is 32x32"),
 ])
-def test_bad_animate_input_is_one_line_exit_2(animate_inputs, tmp_path, damage, flags, message):
+def test_bad_animate_input_is_one_line_exit_2(animate_inputs, tmp_path, capsys, damage, flags, message):
     import shutil
+
+    from wanlite.cli import main
 
     src = shutil.copytree(animate_inputs["repl"], tmp_path / "src")
     damage(src)
-    run, out = _cli(animate_inputs, src, tmp_path, *flags)
-    assert run.returncode == 2, run.stderr
-    line = run.stderr.strip()
-    assert "\n" not in line and "Traceback" not in line and message in line, line
+    out = tmp_path / "bad.mp4"
+    code = main(["generate", "--task", "animate-14B", "--prompt", "x", "--ckpt_dir", str(animate_inputs["ckpt"]),
+                 "--src_root_path", str(src), "--frame_num", "9", "--sample_steps", "1", "--save_file", str(out),
+                 *flags])
+    line = capsys.readouterr().err.strip()
+    assert code == 2, line
+    assert "\n" not in line and message in line, line
     assert not out.exists()
 
 
@@ -319,8 +312,9 @@ def test_relighting_lora_applies_to_every_block_linear(animate_inputs, tmp_path)
     assert np.abs(plain.frames.astype(int) - lit.frames.astype(int)).mean() > 0.5
 
 
-def test_check_lists_the_clip_encoder(animate_inputs):
-    run = subprocess.run([sys.executable, "cli.py", "check", "--task", "animate-14B", "--ckpt_dir",
-                          str(animate_inputs["ckpt"])], cwd=REPO, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    assert "CLIP" in run.stdout and "transformer" in run.stdout
+def test_check_lists_the_clip_encoder(animate_inputs, capsys):
+    from wanlite.cli import main
+
+    assert main(["check", "--task", "animate-14B", "--ckpt_dir", str(animate_inputs["ckpt"])]) == 0
+    printed = capsys.readouterr().out
+    assert "CLIP" in printed and "transformer" in printed

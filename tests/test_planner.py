@@ -123,9 +123,11 @@ def test_chunked_blocks_compute_the_same_numbers():
 
 @pytest.mark.parametrize("version,side", [("2.1", 64), ("2.2", 128)])
 def test_vae_decode_formula_matches_traced_allocations(version, side):
-    vae = WanVAE(VAE_SPECS["vae" + version]).eval()
+    # on meta: the same allocations as a real decode (checked once: equal peaks), without the compute
+    with torch.device("meta"):
+        vae = WanVAE(VAE_SPECS["vae" + version]).eval()
     stride = vae.spec.stride[1]
-    z = torch.randn(1, vae.spec.z_dim, 3, side // stride, side // stride)
+    z = torch.randn(1, vae.spec.z_dim, 3, side // stride, side // stride, device="meta")
     with torch.no_grad(), LiveBytes() as traced:
         vae.decode(z)
     task = {"2.1": "t2v-A14B", "2.2": "ti2v-5B"}[version]

@@ -156,8 +156,6 @@ def test_features_resampled_to_30fps_with_aligned_corners():
 
 
 # ---------------------------------------------------------------- generation (tiny S2V, official layout)
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import wave  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -168,7 +166,6 @@ from wanlite.pipelines.audio import read_audio  # noqa: E402
 from wanlite.pipelines.video_io import read_mp4, read_mp4_metadata  # noqa: E402
 from wanlite.testing.fixtures import write_fixture  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def write_wav(path: Path, seconds: float, rate: int = 22050) -> Path:
@@ -238,13 +235,14 @@ def _written(path: Path, data: bytes) -> Path:
     return path
 
 
-def _cli(inputs, tmp_path, *extra):
+def _cli(inputs, tmp_path, capsys, *extra):
+    """`wanlite generate` in-process: (exit code, stderr, the --save_file path)."""
+    from wanlite.cli import main
+
     out = tmp_path / "bad.mp4"
-    args = [sys.executable, "cli.py", "generate", "--task", "s2v-14B", "--prompt", "hi", "--ckpt_dir",
-            str(inputs["ckpt"]), "--image", str(inputs["image"]), "--size", "64*64", "--sample_steps", "1",
-            "--save_file", str(out), *extra]
-    run = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
-    return run, out
+    code = main(["generate", "--task", "s2v-14B", "--prompt", "hi", "--ckpt_dir", str(inputs["ckpt"]), "--image",
+                 str(inputs["image"]), "--size", "64*64", "--sample_steps", "1", "--save_file", str(out), *extra])
+    return code, capsys.readouterr().err.strip(), out
 
 
 @pytest.mark.parametrize("make,flags,message", [
@@ -254,14 +252,13 @@ def _cli(inputs, tmp_path, *extra):
     (lambda d, i: i["audio"], ["--infer_frames", "10", "--audio"], "must be a multiple of 4"),
     (lambda d, i: i["audio"], ["--pose_video", "{bad}", "--audio"], "--pose_video"),
 ])
-def test_bad_speech_input_is_one_line_exit_2(s2v_inputs, tmp_path, make, flags, message):
+def test_bad_speech_input_is_one_line_exit_2(s2v_inputs, tmp_path, capsys, make, flags, message):
     bad = tmp_path / "pose.mp4"
     bad.write_bytes(b"not a video at all")
     path = make(tmp_path, s2v_inputs)
-    run, out = _cli(s2v_inputs, tmp_path, *[f.replace("{bad}", str(bad)) for f in flags], str(path))
-    assert run.returncode == 2, run.stderr
-    line = run.stderr.strip()
-    assert "\n" not in line and "Traceback" not in line and message in line, line
+    code, line, out = _cli(s2v_inputs, tmp_path, capsys, *[f.replace("{bad}", str(bad)) for f in flags], str(path))
+    assert code == 2, line
+    assert "\n" not in line and message in line, line
     assert not out.exists() and not list(tmp_path.glob(".bad*"))
 
 
@@ -277,17 +274,18 @@ def test_block_offload_and_step_cache_carry_the_injectors(s2v_inputs, tmp_path):
     assert cached.cache["skipped_fraction"] > 0 and cached.frames.shape == plain.frames.shape
 
 
-def test_check_lists_the_wav2vec_folder_and_a_missing_one_is_one_line(s2v_inputs, tmp_path):
+def test_check_lists_the_wav2vec_folder_and_a_missing_one_is_one_line(s2v_inputs, tmp_path, capsys):
     import shutil
 
-    run = subprocess.run([sys.executable, "cli.py", "check", "--task", "s2v-14B", "--ckpt_dir",
-                          str(s2v_inputs["ckpt"])], cwd=REPO, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    assert "wav2vec2" in run.stdout and "transformer" in run.stdout
+    from wanlite.cli import main
+
+    assert main(["check", "--task", "s2v-14B", "--ckpt_dir", str(s2v_inputs["ckpt"])]) == 0
+    printed = capsys.readouterr().out
+    assert "wav2vec2" in printed and "transformer" in printed
     broken = shutil.copytree(s2v_inputs["ckpt"], tmp_path / "ckpt")
     shutil.rmtree(broken / "wav2vec2-large-xlsr-53-english")
-    run, out = _cli({**s2v_inputs, "ckpt": broken}, tmp_path, "--audio", str(s2v_inputs["audio"]))
-    assert run.returncode == 2 and "no wav2vec2 folder found" in run.stderr and not out.exists()
+    code, line, out = _cli({**s2v_inputs, "ckpt": broken}, tmp_path, capsys, "--audio", str(s2v_inputs["audio"]))
+    assert code == 2 and "no wav2vec2 folder found" in line and not out.exists()
 
 
 def test_plan_counts_the_injectors_and_fits_12gb_with_32gb_ram_at_480p():
