@@ -43,6 +43,17 @@ def test_size_and_frame_rules_follow_the_official_preprocessing():
     assert ap.sample_indices(90, 30, 30) == list(range(90))
 
 
+@pytest.mark.parametrize("count, src, dst", [(40, 60, 30), (30, 24, 30), (31, 30, 16)])
+def test_streamed_frame_sampling_picks_the_official_indices(tmp_path, count, src, dst):
+    frames = np.zeros((count, 16, 64, 3), np.uint8)
+    for i in range(count):
+        frames[i, :, i] = 255  # frame i: a white column at x = i
+    write_mp4(frames, tmp_path / "v.mp4", src)
+    got, fps = ap.read_driving_video(tmp_path / "v.mp4", dst)
+    assert fps == dst
+    assert [int(f[..., 0].mean(0).argmax()) for f in got] == ap.sample_indices(count, src, dst)
+
+
 def test_grid_fill_makes_the_box_by_default_and_cells_on_a_finer_grid():
     mask = np.zeros((20, 20), np.uint8)
     mask[2, 3] = mask[15, 16] = 1
