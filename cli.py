@@ -93,6 +93,10 @@ def cmd_check(args) -> int:
         clip = find_clip(ckpt.root)  # checked like the rest: every tensor the vision tower needs, right shapes
         params = sum(p.numel() for p in load_clip_vision(clip).parameters())
         table.add_row("CLIP image encoder", "official", clip.name, "", f"{params:,}")
+        from wanlite.pipelines.animate_prep import prep_model_paths
+
+        for name, path in prep_model_paths(ckpt.root).items():  # optional: only `wanlite animate-prep` uses them
+            table.add_row(f"prep {name}", "optional", path.name if path.is_file() else "missing", "", "")
     Console().print(table)
     print(f"ok: every {args.task} component is present and its tensor names and shapes match")
     return 0

@@ -318,3 +318,16 @@ def test_check_lists_the_clip_encoder(animate_inputs, capsys):
     assert main(["check", "--task", "animate-14B", "--ckpt_dir", str(animate_inputs["ckpt"])]) == 0
     printed = capsys.readouterr().out
     assert "CLIP" in printed and "transformer" in printed
+    assert printed.count("missing") == 3  # the fixture has no preprocessing models: listed, not required
+
+
+def test_check_lists_the_preprocessing_models(animate_inputs, tmp_path, capsys):
+    import shutil
+
+    from wanlite.cli import main
+    from wanlite.testing.prep_models import write_prep_models
+
+    ckpt = write_prep_models(shutil.copytree(animate_inputs["ckpt"], tmp_path / "ckpt"))
+    assert main(["check", "--task", "animate-14B", "--ckpt_dir", str(ckpt)]) == 0
+    printed = capsys.readouterr().out
+    assert "yolov10m.onnx" in printed and "vitpose_h" in printed and printed.count("missing") == 1  # sam2

@@ -628,14 +628,20 @@ def replacement_layers(frames: list[np.ndarray], masks: list[np.ndarray], option
 # ---- the command ---------------------------------------------------------------------------------------------
 
 
-def find_prep_models(folder: Path, need_sam2: bool) -> dict[str, Path]:
-    """The official `process_checkpoint/` files under `folder` (the Animate checkpoint folder or that
-    sub-folder itself); a missing one fails naming the file."""
+def prep_model_paths(folder: Path) -> dict[str, Path]:
+    """Where the official `process_checkpoint/` files are expected under `folder` (the Animate checkpoint
+    folder or that sub-folder itself)."""
     folder = Path(folder)
     if (folder / "process_checkpoint").is_dir():
         folder = folder / "process_checkpoint"
-    wanted = ["detector", "pose"] + (["sam2"] if need_sam2 else [])
-    paths = {name: folder / MODEL_FILES[name] for name in wanted}
+    return {name: folder / rel for name, rel in MODEL_FILES.items()}
+
+
+def find_prep_models(folder: Path, need_sam2: bool) -> dict[str, Path]:
+    """The preprocessing models a run needs; a missing one fails naming the file."""
+    paths = prep_model_paths(folder)
+    if not need_sam2:
+        del paths["sam2"]
     for name, path in paths.items():
         if not path.is_file():
             hint = " (or use --mask_source pose: no SAM2 needed)" if name == "sam2" else ""
