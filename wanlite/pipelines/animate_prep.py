@@ -499,16 +499,9 @@ def retarget(first: PoseMeta, reference: PoseMeta, metas: list[PoseMeta],
             shift[0] += ((body[8, 0] + body[11, 0]) / 2 if framing == 2 else body[1, 0]) - anchor_x
         body = (body - shift) / scale
 
-        def scaled(hand):  # about its root, in normalised coordinates; unconfident points dropped
-            hand = hand.copy()
-            hand[:, :2] = hand[:, :2] * size / size  # the official's pixel round trip
-            out = np.concatenate([hand[:, :2] * hand_ratio - hand[0, :2] * (hand_ratio - 1), hand[:, 2:]], 1)
-            out[hand[:, 2] < threshold] = (-1, -1, 0)
-            return out
-
         # the official pairs the right wrist (body 4) with the COCO right hand, then swaps the two hands when
         # that hand's root is nearer the other wrist
-        near, far = scaled(meta.right_hand), scaled(meta.left_hand)
+        near, far = (_scale_hand(h, size, hand_ratio, threshold) for h in (meta.right_hand, meta.left_hand))
         d4, d7 = body[4] - px[4], body[7] - px[7]  # where the wrists moved
         if near[0, 0] != -1:
             d4 += px[4] - near[0, :2] * size
@@ -523,6 +516,14 @@ def retarget(first: PoseMeta, reference: PoseMeta, metas: list[PoseMeta],
         body_px = body / ref_size * ref_size  # normalised and back, as the official stores it
         skeletons.append(Skeleton(np.concatenate([body_px, meta.body[:, 2:]], 1), *hands))
     return skeletons
+
+
+def _scale_hand(hand: np.ndarray, size: np.ndarray, ratio: float, threshold: float) -> np.ndarray:
+    """Scaled about its root in normalised coordinates; unconfident points become (-1, -1, 0)."""
+    xy = hand[:, :2] * size / size  # the official's pixel round trip
+    out = np.concatenate([xy * ratio - xy[0] * (ratio - 1), hand[:, 2:]], 1)
+    out[hand[:, 2] < threshold] = (-1, -1, 0)
+    return out
 
 
 def _place_hand(hand: np.ndarray, delta: np.ndarray, size: np.ndarray) -> np.ndarray:
