@@ -1,8 +1,9 @@
-"""Direction accuracy, drift and time per clip of the bundled tiny-t2v, per variant.
+"""Direction accuracy, drift and time per clip of a bundled tiny model, per variant.
 
-Usage: python bench/quality.py [--seeds N]
-Variants today: the fp32 reference and bf16 weights/compute; later issues add quantized, cached, tiled and
-offloaded variants here. Writes bench/results/quality.json.
+Usage: python bench/quality.py [--seeds N] [--i2v]
+Variants: the fp32 reference and bf16 weights/compute. Default: tiny-t2v text-to-video, written to
+bench/results/quality.json; --i2v: tiny-ti2v image-to-video from a rendered first frame per prompt, written to
+bench/results/quality_ti2v_i2v.json.
 """
 from __future__ import annotations
 
@@ -22,21 +23,24 @@ VARIANTS = {"fp32": {}, "bf16": {"dtype": "bf16"}}
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--i2v", action="store_true", help="tiny-ti2v from a first frame instead of tiny-t2v")
     args = parser.parse_args()
-    results = run_suite(VARIANTS, prompts=DEFAULT_PROMPTS, seeds=tuple(range(args.seeds)), reference="fp32")
+    task = "tiny-ti2v" if args.i2v else "tiny-t2v"
+    results = run_suite(VARIANTS, prompts=DEFAULT_PROMPTS, seeds=tuple(range(args.seeds)), reference="fp32",
+                        task=task, image=args.i2v)
     rows = summarize(results)
     print(f"{'variant':8s} {'clips':>5s} {'direction':>9s} {'dist px':>8s} {'s/clip':>7s} {'PSNR':>7s} {'SSIM':>7s}")
     for r in rows:
         print(f"{r['variant']:8s} {r['clips']:5d} {r['direction_accuracy']:9.3f} {r['mean_distance_px']:8.1f} "
               f"{r['seconds_per_clip']:7.2f} {r['psnr_vs_reference'] or float('nan'):7.2f} "
               f"{r['ssim_vs_reference'] or float('nan'):7.4f}")
-    out = Path(__file__).resolve().parent / "results" / "quality.json"
+    out = Path(__file__).resolve().parent / "results" / ("quality_ti2v_i2v.json" if args.i2v else "quality.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "task": "tiny-t2v", "summary": rows, "clips": as_dicts(results)}, indent=2) + "\n")
+        "task": task, "image_to_video": args.i2v, "summary": rows, "clips": as_dicts(results)}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

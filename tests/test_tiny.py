@@ -11,7 +11,7 @@ from PIL import Image
 
 from wanlite import generate
 from wanlite.errors import WanliteError
-from wanlite.eval import DEFAULT_PROMPTS, measure_motion, psnr, run_suite, ssim, summarize
+from wanlite.eval import DEFAULT_PROMPTS, first_frame, measure_motion, psnr, run_suite, ssim, summarize
 from wanlite.loading.checkpoints import discover
 from wanlite.loading.models import check_checkpoint
 from wanlite.tiny import checkpoint_dir
@@ -81,6 +81,14 @@ def ti2v_clip(tmp_path_factory):
     out = generate(task="tiny-ti2v", prompt=clip.caption, ckpt_dir=checkpoint_dir("tiny-ti2v"),
                    image=tmp / "first.png", seed=0, dtype="fp32", output_dir=tmp)
     return first, out.frames
+
+
+def test_i2v_first_frames_leave_room_for_the_motion():
+    from wanlite.tiny.data import centroid_track
+
+    for direction, (x, y) in {"right": (32, 64), "left": (96, 64), "down": (64, 32), "up": (64, 96)}.items():
+        frame = first_frame("blue", direction, 128)
+        np.testing.assert_allclose(centroid_track(frame[None], "blue")[0], (x - 0.5, y - 0.5))
 
 
 def test_tiny_ti2v_keeps_the_given_first_frame(ti2v_clip):

@@ -21,6 +21,17 @@ def prompt_for(colour: str, direction: str, shape: str = "square", background: s
     return f"a {colour} {shape} moving {direction} on a {background} background"
 
 
+def first_frame(colour: str, direction: str, size: int) -> np.ndarray:
+    """The image-to-video start: the shape a quarter of the frame before the centre along its motion (so
+    the motion the training clips show fits), on black; uint8 [size, size, 3]."""
+    from wanlite.tiny.data import Clip, Sprite, render
+
+    dx, dy = DIRECTIONS[direction]
+    start = (size / 2 - dx * size / 4, size / 2 - dy * size / 4)
+    clip = Clip((Sprite(colour, "square", f"moving {direction}", start),), "black", prompt_for(colour, direction))
+    return render(clip, size, 1, 0.0)[0]
+
+
 @dataclass(frozen=True)
 class Motion:
     dx: float  # centroid displacement from the first to the last frame where the colour is seen, pixels
@@ -95,11 +106,16 @@ class ClipResult:
 
 
 def run_suite(variants: dict[str, dict], prompts=DEFAULT_PROMPTS, seeds=(0, 1), reference: str | None = None,
-              task: str = "tiny-t2v") -> list[ClipResult]:
-    """Generate every prompt x seed for every variant; compare each clip with the reference variant's."""
+              task: str = "tiny-t2v", image: bool = False) -> list[ClipResult]:
+    """Generate every prompt x seed for every variant; compare each clip with the reference variant's.
+    `image`: image-to-video from `first_frame` of each prompt (tiny-ti2v)."""
     import tempfile
+    from pathlib import Path
+
+    from PIL import Image
 
     from wanlite.pipelines.run import generate
+    from wanlite.specs import TASKS
     from wanlite.tiny import checkpoint_dir
 
     reference = reference or next(iter(variants))
@@ -112,6 +128,9 @@ def run_suite(variants: dict[str, dict], prompts=DEFAULT_PROMPTS, seeds=(0, 1), 
                 started = time.perf_counter()
                 kwargs = dict(task=task, prompt=prompt_for(colour, direction), seed=seed, dtype="fp32",
                               output_dir=scratch.name)
+                if image:
+                    kwargs["image"] = Path(scratch.name) / f"{colour}_{direction}.png"
+                    Image.fromarray(first_frame(colour, direction, TASKS[task].size[0])).save(kwargs["image"])
                 kwargs.update(variants[name])
                 if "ckpt_dir" not in kwargs:
                     kwargs["ckpt_dir"] = checkpoint_dir(task)
