@@ -3,6 +3,8 @@ on CPU: its package __init__ files (which import every pipeline) are not run, an
 are replaced by plain softmax attention that refuses any key masking (parity inputs never need it)."""
 from __future__ import annotations
 
+import argparse
+import datetime
 import importlib
 import subprocess
 import sys
@@ -48,3 +50,19 @@ def revision(root: Path) -> str:
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|, in float64."""
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def official_checkout(doc: str) -> Path:
+    """The `--official PATH` argument of a parity script (its usage text: `doc`), resolved."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--official", type=Path, required=True, help="checkout of github.com/Wan-Video/Wan2.2")
+    return parser.parse_args().official.resolve()
+
+
+def provenance(script: str, root: Path) -> dict:
+    """What every parity result records first: the command, date, machine and the official revision."""
+    from _record import machine
+
+    return {"command": f"python bench/{script} --official PATH/TO/Wan2.2",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+            "official": {"repository": "github.com/Wan-Video/Wan2.2", "revision": revision(root)}}

@@ -9,8 +9,6 @@ face-motion network alone. Writes bench/results/animate_parity.json (max relativ
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import sys
 import types
 from dataclasses import replace
@@ -20,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _official import load_official, rel, revision  # noqa: E402
-from _record import machine, write_json  # noqa: E402
+from _official import load_official, official_checkout, provenance, rel  # noqa: E402
+from _record import write_json  # noqa: E402
 
 
 def face_attention(q, k, v, **_):
@@ -102,19 +100,13 @@ def clip_parity(root: Path) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--official", type=Path, required=True, help="checkout of github.com/Wan-Video/Wan2.2")
-    args = parser.parse_args()
-    root = args.official.resolve()
+    root = official_checkout(__doc__)
     results = parity(root)
     for name, err in results.items():
         print(f"{name:36s} max relative error {err:.2e}")
     worst = max(results.values())
-    write_json("animate_parity", {
-        "command": "python bench/animate_parity.py --official PATH/TO/Wan2.2",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-        "official": {"repository": "github.com/Wan-Video/Wan2.2", "revision": revision(root)},
-        "dtype": "float32", "target_max_rel_err": 1e-4, "max_rel_err": worst, "results": results})
+    write_json("animate_parity", {**provenance("animate_parity.py", root), "dtype": "float32",
+                                  "target_max_rel_err": 1e-4, "max_rel_err": worst, "results": results})
     return 0 if worst <= 1e-4 else 1
 
 

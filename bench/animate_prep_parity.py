@@ -12,8 +12,6 @@ drawings). Writes bench/results/animate_prep_parity.json.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import sys
 import tempfile
 from pathlib import Path
@@ -21,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _official import revision  # noqa: E402
-from _record import machine, write_json  # noqa: E402
+from _official import official_checkout, provenance  # noqa: E402
+from _record import write_json  # noqa: E402
 
 
 def _frames(n=10, h=180, w=240) -> list[np.ndarray]:
@@ -42,28 +40,6 @@ def _random_meta(rng, w, h):
     return kp
 
 
-STANDING = np.array([[0.5, 0.15], [0.5, 0.25], [0.42, 0.25], [0.38, 0.38], [0.36, 0.5], [0.58, 0.25],
-                     [0.62, 0.38], [0.64, 0.5], [0.45, 0.52], [0.45, 0.7], [0.45, 0.88], [0.55, 0.52],
-                     [0.55, 0.7], [0.55, 0.88], [0.48, 0.13], [0.52, 0.13], [0.46, 0.14], [0.54, 0.14],
-                     [0.57, 0.92], [0.43, 0.92]])
-
-
-def _figure(rng, width, height, stretch=(1.0, 1.0), hidden=(), crossed=False):
-    """A PoseMeta of a standing figure, jittered; `stretch` widens (x) and lengthens (y) it about the neck;
-    `hidden` body points get low scores; `crossed` puts each hand at the other wrist."""
-    from wanlite.pipelines.animate_prep import PoseMeta
-
-    xy = (STANDING - STANDING[1]) * stretch + STANDING[1] + rng.normal(0, 0.01, STANDING.shape)
-    scores = rng.uniform(0.6, 1.0, 20)
-    scores[list(hidden)] = rng.uniform(0.0, 0.3, len(hidden))
-    hands = []
-    for wrist in ((4, 7) if crossed else (7, 4)):  # COCO left hand at the left wrist (image right), then the right hand
-        pts = xy[wrist] + rng.normal(0, 0.02, (21, 2))
-        hands.append(np.concatenate([pts, rng.uniform(0.2, 1.0, (21, 1))], 1))
-    face = np.concatenate([rng.uniform(0.45, 0.55, (69, 2)), np.ones((69, 1))], 1)
-    return PoseMeta(width, height, np.concatenate([xy, scores[:, None]], 1), hands[0], hands[1], face)
-
-
 def _as_official(meta) -> dict:
     return {"width": meta.width, "height": meta.height, "keypoints_body": meta.body.copy(),
             "keypoints_left_hand": meta.left_hand.copy(), "keypoints_right_hand": meta.right_hand.copy(),
@@ -71,6 +47,8 @@ def _as_official(meta) -> dict:
 
 
 def retarget_parity(retarget_module, human_visualization, ap) -> dict:
+    from wanlite.testing.prep_models import standing_pose
+
     rng = np.random.default_rng(2)
     worst_px, worst_coord = 1.0, 0.0
     legs, hips = (9, 10, 12, 13, 18, 19), (8, 11)
@@ -79,8 +57,8 @@ def retarget_parity(retarget_module, human_visualization, ap) -> dict:
              ((720, 1280), (720, 1280), (1.0, 0.9), legs + hips, False),  # half body
              ((1280, 720), (720, 1280), (1.1, 1.0), (), True)]  # hands found at the other wrist
     for (sw, sh), (rw, rh), stretch, hidden, crossed in cases:
-        frames = [_figure(rng, sw, sh, hidden=hidden, crossed=crossed) for _ in range(8)]
-        reference = _figure(rng, rw, rh, stretch, hidden=hidden)
+        frames = [standing_pose(sw, sh, rng=rng, hidden=hidden, crossed=crossed) for _ in range(8)]
+        reference = standing_pose(rw, rh, stretch, rng=rng, hidden=hidden)
         official = retarget_module.get_retarget_pose(_as_official(frames[0]), _as_official(reference),
                                                      [_as_official(m) for m in frames], None, None)
         mine = ap.retarget(frames[0], reference, frames)
@@ -156,17 +134,12 @@ def parity(root: Path) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--official", type=Path, required=True, help="checkout of github.com/Wan-Video/Wan2.2")
-    args = parser.parse_args()
-    root = args.official.resolve()
+    root = official_checkout(__doc__)
     results = parity(root)
     for name, value in results.items():
         print(f"{name:64s} {value:.3g}")
     write_json("animate_prep_parity", {
-        "command": "python bench/animate_prep_parity.py --official PATH/TO/Wan2.2",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-        "official": {"repository": "github.com/Wan-Video/Wan2.2", "revision": revision(root)},
+        **provenance("animate_prep_parity.py", root),
         "models": "tiny ONNX stand-ins with the official signatures (wanlite.testing.prep_models)",
         "results": results})
     return 0

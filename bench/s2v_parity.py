@@ -10,8 +10,6 @@ writes to a temporary folder. Writes bench/results/s2v_parity.json (max relative
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import sys
 import tempfile
 import types
@@ -22,8 +20,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _official import load_official, rel, revision  # noqa: E402
-from _record import machine, write_json  # noqa: E402
+from _official import load_official, official_checkout, provenance, rel  # noqa: E402
+from _record import write_json  # noqa: E402
 
 
 def load(root: Path):
@@ -117,22 +115,14 @@ def audio_parity(audio_encoder) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--official", type=Path, required=True, help="checkout of github.com/Wan-Video/Wan2.2")
-    args = parser.parse_args()
-    root = args.official.resolve()
+    root = official_checkout(__doc__)
     model_s2v, audio_encoder = load(root)
     dit, audio = dit_parity(model_s2v), audio_parity(audio_encoder)
     for name, err in {**dit, **audio}.items():
         print(f"{name:38s} max relative error {err:.2e}")
     worst = max([*dit.values(), *audio.values()])
-    write_json("s2v_parity", {
-        "command": "python bench/s2v_parity.py --official PATH/TO/Wan2.2",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-        "official": {"repository": "github.com/Wan-Video/Wan2.2",
-                     "revision": revision(root)},
-        "dtype": "float32", "target_max_rel_err": 1e-4, "max_rel_err": worst,
-        "dit": dit, "audio_features": audio})
+    write_json("s2v_parity", {**provenance("s2v_parity.py", root), "dtype": "float32", "target_max_rel_err": 1e-4,
+                              "max_rel_err": worst, "dit": dit, "audio_features": audio})
     return 0 if worst <= 1e-4 else 1
 
 

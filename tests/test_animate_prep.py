@@ -12,7 +12,7 @@ from wanlite.cli import main
 from wanlite.pipelines import animate_prep as ap
 from wanlite.pipelines.animate import read_sources
 from wanlite.pipelines.video_io import read_mp4, write_mp4
-from wanlite.testing.prep_models import write_prep_models
+from wanlite.testing.prep_models import standing_pose, write_prep_models
 
 H, W, N = 96, 128, 12
 
@@ -161,27 +161,14 @@ def test_skeleton_colours_and_stick_width():
     assert canvas[201, 150].any() and not canvas[203, 150].any()  # 'v2' stick: 400 / 200 - 1 = 1 px half-width
 
 
-STANDING = np.array([[0.5, 0.15], [0.5, 0.25], [0.42, 0.25], [0.38, 0.38], [0.36, 0.5], [0.58, 0.25],
-                     [0.62, 0.38], [0.64, 0.5], [0.45, 0.52], [0.45, 0.7], [0.45, 0.88], [0.55, 0.52],
-                     [0.55, 0.7], [0.55, 0.88], [0.48, 0.13], [0.52, 0.13], [0.46, 0.14], [0.54, 0.14],
-                     [0.57, 0.92], [0.43, 0.92]])
-
-
-def _standing(width, height, stretch=(1.0, 1.0), shift=(0.0, 0.0)):
-    xy = (STANDING - STANDING[1]) * stretch + STANDING[1] + shift
-    body = np.concatenate([xy, np.ones((20, 1))], 1)
-    hand = np.concatenate([np.tile(xy[4], (21, 1)) + np.linspace(0, 0.02, 21)[:, None], np.ones((21, 1))], 1)
-    return ap.PoseMeta(width, height, body, hand, hand.copy(), np.ones((69, 3)) * 0.5)
-
-
 def _bones(px):
     return np.array([np.hypot(*(px[i - 1, :2] - px[j - 1, :2])) for i, j in ap.LIMBS])
 
 
 def test_retargeting_gives_the_performer_the_characters_bones():
-    first = _standing(1280, 720)
-    moved = _standing(1280, 720, shift=(0.1, 0.02))
-    character = _standing(576, 1024, stretch=(1.3, 1.2))
+    first = standing_pose(1280, 720)
+    moved = standing_pose(1280, 720, shift=(0.1, 0.02))
+    character = standing_pose(576, 1024, stretch=(1.3, 1.2))
     out = ap.retarget(first, character, [first, moved])
     want = _bones(character.skeleton().body)
     for skeleton in out:  # every bone but the feet (capped at half the shin) takes the character's length

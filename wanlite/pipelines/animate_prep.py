@@ -115,22 +115,16 @@ def read_driving_video(path: Path, fps: float) -> tuple[list[np.ndarray], float]
     """The frames at `fps` (-1: the source rate) as RGB uint8 arrays, and that rate. Decoded as a stream that
     keeps only the frames `sample_indices` picks (a long 60 fps source never sits in memory whole); the count
     is known at the end, when the list is cut (or padded with the last frame) to it."""
-    import imageio_ffmpeg
+    from wanlite.pipelines.video_io import video_frames
 
-    try:
-        reader = imageio_ffmpeg.read_frames(str(path))
-        info = next(reader)
-        w, h = info["size"]
-        video_fps = float(info.get("fps") or 30)
-        fps = video_fps if fps == -1 else fps
-        kept, count = [], 0
-        for buf in reader:
-            # frame `count` is wanted once for every output time that rounds to it
-            while round(len(kept) / fps * video_fps) == count:
-                kept.append(np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3))
-            count += 1
-    except (OSError, RuntimeError, StopIteration, KeyError, ValueError) as exc:
-        raise WanliteError(f"{path}: the driving video is not a readable video ({type(exc).__name__})") from None
+    video_fps, stream = video_frames(Path(path), "driving video")
+    fps = video_fps if fps == -1 else fps
+    kept, count = [], 0
+    for frame in stream:
+        # frame `count` is wanted once for every output time that rounds to it
+        while round(len(kept) / fps * video_fps) == count:
+            kept.append(frame)
+        count += 1
     target = len(sample_indices(count, video_fps, fps)) if count else 0
     if target == 0:
         raise WanliteError(f"{path}: {count} frames at {video_fps:g} fps give no frame at {fps:g} fps")

@@ -68,26 +68,20 @@ def find_wav2vec(root: Path) -> Path:
 def read_pose_frames(path: Path, fps: int, count: int) -> np.ndarray:
     """Up to `count` frames from the start of a pose video, sampled at about `fps` (every round(src/fps)-th
     frame, as the reference), uint8 [n, H, W, 3]."""
-    import imageio_ffmpeg
+    from wanlite.pipelines.video_io import video_frames
 
     path = Path(path)
     if not path.is_file():
         raise WanliteError(f"--pose_video {path}: no such file")
-    try:
-        reader = imageio_ffmpeg.read_frames(str(path))
-        info = next(reader)
-        w, h = info["size"]
-        step = max(1, round((info.get("fps") or fps) / fps))
-        frames = []
-        for i, buf in enumerate(reader):
-            if i % step == 0:
-                frames.append(np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3))
-                if len(frames) == count:
-                    break
-        reader.close()
-    except (OSError, RuntimeError, StopIteration, KeyError, ValueError) as exc:
-        raise WanliteError(f"--pose_video {path}: not a readable video ({type(exc).__name__}); give an mp4 of the "
-                           "pose sequence") from None
+    src_fps, stream = video_frames(path, "--pose_video (an mp4 of the pose sequence)")
+    step = max(1, round(src_fps / fps))
+    frames = []
+    for i, frame in enumerate(stream):
+        if i % step == 0:
+            frames.append(frame)
+            if len(frames) == count:
+                stream.close()
+                break
     if not frames:
         raise WanliteError(f"--pose_video {path}: the video has no frames")
     return np.stack(frames)

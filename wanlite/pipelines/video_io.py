@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -159,20 +160,42 @@ def contact_sheet(frames: np.ndarray, path: Path, columns: int = 4, max_frames: 
     return path
 
 
-def read_video(path: Path, what: str) -> tuple[np.ndarray, float]:
-    """Every frame of a user's video, uint8 [F, H, W, 3], and its frame rate; an unreadable or empty file is
-    one WanliteError naming `what` it was meant to be."""
+def video_frames(path: Path, what: str) -> tuple[float, Iterator[np.ndarray]]:
+    """A user's video as its frame rate and a stream of uint8 [H, W, 3] frames; an unreadable file (at the
+    start or mid-stream) is one WanliteError naming `what` it was meant to be."""
     import imageio_ffmpeg
 
     from wanlite.errors import WanliteError
 
+    def unreadable(exc: Exception) -> WanliteError:
+        return WanliteError(f"{path}: the {what} is not a readable video ({type(exc).__name__})")
+
+    errors = (OSError, RuntimeError, StopIteration, KeyError, ValueError)
     try:
         reader = imageio_ffmpeg.read_frames(str(path))
         info = next(reader)
         w, h = info["size"]
-        frames = [np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3) for buf in reader]
-    except (OSError, RuntimeError, StopIteration, KeyError, ValueError) as exc:
-        raise WanliteError(f"{path}: the {what} is not a readable video ({type(exc).__name__})") from None
+    except errors as exc:
+        raise unreadable(exc) from None
+
+    def stream() -> Iterator[np.ndarray]:
+        try:
+            for buf in reader:
+                yield np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3)
+        except errors as exc:
+            raise unreadable(exc) from None
+        finally:
+            reader.close()  # ends ffmpeg when the caller stops early
+
+    return float(info.get("fps") or 30), stream()
+
+
+def read_video(path: Path, what: str) -> tuple[np.ndarray, float]:
+    """Every frame of a user's video, uint8 [F, H, W, 3], and its frame rate (see `video_frames`)."""
+    from wanlite.errors import WanliteError
+
+    fps, stream = video_frames(path, what)
+    frames = list(stream)
     if not frames:
         raise WanliteError(f"{path}: the {what} has no frames")
-    return np.stack(frames), float(info.get("fps") or 30)
+    return np.stack(frames), fps

@@ -103,3 +103,36 @@ def write_prep_models(folder: Path, person: tuple[float, float, float, float] = 
     write_tiny_detector(root / "det" / "yolov10m.onnx", person)
     write_tiny_pose(root / "pose2d" / "vitpose_h_wholebody.onnx")
     return Path(folder)
+
+
+# a person standing, facing the camera, arms down (x, y as fractions of the frame; the 20-point body order)
+STANDING = np.array([[0.5, 0.15], [0.5, 0.25], [0.42, 0.25], [0.38, 0.38], [0.36, 0.5], [0.58, 0.25],
+                     [0.62, 0.38], [0.64, 0.5], [0.45, 0.52], [0.45, 0.7], [0.45, 0.88], [0.55, 0.52],
+                     [0.55, 0.7], [0.55, 0.88], [0.48, 0.13], [0.52, 0.13], [0.46, 0.14], [0.54, 0.14],
+                     [0.57, 0.92], [0.43, 0.92]])
+
+
+def standing_pose(width: int, height: int, stretch=(1.0, 1.0), shift=(0.0, 0.0), rng=None, hidden=(),
+                  crossed=False):
+    """A PoseMeta of the standing figure: `stretch` widens (x) and lengthens (y) it about the neck, `shift`
+    moves it (fractions of the frame). With `rng`: positions and scores jittered, `hidden` body points given low
+    scores, hands spread and scored at random, `crossed` puts each hand at the other wrist; without: exact, all
+    scores 1, each hand a short line from its wrist."""
+    from wanlite.pipelines.animate_prep import PoseMeta
+
+    xy = (STANDING - STANDING[1]) * stretch + STANDING[1] + shift
+    scores = np.ones(20)
+    if rng is not None:
+        xy = xy + rng.normal(0, 0.01, STANDING.shape)
+        scores = rng.uniform(0.6, 1.0, 20)
+        scores[list(hidden)] = rng.uniform(0.0, 0.3, len(hidden))
+    hands = []
+    for wrist in ((4, 7) if crossed else (7, 4)):  # COCO left hand at the left wrist (image right), then the right
+        if rng is None:
+            hands.append(np.concatenate([xy[wrist] + np.linspace(0, 0.02, 21)[:, None], np.ones((21, 1))], 1))
+        else:
+            pts = xy[wrist] + rng.normal(0, 0.02, (21, 2))
+            hands.append(np.concatenate([pts, rng.uniform(0.2, 1.0, (21, 1))], 1))
+    face = np.concatenate([np.full((69, 2), 0.5) if rng is None else rng.uniform(0.45, 0.55, (69, 2)),
+                           np.ones((69, 1))], 1)
+    return PoseMeta(width, height, np.concatenate([xy, scores[:, None]], 1), hands[0], hands[1], face)
