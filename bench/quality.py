@@ -1,9 +1,10 @@
 """Direction accuracy, drift and time per clip of a bundled tiny model, per variant.
 
-Usage: python bench/quality.py [--seeds N] [--i2v]
+Usage: python bench/quality.py [--seeds N] [--i2v [--conflict]]
 Variants: the fp32 reference and bf16 weights/compute. Default: tiny-t2v text-to-video, written to
 bench/results/quality.json; --i2v: tiny-ti2v image-to-video from a rendered first frame per prompt, written to
-bench/results/quality_ti2v_i2v.json.
+bench/results/quality_ti2v_i2v.json; --conflict: each first frame is drawn moving the opposite way (its motion
+trail points against the prompt), to tell which of the two the motion follows (quality_ti2v_i2v_conflict.json).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import platform
 import sys
 from pathlib import Path
 
-from wanlite.eval import DEFAULT_PROMPTS, as_dicts, run_suite, summarize
+from wanlite.eval import DEFAULT_PROMPTS, OPPOSITE, as_dicts, run_suite, summarize
 
 VARIANTS = {"fp32": {}, "bf16": {"dtype": "bf16"}}
 
@@ -24,23 +25,33 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--i2v", action="store_true", help="tiny-ti2v from a first frame instead of tiny-t2v")
+    parser.add_argument("--conflict", action="store_true", help="with --i2v: first frames drawn moving the other way")
     args = parser.parse_args()
+    if args.conflict and not args.i2v:
+        parser.error("--conflict needs --i2v")
     task = "tiny-ti2v" if args.i2v else "tiny-t2v"
     results = run_suite(VARIANTS, prompts=DEFAULT_PROMPTS, seeds=tuple(range(args.seeds)), reference="fp32",
-                        task=task, image=args.i2v)
+                        task=task, image=args.i2v, image_direction=OPPOSITE if args.conflict else None)
     rows = summarize(results)
     print(f"{'variant':8s} {'clips':>5s} {'direction':>9s} {'dist px':>8s} {'s/clip':>7s} {'PSNR':>7s} {'SSIM':>7s}")
     for r in rows:
         print(f"{r['variant']:8s} {r['clips']:5d} {r['direction_accuracy']:9.3f} {r['mean_distance_px']:8.1f} "
               f"{r['seconds_per_clip']:7.2f} {r['psnr_vs_reference'] or float('nan'):7.2f} "
               f"{r['ssim_vs_reference'] or float('nan'):7.4f}")
-    out = Path(__file__).resolve().parent / "results" / ("quality_ti2v_i2v.json" if args.i2v else "quality.json")
+    if args.conflict:
+        for row in rows:
+            clips = [r for r in results if r.variant == row["variant"]]
+            row["follows_image"] = round(sum(r.measured == OPPOSITE[r.direction] for r in clips) / len(clips), 3)
+            print(f"{row['variant']}: moves the way the first frame shows in {row['follows_image']:.3f} of clips")
+    stem = "quality_ti2v_i2v" + ("_conflict" if args.conflict else "") if args.i2v else "quality"
+    out = Path(__file__).resolve().parent / "results" / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "task": task, "image_to_video": args.i2v, "summary": rows, "clips": as_dicts(results)}, indent=2) + "\n")
+        "task": task, "image_to_video": args.i2v, "image_against_prompt": args.conflict, "summary": rows,
+        "clips": as_dicts(results)}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -15,6 +15,7 @@ from wanlite.tiny.data import centroid_track
 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 DEFAULT_PROMPTS = tuple((colour, direction) for colour in ("red", "blue") for direction in DIRECTIONS)
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 
 def prompt_for(colour: str, direction: str, shape: str = "square", background: str = "black") -> str:
@@ -106,9 +107,11 @@ class ClipResult:
 
 
 def run_suite(variants: dict[str, dict], prompts=DEFAULT_PROMPTS, seeds=(0, 1), reference: str | None = None,
-              task: str = "tiny-t2v", image: bool = False) -> list[ClipResult]:
+              task: str = "tiny-t2v", image: bool = False, image_direction: dict[str, str] | None = None
+              ) -> list[ClipResult]:
     """Generate every prompt x seed for every variant; compare each clip with the reference variant's.
-    `image`: image-to-video from `first_frame` of each prompt (tiny-ti2v)."""
+    `image`: image-to-video from `first_frame` of each prompt (tiny-ti2v); `image_direction` maps the prompted
+    direction to the one the first frame is drawn for (default: the same; OPPOSITE: image and prompt disagree)."""
     import tempfile
     from pathlib import Path
 
@@ -129,8 +132,9 @@ def run_suite(variants: dict[str, dict], prompts=DEFAULT_PROMPTS, seeds=(0, 1), 
                 kwargs = dict(task=task, prompt=prompt_for(colour, direction), seed=seed, dtype="fp32",
                               output_dir=scratch.name)
                 if image:
-                    kwargs["image"] = Path(scratch.name) / f"{colour}_{direction}.png"
-                    Image.fromarray(first_frame(colour, direction, TASKS[task].size[0])).save(kwargs["image"])
+                    drawn = (image_direction or {}).get(direction, direction)
+                    kwargs["image"] = Path(scratch.name) / f"{colour}_{drawn}.png"
+                    Image.fromarray(first_frame(colour, drawn, TASKS[task].size[0])).save(kwargs["image"])
                 kwargs.update(variants[name])
                 if "ckpt_dir" not in kwargs:
                     kwargs["ckpt_dir"] = checkpoint_dir(task)

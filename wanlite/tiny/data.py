@@ -62,9 +62,9 @@ def random_clip(rng: np.random.Generator, size: int, frames: int, speed: float, 
 
 def render(clip: Clip, size: int, frames: int, speed: float) -> np.ndarray:
     """uint8 [F, H, W, 3]. A moving sprite leaves a fading motion-blur trail behind it, so each single frame
-    shows its direction; meant to make the caption's direction easier for a tiny DiT to learn than motion
-    across frames alone (its tokens know only relative positions), though it has not been enough yet. The
-    trail's blended colours fall outside `centroid_track`'s tolerance, so tracks follow the sprite itself."""
+    shows its direction: tiny-ti2v learned to continue the motion a first frame's trail shows, though neither
+    model has learned the caption's direction words yet (bench/caption_probe.py). The trail's blended colours
+    fall outside `centroid_track`'s tolerance, so tracks follow the sprite itself."""
     background = np.array(BACKGROUNDS[clip.background], np.float32)
     video = np.empty((frames, size, size, 3), np.float32)
     video[:] = background
