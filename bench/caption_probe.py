@@ -1,6 +1,6 @@
 """Which caption words does a bundled tiny model use? One denoising step on held-out clips, per noise level.
 
-Usage: python bench/caption_probe.py [--task tiny-t2v|tiny-ti2v] [--clips 48] [--ckpt_dir DIR]
+Usage: python bench/caption_probe.py [--task tiny-t2v|tiny-ti2v] [--first_frame] [--clips 48] [--ckpt_dir DIR]
 For each sigma, the flow-matching loss of one single-sprite moving clip under its own caption, the caption with
 the opposite direction, the caption with another colour, and the empty caption. A word the model uses costs
 loss when it is swapped: the gap (percent of the true caption's loss) is the yardstick of how much the model
@@ -46,10 +46,13 @@ def main() -> int:
     parser.add_argument("--first_frame", action="store_true", help="frame 0 given clean (tiny-ti2v I2V)")
     parser.add_argument("--ckpt_dir", help="a retrained folder instead of the bundled one")
     args = parser.parse_args()
+    if args.clips < 1:
+        parser.error(f"--clips {args.clips}: give at least 1")
     torch.set_num_threads(2)
     task, recipe = TASKS[args.task], RECIPES[args.task]
     ckpt = discover(Path(args.ckpt_dir) if args.ckpt_dir else checkpoint_dir(args.task))
-    experts = {role: load_dit(comp, args.task, torch.float32) for role, comp in expert_components(ckpt, args.task).items()}
+    experts = {role: load_dit(comp, args.task, torch.float32)
+               for role, comp in expert_components(ckpt, args.task).items()}
     vae = load_vae(ckpt.vae, args.task)
     encoder = TextEncoder(load_tokenizer(ckpt.tokenizer), load_t5(ckpt.t5, torch.float32), text_len=TEXT_LEN)
 
@@ -76,7 +79,7 @@ def main() -> int:
     generator = torch.Generator().manual_seed(0)
     rows = []
     for sigma in SIGMAS:
-        role = "main" if "main" in experts else ("high_noise" if sigma * 1000 >= task.boundary * 1000 else "low_noise")
+        role = "main" if "main" in experts else ("high_noise" if sigma >= task.boundary else "low_noise")
         noise = torch.randn(x0.shape, generator=generator)
         xt = (1 - sigma) * x0 + sigma * noise
         t = torch.full((len(clips),), sigma * 1000)

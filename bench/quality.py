@@ -43,7 +43,7 @@ def main() -> int:
             clips = [r for r in results if r.variant == row["variant"]]
             row["follows_image"] = round(sum(r.measured == OPPOSITE[r.direction] for r in clips) / len(clips), 3)
             print(f"{row['variant']}: moves the way the first frame shows in {row['follows_image']:.3f} of clips")
-    stem = "quality_ti2v_i2v" + ("_conflict" if args.conflict else "") if args.i2v else "quality"
+    stem = ("quality_ti2v_i2v" + ("_conflict" if args.conflict else "")) if args.i2v else "quality"
     out = Path(__file__).resolve().parent / "results" / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
