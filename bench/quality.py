@@ -1,10 +1,12 @@
 """Direction accuracy, drift and time per clip of a bundled tiny model, per variant.
 
-Usage: python bench/quality.py [--seeds N] [--i2v [--conflict]]
+Usage: python bench/quality.py [--seeds N] [--i2v [--placement ahead|against|corner]]
 Variants: the fp32 reference and bf16 weights/compute. Default: tiny-t2v text-to-video, written to
-bench/results/quality.json; --i2v: tiny-ti2v image-to-video from a rendered first frame per prompt, written to
-bench/results/quality_ti2v_i2v.json; --conflict: each first frame is drawn moving the opposite way (its motion
-trail points against the prompt), to tell which of the two the motion follows (quality_ti2v_i2v_conflict.json).
+bench/results/quality.json; --i2v: tiny-ti2v image-to-video from a rendered first frame per prompt
+(`wanlite.eval.first_frame`), written to bench/results/quality_ti2v_i2v[_<placement>].json. `ahead` (default):
+the frame a training clip of the prompt could start with, whose trail and placement already tell the
+direction; `against`: drawn for the opposite motion, to tell which of image and prompt the motion follows;
+`corner`: a still shape where the prompted and a perpendicular motion fit alike, so only the prompt can tell.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import platform
 import sys
 from pathlib import Path
 
-from wanlite.eval import DEFAULT_PROMPTS, OPPOSITE, as_dicts, run_suite, summarize
+from wanlite.eval import DEFAULT_PROMPTS, OPPOSITE, PLACEMENTS, as_dicts, run_suite, summarize
 
 VARIANTS = {"fp32": {}, "bf16": {"dtype": "bf16"}}
 
@@ -25,32 +27,34 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--i2v", action="store_true", help="tiny-ti2v from a first frame instead of tiny-t2v")
-    parser.add_argument("--conflict", action="store_true", help="with --i2v: first frames drawn moving the other way")
+    parser.add_argument("--placement", choices=PLACEMENTS, help="with --i2v: how the first frame is drawn")
     args = parser.parse_args()
-    if args.conflict and not args.i2v:
-        parser.error("--conflict needs --i2v")
+    if args.placement and not args.i2v:
+        parser.error("--placement needs --i2v")
     task = "tiny-ti2v" if args.i2v else "tiny-t2v"
+    placement = args.placement or "ahead"
     results = run_suite(VARIANTS, prompts=DEFAULT_PROMPTS, seeds=tuple(range(args.seeds)), reference="fp32",
-                        task=task, image=args.i2v, image_direction=OPPOSITE if args.conflict else None)
+                        task=task, image=args.i2v, placement=placement)
     rows = summarize(results)
     print(f"{'variant':8s} {'clips':>5s} {'direction':>9s} {'dist px':>8s} {'s/clip':>7s} {'PSNR':>7s} {'SSIM':>7s}")
     for r in rows:
         print(f"{r['variant']:8s} {r['clips']:5d} {r['direction_accuracy']:9.3f} {r['mean_distance_px']:8.1f} "
               f"{r['seconds_per_clip']:7.2f} {r['psnr_vs_reference'] or float('nan'):7.2f} "
               f"{r['ssim_vs_reference'] or float('nan'):7.4f}")
-    if args.conflict:
+    if placement == "against":
         for row in rows:
             clips = [r for r in results if r.variant == row["variant"]]
             row["follows_image"] = round(sum(r.measured == OPPOSITE[r.direction] for r in clips) / len(clips), 3)
             print(f"{row['variant']}: moves the way the first frame shows in {row['follows_image']:.3f} of clips")
-    stem = ("quality_ti2v_i2v" + ("_conflict" if args.conflict else "")) if args.i2v else "quality"
+    stem = ("quality_ti2v_i2v" + ("" if placement == "ahead" else f"_{placement}")) if args.i2v else "quality"
     out = Path(__file__).resolve().parent / "results" / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "task": task, "image_to_video": args.i2v, "image_against_prompt": args.conflict, "summary": rows,
+        "task": task, "image_to_video": args.i2v, "first_frame_placement": placement if args.i2v else None,
+        "summary": rows,
         "clips": as_dicts(results)}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

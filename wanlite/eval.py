@@ -22,15 +22,33 @@ def prompt_for(colour: str, direction: str, shape: str = "square", background: s
     return f"a {colour} {shape} moving {direction} on a {background} background"
 
 
-def first_frame(colour: str, direction: str, size: int) -> np.ndarray:
-    """The image-to-video start: the shape a quarter of the frame before the centre along its motion (so
-    the motion the training clips show fits), on black; uint8 [size, size, 3]."""
+PLACEMENTS = ("ahead", "against", "corner")
+
+
+def first_frame(colour: str, direction: str, size: int, placement: str = "ahead", corner: int = 0,
+                trail: bool = True) -> np.ndarray:
+    """An image-to-video start for a prompt moving `direction`, a square on black; uint8 [size, size, 3].
+
+    `ahead`: a quarter of the frame before the centre along the motion, drawn like frame 0 of a training clip
+    (with `trail`, the motion trail behind it); `against`: the same for the opposite motion. Both tell the
+    direction without the prompt: the trail, and the placement (training clips start where the motion fits,
+    so a shape near the left edge moves right). `corner`: a still square in one of the two corners (`corner`
+    0 or 1) from which the prompted motion and one perpendicular to it fit alike; only the prompt can tell."""
     from wanlite.tiny.data import Clip, Sprite, render
 
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement {placement!r}: choose one of {', '.join(PLACEMENTS)}")
+    if placement == "against":
+        direction = OPPOSITE[direction]
     dx, dy = DIRECTIONS[direction]
-    start = (size / 2 - dx * size / 4, size / 2 - dy * size / 4)
-    clip = Clip((Sprite(colour, "square", f"moving {direction}", start),), "black", prompt_for(colour, direction))
-    return render(clip, size, 1, 0.0)[0]
+    start = [size / 2 - dx * size / 4, size / 2 - dy * size / 4]
+    motion = f"moving {direction}"
+    if placement == "corner":
+        side = size / 4 if corner == 0 else 3 * size / 4
+        start[1 if dx else 0] = side  # the perpendicular axis: off centre, leaving room one way
+        motion, trail = "standing still", False
+    clip = Clip((Sprite(colour, "square", motion, tuple(start)),), "black", prompt_for(colour, direction))
+    return render(clip, size, 1, 0.0, trail=trail)[0]
 
 
 @dataclass(frozen=True)
@@ -107,11 +125,10 @@ class ClipResult:
 
 
 def run_suite(variants: dict[str, dict], prompts=DEFAULT_PROMPTS, seeds=(0, 1), reference: str | None = None,
-              task: str = "tiny-t2v", image: bool = False, image_direction: dict[str, str] | None = None
-              ) -> list[ClipResult]:
+              task: str = "tiny-t2v", image: bool = False, placement: str = "ahead") -> list[ClipResult]:
     """Generate every prompt x seed for every variant; compare each clip with the reference variant's.
-    `image`: image-to-video from `first_frame` of each prompt (tiny-ti2v); `image_direction` maps the prompted
-    direction to the one the first frame is drawn for (default: the same; OPPOSITE: image and prompt disagree)."""
+    `image`: image-to-video from `first_frame(..., placement)` of each prompt (tiny-ti2v), drawn like the
+    model's training clips (trail or not); with `corner`, even seeds start in one corner, odd in the other."""
     import tempfile
     from pathlib import Path
 
@@ -120,6 +137,7 @@ def run_suite(variants: dict[str, dict], prompts=DEFAULT_PROMPTS, seeds=(0, 1), 
     from wanlite.pipelines.run import generate
     from wanlite.specs import TASKS
     from wanlite.tiny import checkpoint_dir
+    from wanlite.tiny.train import RECIPES
 
     reference = reference or next(iter(variants))
     frames_of: dict[tuple, np.ndarray] = {}
@@ -132,9 +150,10 @@ def run_suite(variants: dict[str, dict], prompts=DEFAULT_PROMPTS, seeds=(0, 1), 
                 kwargs = dict(task=task, prompt=prompt_for(colour, direction), seed=seed, dtype="fp32",
                               output_dir=scratch.name)
                 if image:
-                    drawn = (image_direction or {}).get(direction, direction)
-                    kwargs["image"] = Path(scratch.name) / f"{colour}_{drawn}.png"
-                    Image.fromarray(first_frame(colour, drawn, TASKS[task].size[0])).save(kwargs["image"])
+                    kwargs["image"] = Path(scratch.name) / f"{colour}_{direction}_{seed}.png"
+                    frame = first_frame(colour, direction, TASKS[task].size[0], placement, seed % 2,
+                                        RECIPES[task].trail)
+                    Image.fromarray(frame).save(kwargs["image"])
                 kwargs.update(variants[name])
                 if "ckpt_dir" not in kwargs:
                     kwargs["ckpt_dir"] = checkpoint_dir(task)

@@ -39,8 +39,12 @@ def caption_for(sprites: tuple[Sprite, ...], background: str) -> str:
     return " and ".join(parts) + f" on a {background} background"
 
 
-def random_clip(rng: np.random.Generator, size: int, frames: int, speed: float, two_prob: float = 0.25) -> Clip:
-    """One or two sprites with distinct colours; start positions leave room for the whole motion."""
+def random_clip(rng: np.random.Generator, size: int, frames: int, speed: float, two_prob: float = 0.25,
+                anywhere: bool = False) -> Clip:
+    """One or two sprites with distinct colours. Start positions leave room for the whole motion, or with
+    `anywhere` they are drawn alike for every motion and a sprite may leave the frame: then a first frame's
+    placement does not give the direction away (a sprite near the left edge would otherwise have to move
+    right), and an image-to-video model must take it from the prompt."""
     count = 2 if rng.random() < two_prob else 1
     colours = rng.choice(list(COLOURS), size=count, replace=False)
     background = str(rng.choice(list(BACKGROUNDS)))
@@ -50,21 +54,23 @@ def random_clip(rng: np.random.Generator, size: int, frames: int, speed: float, 
         motion = str(rng.choice(list(MOTIONS)))
         dx, dy = MOTIONS[motion]
         margin = size * 0.16
-        lo_x = margin + (travel if dx < 0 else 0)
-        hi_x = size - margin - (travel if dx > 0 else 0)
-        lo_y = margin + (travel if dy < 0 else 0)
-        hi_y = size - margin - (travel if dy > 0 else 0)
+        room = 0.0 if anywhere else travel
+        lo_x = margin + (room if dx < 0 else 0)
+        hi_x = size - margin - (room if dx > 0 else 0)
+        lo_y = margin + (room if dy < 0 else 0)
+        hi_y = size - margin - (room if dy > 0 else 0)
         start = (float(rng.uniform(lo_x, hi_x)), float(rng.uniform(lo_y, hi_y)))
         sprites.append(Sprite(str(colour), str(rng.choice(SHAPES)), motion, start))
     sprites = tuple(sprites)
     return Clip(sprites, background, caption_for(sprites, background))
 
 
-def render(clip: Clip, size: int, frames: int, speed: float) -> np.ndarray:
-    """uint8 [F, H, W, 3]. A moving sprite leaves a fading motion-blur trail behind it, so each single frame
-    shows its direction: tiny-ti2v learned to continue the motion a first frame's trail shows, though neither
-    model has learned the caption's direction words yet (bench/caption_probe.py). The trail's blended colours
-    fall outside `centroid_track`'s tolerance, so tracks follow the sprite itself."""
+def render(clip: Clip, size: int, frames: int, speed: float, trail: bool = True) -> np.ndarray:
+    """uint8 [F, H, W, 3]. With `trail` (both bundled models' data), a moving sprite leaves a fading
+    motion-blur trail behind it, so each single frame shows its direction: tiny-ti2v continues the motion a
+    first frame's trail shows rather than the caption's direction word (bench/quality.py --placement), and
+    `trail=False` is the recipe option that takes this cue away (bench/tiny_recipe.py). The trail's blended
+    colours fall outside `centroid_track`'s tolerance, so tracks follow the sprite itself."""
     background = np.array(BACKGROUNDS[clip.background], np.float32)
     video = np.empty((frames, size, size, 3), np.float32)
     video[:] = background
@@ -75,8 +81,8 @@ def render(clip: Clip, size: int, frames: int, speed: float) -> np.ndarray:
             dx, dy = MOTIONS[s.motion]
             colour = np.array(COLOURS[s.colour], np.float32)
             cx, cy = s.start[0] + dx * speed * f, s.start[1] + dy * speed * f
-            trail = TRAIL if (dx or dy) else ()
-            for back, alpha in [(b * radius, a) for b, a in trail] + [(0.0, 1.0)]:
+            behind = TRAIL if trail and (dx or dy) else ()
+            for back, alpha in [(b * radius, a) for b, a in behind] + [(0.0, 1.0)]:
                 x, y = cx - dx * back, cy - dy * back
                 if s.shape == "circle":
                     mask = (xx - x) ** 2 + (yy - y) ** 2 <= radius**2

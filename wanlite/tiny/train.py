@@ -51,6 +51,10 @@ class TinyRecipe:
     clips: int = 1024  # latent clips the DiT trains on
     dit_lr: float = 1e-3
     dit_batch: int = 24
+    trail: bool = True  # clips drawn with motion trails (wanlite.tiny.data.render)
+    anywhere: bool = False  # start positions independent of the motion (wanlite.tiny.data.random_clip)
+    sigma_shift: float = 1.0  # training sigmas uniform in the sampler's shifted time (1: uniform sigma)
+    sprite_weight: float = 1.0  # loss weight of the latent elements the sprites cover (1: plain MSE)
 
 
 RECIPES = {
@@ -70,8 +74,8 @@ def log(msg: str) -> None:
 
 
 def clip_batch(rng: np.random.Generator, recipe: TinyRecipe, batch: int, frames: int):
-    clips = [random_clip(rng, recipe.size, frames, recipe.speed) for _ in range(batch)]
-    video = torch.stack([to_model_video(render(c, recipe.size, frames, recipe.speed)) for c in clips])
+    clips = [random_clip(rng, recipe.size, frames, recipe.speed, anywhere=recipe.anywhere) for _ in range(batch)]
+    video = torch.stack([to_model_video(render(c, recipe.size, frames, recipe.speed, recipe.trail)) for c in clips])
     return video, [c.caption for c in clips]
 
 
@@ -194,28 +198,47 @@ def init_dit_for_training(dit: WanDiT) -> None:
         dit.head.head.bias.zero_()
 
 
+def sprite_mask(latents: torch.Tensor) -> torch.Tensor:
+    """[N, 1, F, H, W]: 1 where a latent element differs from its frame's background (the per-channel spatial
+    median) by more than 0.3 on average over channels: the sprites, ~15 % of the elements."""
+    background = latents.flatten(3).median(dim=-1).values[..., None, None]
+    return ((latents - background).abs().mean(dim=1, keepdim=True) > 0.3).float()
+
+
+def shifted(u: np.ndarray, shift: float) -> np.ndarray:
+    """The samplers' time shift: sigma = shift*u / (1 + (shift-1)*u)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
 def train_dit(recipe: TinyRecipe, latents: torch.Tensor, captions: list[str], embed: CaptionEmbeddings,
               rng: np.random.Generator, sigma_range: tuple[float, float], first_frame: bool, name: str) -> WanDiT:
     """Rectified flow on precomputed latents. `first_frame`: half the batches keep latent frame 0 clean at
-    timestep 0 and train only the other frames (TI2V image-to-video)."""
+    timestep 0 and train only the other frames (TI2V image-to-video). The direction word changes only the few
+    elements a sprite covers, so under plain MSE it is drowned by the background; `sprite_weight` lifts them."""
     torch.manual_seed(int(rng.integers(2**31)))
     dit = WanDiT(recipe.dit)
     init_dit_for_training(dit)
     opt = torch.optim.AdamW(dit.parameters(), lr=recipe.dit_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.dit_lr, total_steps=recipe.dit_steps,
                                                 pct_start=0.05)
-    lo, hi = sigma_range
+    shift = recipe.sigma_shift
+    lo, hi = (sig / (shift - (shift - 1) * sig) for sig in sigma_range)  # the range in unshifted time
     batch = recipe.dit_batch
+    sprite_weight = None
+    if recipe.sprite_weight != 1:
+        mask = sprite_mask(latents)
+        sprite_weight = 1 + (recipe.sprite_weight - 1) * mask
+        log(f"{name}: sprites cover {mask.mean():.1%} of the latent elements, weighted x{recipe.sprite_weight:g}")
     for step in range(recipe.dit_steps):
         idx = torch.from_numpy(rng.integers(0, len(latents), batch))
         x0 = latents[idx]
         caps = ["" if rng.random() < 0.1 else captions[i] for i in idx.tolist()]  # CFG dropout
-        sigma = torch.from_numpy(rng.uniform(lo, hi, batch)).float()
+        sigma = torch.from_numpy(shifted(rng.uniform(lo, hi, batch), shift)).float()
         noise = torch.randn_like(x0)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         t = sigma * 1000
-        weight = torch.ones_like(x0)
+        weight = torch.ones_like(x0) if sprite_weight is None else sprite_weight[idx].expand_as(x0).clone()
         if first_frame and rng.random() < 0.5:
             xt[:, :, :1] = x0[:, :, :1]
             t = t[:, None].repeat(1, x0.shape[2])
