@@ -39,8 +39,7 @@ def swapped(clip: Clip, direction: str | None = None, colour: str | None = None)
     return caption_for((Sprite(colour or s.colour, s.shape, motion, s.start),), clip.background)
 
 
-def probe(task_name: str, ckpt_dir: Path, recipe: TinyRecipe, first_frame: bool, n_clips: int = 48,
-          log=print) -> list[dict]:
+def probe(task_name: str, ckpt_dir: Path, recipe: TinyRecipe, first_frame: bool, n_clips: int = 48) -> list[dict]:
     """Per sigma: the loss under the true caption and the gaps (percent) of each swapped caption. `recipe`
     draws the held-out clips the way the model was trained (size, speed, trail, starts)."""
     task = TASKS[task_name]
@@ -88,8 +87,8 @@ def probe(task_name: str, ckpt_dir: Path, recipe: TinyRecipe, first_frame: bool,
         row.update({f"gap_{name}_pct": round(100 * (loss[name] - loss["true"]) / loss["true"], 2)
                     for name in captions if name != "true"})
         rows.append(row)
-        log(f"sigma {sigma:4.2f} {role:10s} loss {loss['true']:.4f}  "
-            + "  ".join(f"{k[4:-4]} {v:+6.2f}%" for k, v in row.items() if k.startswith("gap_")))
+        print(f"sigma {sigma:4.2f} {role:10s} loss {loss['true']:.4f}  "
+              + "  ".join(f"{k[4:-4]} {v:+6.2f}%" for k, v in row.items() if k.startswith("gap_")))
     return rows
 
 

@@ -62,6 +62,8 @@ def main() -> int:
         parser.error(str(err))
     recipe = dataclasses.replace(base, **changes)
     name = args.name or "_".join([args.task.replace("-", "_")] + [f"{k}{v}" for k, v in changes.items()])
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: give at least 1")
     if args.out and args.trained:
         parser.error("--out trains into a folder, --trained reuses one: give one of them")
     scratch = None if args.out or args.trained else tempfile.TemporaryDirectory(prefix="wanlite-recipe-")

@@ -58,11 +58,12 @@ def test_render_without_trail_draws_only_sprite_and_background():
 
 
 def test_training_sigmas_and_sprite_weighting():
-    from wanlite.tiny.train import shifted, sprite_mask
+    from wanlite.pipelines.samplers import shift_sigmas
+    from wanlite.tiny.train import sprite_mask
 
     u = np.linspace(0, 1, 11)
-    assert np.array_equal(shifted(u, 1.0), u)  # shift 1 keeps tiny-t2v's uniform sigmas bit for bit
-    assert shifted(np.array([0.5]), 5.0)[0] == pytest.approx(5 / 6)  # the sampler's shift: mostly high noise
+    assert np.array_equal(shift_sigmas(u, 1.0), u)  # shift 1 keeps tiny-t2v's uniform sigmas bit for bit
+    assert shift_sigmas(np.array([0.5]), 5.0)[0] == pytest.approx(5 / 6)  # the sampler's shift: mostly high noise
     latents = torch.zeros(2, 4, 3, 8, 8)
     latents[:, :, :, 2:4, 5:7] = 1.5  # a "sprite" on a flat background
     mask = sprite_mask(latents)

@@ -22,6 +22,7 @@ from wanlite.loading.writers import save_pth, write_json, write_shards
 from wanlite.models.dit import WanDiT
 from wanlite.models.t5 import TextEncoder, build_umt5, load_tokenizer, official_name_from_umt5
 from wanlite.models.vae import AttentionBlock, CausalConv3d, Resample, ResidualBlock, WanVAE
+from wanlite.pipelines.samplers import shift_sigmas
 from wanlite.specs import TASKS, TINY_T5, VAE_SPECS, DiTSpec
 from wanlite.testing.fixtures import official_dit_config
 from wanlite.testing.tokenizer import write_tiny_tokenizer
@@ -205,11 +206,6 @@ def sprite_mask(latents: torch.Tensor) -> torch.Tensor:
     return ((latents - background).abs().mean(dim=1, keepdim=True) > 0.3).float()
 
 
-def shifted(u: np.ndarray, shift: float) -> np.ndarray:
-    """The samplers' time shift: sigma = shift*u / (1 + (shift-1)*u)."""
-    return shift * u / (1 + (shift - 1) * u)
-
-
 def train_dit(recipe: TinyRecipe, latents: torch.Tensor, captions: list[str], embed: CaptionEmbeddings,
               rng: np.random.Generator, sigma_range: tuple[float, float], first_frame: bool, name: str) -> WanDiT:
     """Rectified flow on precomputed latents. `first_frame`: half the batches keep latent frame 0 clean at
@@ -233,7 +229,7 @@ def train_dit(recipe: TinyRecipe, latents: torch.Tensor, captions: list[str], em
         idx = torch.from_numpy(rng.integers(0, len(latents), batch))
         x0 = latents[idx]
         caps = ["" if rng.random() < 0.1 else captions[i] for i in idx.tolist()]  # CFG dropout
-        sigma = torch.from_numpy(shifted(rng.uniform(lo, hi, batch), shift)).float()
+        sigma = torch.from_numpy(shift_sigmas(rng.uniform(lo, hi, batch), shift)).float()
         noise = torch.randn_like(x0)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
