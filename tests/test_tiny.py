@@ -68,6 +68,10 @@ def test_training_sigmas_and_sprite_weighting():
     latents[:, :, :, 2:4, 5:7] = 1.5  # a "sprite" on a flat background
     mask = sprite_mask(latents)
     assert mask.shape == (2, 1, 3, 8, 8) and mask.sum() == 2 * 3 * 4 and mask[0, 0, 1, 2, 5] == 1
+    louder = latents.clone()
+    louder[:, :, :1] *= 4  # first_latent_scale 4: frame 0 is measured at its own scale
+    assert torch.equal(sprite_mask(louder, 4.0), mask)
+    assert sprite_mask(louder)[:, :, 0].sum() == mask[:, :, 0].sum()  # here alike: a flat background
 
 
 @pytest.mark.parametrize("task", ["tiny-t2v", "tiny-ti2v"])
@@ -163,6 +167,76 @@ def test_training_runs_and_is_reproducible(tmp_path, monkeypatch):
         a, b = load_file(tmp_path / "a" / f), load_file(tmp_path / "b" / f)
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert check_checkpoint(discover(tmp_path / "a" / "tiny-t2v"), "tiny-t2v")
+
+
+def test_first_frame_recipe_options(monkeypatch):
+    """first_latent_scale asks the VAE for a louder frame 0; clean_first_frame gives frame 0 clean to the DiT
+    in that fraction of batches (timestep 0, no loss there)."""
+    import wanlite.tiny.train as train
+
+    recipe = dataclasses.replace(train.RECIPES["tiny-t2v"], vae_steps=1, vae_video_steps=1, clips=16,
+                                 first_latent_scale=3.0)
+    targets = []
+    real_target = train.pooled_latent_target
+    monkeypatch.setattr(train, "pooled_latent_target", lambda v, s: targets.append(real_target(v, s)) or targets[-1])
+    train.train_vae(recipe, np.random.default_rng(0))
+    plain = dataclasses.replace(recipe, first_latent_scale=1.0)
+    plain_targets = []
+    monkeypatch.setattr(train, "pooled_latent_target", lambda v, s: plain_targets.append(real_target(v, s)) or plain_targets[-1])
+    train.train_vae(plain, np.random.default_rng(0))
+    for louder, base in zip(targets, plain_targets):
+        assert torch.allclose(louder[:, :, :1], 3 * base[:, :, :1]) and torch.equal(louder[:, :, 1:], base[:, :, 1:])
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, spec):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t, context):
+            seen.append((x.detach().clone(), t.clone()))
+            return x * self.weight
+
+    monkeypatch.setattr(train, "WanDiT", Recorder)
+    monkeypatch.setattr(train, "init_dit_for_training", lambda dit: None)
+    latents = torch.randn(8, 16, 5, 8, 8)
+    steps = dataclasses.replace(recipe, dit_steps=40, clean_first_frame=0.5)
+    train.train_dit(steps, latents, ["a"] * 8, lambda caps: [torch.zeros(1, 4)] * len(caps),
+                    np.random.default_rng(0), (0.0, 1.0), "t")
+    clean = [t.ndim == 2 and bool((t[:, 0] == 0).all()) for _, t in seen]
+    assert 10 < sum(clean) < 30  # about half the batches
+    assert all(t.ndim == 1 for (_, t), c in zip(seen, clean) if not c)
+    given = [x[:, :, 0] for (x, _), c in zip(seen, clean) if c]
+    assert all(any(torch.equal(frame, lat) for lat in latents[:, :, 0]) for batch in given for frame in batch)
+
+
+def test_moe_experts_fine_tune_a_shared_base(tmp_path, monkeypatch):
+    """shared_base_steps: one DiT on all sigmas, then each expert fine-tunes its own copy on its own range."""
+    import wanlite.tiny.train as train
+    from wanlite.specs import TASKS
+
+    monkeypatch.setitem(train.RECIPES, "tiny-t2v", dataclasses.replace(
+        train.RECIPES["tiny-t2v"], vae_steps=1, vae_video_steps=1, clips=16, dit_steps=2, shared_base_steps=3))
+    calls = []
+    real_train_dit = train.train_dit
+
+    def spy(recipe, latents, captions, embed, rng, sigma_range, name, steps=None, start=None):
+        dit = real_train_dit(recipe, latents, captions, embed, rng, sigma_range, name, steps, start)
+        calls.append((name, sigma_range, steps, start, dit, {k: v.clone() for k, v in dit.state_dict().items()}))
+        return dit
+
+    monkeypatch.setattr(train, "train_dit", spy)
+    assert train.main(["--only", "tiny-t2v", "--out", str(tmp_path)]) == 0
+    (base_name, base_range, base_steps, base_start, base, base_trained), *experts = calls
+    assert base_name.endswith("base") and base_range == (0.0, 1.0) and base_steps == 3 and base_start is None
+    boundary = TASKS["tiny-t2v"].boundary
+    assert [(c[1], c[3]) for c in experts] == [((boundary, 1.0), base), ((0.0, boundary), base)]
+    assert all(torch.equal(v, base_trained[k]) for k, v in base.state_dict().items())  # copies were tuned
+    for *_, expert, _ in experts:
+        assert expert is not base
+        drift = max((v - base_trained[k]).abs().max().item() for k, v in expert.state_dict().items())
+        assert 0 < drift < 1e-3  # two small steps from the base, not a fresh init
 
 
 @pytest.mark.parametrize("placement", ["against", "corner"])

@@ -9,6 +9,7 @@ for a given seed and thread count; about 22 minutes for both on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from dataclasses import dataclass, replace
@@ -56,6 +57,9 @@ class TinyRecipe:
     anywhere: bool = False  # start positions independent of the motion (wanlite.tiny.data.random_clip)
     sigma_shift: float = 1.0  # training sigmas uniform in the sampler's shifted time (1: uniform sigma)
     sprite_weight: float = 1.0  # loss weight of the latent elements the sprites cover (1: plain MSE)
+    first_latent_scale: float = 1.0  # latent frame 0 this many times louder than the others (train_vae)
+    clean_first_frame: float = 0.0  # fraction of DiT batches with latent frame 0 given clean (train_dit)
+    shared_base_steps: int = 0  # MoE: one DiT trained on all sigmas first; each expert fine-tunes a copy
 
 
 RECIPES = {
@@ -66,7 +70,7 @@ RECIPES = {
     "tiny-ti2v": TinyRecipe("tiny-ti2v", "vae2.2", 8, 12, 1, 1500, 300, 48,
                             DiTSpec("ti2v", dim=128, ffn_dim=256, num_heads=2, num_layers=3, in_dim=48, out_dim=48,
                                     text_dim=TINY_T5.d_model, text_len=TEXT_LEN),
-                            dit_steps=2400, size=128, speed=4.0),
+                            dit_steps=2400, size=128, speed=4.0, clean_first_frame=0.5),
 }
 
 
@@ -120,12 +124,15 @@ def train_vae(recipe: TinyRecipe, rng: np.random.Generator) -> WanVAE:
     """Two phases through the real chunked encode/decode. Images first (1-frame videos are ~9x cheaper), with
     the first latent channels pulled towards a pooled copy of the image early on: that gives the encoder a
     direct signal and it learns several times faster. Then short clips train the temporal layers. A light
-    moment penalty keeps the normalised latents near unit scale, which the flow-matching DiT expects."""
+    moment penalty keeps the normalised latents near unit scale, which the flow-matching DiT expects.
+    `first_latent_scale` K > 1 asks for latent frame 0 K times louder (moments measured with it scaled back):
+    its sprite then stands out of the noise earlier in sampling than the later frames', so a T2V model lays
+    down the first frame first and continues it in the prompted direction, as it does from a given image."""
     spec = replace(VAE_SPECS[recipe.vae], dim=recipe.vae_dim, dec_dim=recipe.vae_dec_dim,
                    num_res_blocks=recipe.vae_res_blocks)
     vae = WanVAE(spec)
     init_for_training(vae)
-    crop, stride = recipe.vae_crop, spec.stride[1]
+    crop, stride, first_scale = recipe.vae_crop, spec.stride[1], recipe.first_latent_scale
     for phase, steps, frames, batch, lr in (("image", recipe.vae_steps, 1, 16, 1e-3),
                                              ("video", recipe.vae_video_steps, 9, 4, 3e-4)):
         opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -136,11 +143,13 @@ def train_vae(recipe: TinyRecipe, rng: np.random.Generator) -> WanVAE:
             video = video[..., y0:y0 + crop, x0:x0 + crop]
             z = vae.encode(video)
             recon = vae.decode(z, clamp=False)
-            moments = z.mean(dim=(0, 2, 3, 4)).pow(2).mean() + (z.var(dim=(0, 2, 3, 4)) - 1).pow(2).mean()
+            unit = z if first_scale == 1 else torch.cat([z[:, :, :1] / first_scale, z[:, :, 1:]], dim=2)
+            moments = unit.mean(dim=(0, 2, 3, 4)).pow(2).mean() + (unit.var(dim=(0, 2, 3, 4)) - 1).pow(2).mean()
             loss = F.l1_loss(recon, video) + F.mse_loss(recon, video) + 0.01 * moments
             # strong at first, then a floor that keeps the latents image-like (smooth, local, colour in fixed
             # channels), which the tiny DiT learns to generate far more easily than a free code
             target = pooled_latent_target(video, stride)
+            target[:, :, :1] *= first_scale
             weight = max(AUX_FLOOR, 1 - step / (0.6 * steps)) if phase == "image" else AUX_FLOOR
             loss = loss + weight * F.mse_loss(z[:, :target.shape[1]], 1.5 * target)
             opt.zero_grad(set_to_none=True)
@@ -199,33 +208,45 @@ def init_dit_for_training(dit: WanDiT) -> None:
         dit.head.head.bias.zero_()
 
 
-def sprite_mask(latents: torch.Tensor) -> torch.Tensor:
+def sprite_mask(latents: torch.Tensor, first_scale: float = 1.0) -> torch.Tensor:
     """[N, 1, F, H, W]: 1 where a latent element differs from its frame's background (the per-channel spatial
-    median) by more than 0.3 on average over channels: the sprites, ~15 % of the elements."""
+    median) by more than 0.3 on average over channels (frame 0 measured at `first_scale` times that): the
+    sprites, ~15 % of the elements."""
     background = latents.flatten(3).median(dim=-1).values[..., None, None]
-    return ((latents - background).abs().mean(dim=1, keepdim=True) > 0.3).float()
+    distance = (latents - background).abs().mean(dim=1, keepdim=True)
+    distance[:, :, :1] /= first_scale
+    return (distance > 0.3).float()
 
 
 def train_dit(recipe: TinyRecipe, latents: torch.Tensor, captions: list[str], embed: CaptionEmbeddings,
-              rng: np.random.Generator, sigma_range: tuple[float, float], first_frame: bool, name: str) -> WanDiT:
-    """Rectified flow on precomputed latents. `first_frame`: half the batches keep latent frame 0 clean at
-    timestep 0 and train only the other frames (TI2V image-to-video). The direction word changes only the few
-    elements a sprite covers, so under plain MSE it is drowned by the background; `sprite_weight` lifts them."""
+              rng: np.random.Generator, sigma_range: tuple[float, float], name: str, steps: int | None = None,
+              start: WanDiT | None = None) -> WanDiT:
+    """Rectified flow on precomputed latents. A `clean_first_frame` fraction of the batches keep latent frame 0
+    clean at timestep 0 and train only the other frames: TI2V image-to-video, and for a T2V model the lesson
+    it needs once its first frame has emerged (continue it in the prompted direction). The direction word
+    changes only the few elements a sprite covers, so under plain MSE it is drowned by the background;
+    `sprite_weight` lifts them. `start`: fine-tune a copy of that model (at a third of the learning rate)
+    instead of starting from the official init; `steps` defaults to the recipe's `dit_steps`."""
     torch.manual_seed(int(rng.integers(2**31)))
-    dit = WanDiT(recipe.dit)
-    init_dit_for_training(dit)
-    opt = torch.optim.AdamW(dit.parameters(), lr=recipe.dit_lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.dit_lr, total_steps=recipe.dit_steps,
-                                                pct_start=0.05)
+    steps = steps or recipe.dit_steps
+    if start is None:
+        dit = WanDiT(recipe.dit)
+        init_dit_for_training(dit)
+        lr = recipe.dit_lr
+    else:
+        dit = copy.deepcopy(start).train().requires_grad_(True)
+        lr = recipe.dit_lr / 3
+    opt = torch.optim.AdamW(dit.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     shift = recipe.sigma_shift
     lo, hi = (sig / (shift - (shift - 1) * sig) for sig in sigma_range)  # the range in unshifted time
     batch = recipe.dit_batch
     sprite_weight = None
     if recipe.sprite_weight != 1:
-        mask = sprite_mask(latents)
+        mask = sprite_mask(latents, recipe.first_latent_scale)
         sprite_weight = 1 + (recipe.sprite_weight - 1) * mask
         log(f"{name}: sprites cover {mask.mean():.1%} of the latent elements, weighted x{recipe.sprite_weight:g}")
-    for step in range(recipe.dit_steps):
+    for step in range(steps):
         idx = torch.from_numpy(rng.integers(0, len(latents), batch))
         x0 = latents[idx]
         caps = ["" if rng.random() < 0.1 else captions[i] for i in idx.tolist()]  # CFG dropout
@@ -235,7 +256,7 @@ def train_dit(recipe: TinyRecipe, latents: torch.Tensor, captions: list[str], em
         xt = (1 - s) * x0 + s * noise
         t = sigma * 1000
         weight = torch.ones_like(x0) if sprite_weight is None else sprite_weight[idx].expand_as(x0).clone()
-        if first_frame and rng.random() < 0.5:
+        if recipe.clean_first_frame and rng.random() < recipe.clean_first_frame:
             xt[:, :, :1] = x0[:, :, :1]
             t = t[:, None].repeat(1, x0.shape[2])
             t[:, 0] = 0
@@ -247,7 +268,7 @@ def train_dit(recipe: TinyRecipe, latents: torch.Tensor, captions: list[str], em
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
         opt.step()
         sched.step()
-        if step % 250 == 0 or step == recipe.dit_steps - 1:
+        if step % 250 == 0 or step == steps - 1:
             log(f"{name} step {step}: loss {loss.item():.4f}")
     return dit.eval().requires_grad_(False)
 
@@ -288,12 +309,15 @@ def train(name: str, out: Path, seed: int) -> dict:
     latents, captions = encode_dataset(vae, recipe, rng, clips=recipe.clips, frames=task.frames)
     log(f"{name}: {len(latents)} latent clips {tuple(latents.shape[1:])}, std {latents.std():.2f}")
     if task.boundary is None:
-        dits = {"main": train_dit(recipe, latents, captions, embed, rng, (0.0, 1.0),
-                                  first_frame=task.conditioning == "first_frame", name=f"{name} dit")}
+        dits = {"main": train_dit(recipe, latents, captions, embed, rng, (0.0, 1.0), f"{name} dit")}
     else:
         b = task.boundary
-        dits = {"high_noise": train_dit(recipe, latents, captions, embed, rng, (b, 1.0), False, f"{name} high"),
-                "low_noise": train_dit(recipe, latents, captions, embed, rng, (0.0, b), False, f"{name} low")}
+        base = None
+        if recipe.shared_base_steps:
+            base = train_dit(recipe, latents, captions, embed, rng, (0.0, 1.0), f"{name} base",
+                             steps=recipe.shared_base_steps)
+        dits = {"high_noise": train_dit(recipe, latents, captions, embed, rng, (b, 1.0), f"{name} high", start=base),
+                "low_noise": train_dit(recipe, latents, captions, embed, rng, (0.0, b), f"{name} low", start=base)}
     write_checkpoint(out / name, recipe, dits, vae, t5)
     return {"task": name, "seed": seed, "seconds": round(time.perf_counter() - started, 1),
             "vae_seconds": round(vae_seconds, 1)}
