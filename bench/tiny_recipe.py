@@ -40,9 +40,13 @@ def parse_field(item: str, recipe) -> tuple[str, object]:
     try:
         if kind == "bool":
             return name, TRUE_WORDS[text.lower()]
-        return name, float(text) if kind == "float" else int(text)
+        value = float(text) if kind == "float" else int(text)
     except (KeyError, ValueError):
-        raise ValueError(f"--set {item!r}: {name} takes a {kind}") from None
+        raise ValueError(f"--set {item!r}: {name} takes {'an' if kind == 'int' else 'a'} {kind}") from None
+    # sizes, steps, rates, scales and weights divide or count: positive; the options that are off at 0 may be 0
+    if value < 0 or (value == 0 and getattr(recipe, name) != 0):
+        raise ValueError(f"--set {item!r}: {name} must be {'positive' if getattr(recipe, name) else 'at least 0'}")
+    return name, value
 
 
 def main() -> int:

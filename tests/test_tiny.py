@@ -239,6 +239,17 @@ def test_moe_experts_fine_tune_a_shared_base(tmp_path, monkeypatch):
         assert 0 < drift < 1e-3  # two small steps from the base, not a fresh init
 
 
+@pytest.mark.parametrize("setting, says", [("first_latent_scale=0", "must be positive"),
+                                           ("clean_first_frame=-0.5", "must be at least 0"),
+                                           ("dit_steps=many", "takes an int"), ("colour=red", "use FIELD=VALUE")])
+def test_tiny_recipe_rejects_bad_settings_before_training(setting, says):
+    """bench/tiny_recipe.py --set: one clear usage line and exit 2, nothing trained."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "tiny_recipe.py"
+    proc = subprocess.run([sys.executable, str(script), "--task", "tiny-t2v", "--set", setting],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("placement", ["against", "corner"])
 def test_run_suite_draws_the_first_frame_as_placed(monkeypatch, placement):
     """bench/quality.py --i2v --placement: against the prompt, or in a corner that leaves the prompt to decide."""
