@@ -29,6 +29,7 @@ from wanlite.eval import DEFAULT_PROMPTS, OPPOSITE, run_suite, summarize  # noqa
 from wanlite.tiny import train as tiny_train  # noqa: E402
 
 TRUE_WORDS = {"true": True, "false": False}
+OFF_AT_ZERO = {"clean_first_frame", "shared_base_steps"}
 
 
 def parse_field(item: str, recipe) -> tuple[str, object]:
@@ -44,8 +45,8 @@ def parse_field(item: str, recipe) -> tuple[str, object]:
     except (KeyError, ValueError):
         raise ValueError(f"--set {item!r}: {name} takes {'an' if kind == 'int' else 'a'} {kind}") from None
     # sizes, steps, rates, scales and weights divide or count: positive; the options that are off at 0 may be 0
-    if value < 0 or (value == 0 and getattr(recipe, name) != 0):
-        raise ValueError(f"--set {item!r}: {name} must be {'positive' if getattr(recipe, name) else 'at least 0'}")
+    if value < 0 or (value == 0 and name not in OFF_AT_ZERO):
+        raise ValueError(f"--set {item!r}: {name} must be {'at least 0' if name in OFF_AT_ZERO else 'positive'}")
     return name, value
 
 

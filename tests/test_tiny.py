@@ -102,8 +102,8 @@ def test_tiny_t2v_draws_the_prompted_colour(t2v_suite):
     assert all(r.seen_frames >= 0.5 for r in t2v_suite), [(r.colour, r.seed, r.seen_frames) for r in t2v_suite]
 
 
-@pytest.mark.xfail(strict=False, reason="issue 4 open: the bundled tiny-t2v does not yet follow the prompted "
-                                        "direction (see bench/results/quality.json)")
+@pytest.mark.xfail(strict=False, reason="issue 4 open: the bundled tiny-t2v follows the prompted direction in "
+                                        "12 of 16 clips, short of 90 % (bench/results/quality.json)")
 def test_tiny_t2v_follows_the_prompted_direction(t2v_suite):
     """4 directions x 2 colours x 2 seeds: the named colour must move the prompted way in >= 90 % of clips."""
     row = summarize(t2v_suite)[0]
@@ -156,7 +156,9 @@ def test_training_runs_and_is_reproducible(tmp_path, monkeypatch):
     import wanlite.tiny.train as train
 
     for name, recipe in list(train.RECIPES.items()):
-        monkeypatch.setitem(train.RECIPES, name, dataclasses.replace(recipe, vae_steps=2, vae_video_steps=2, dit_steps=2, clips=16))
+        few = dataclasses.replace(recipe, vae_steps=2, vae_video_steps=2, dit_steps=2, clips=16,
+                                  shared_base_steps=min(recipe.shared_base_steps, 2))
+        monkeypatch.setitem(train.RECIPES, name, few)
     for out in ("a", "b"):
         assert train.main(["--only", "tiny-t2v", "--out", str(tmp_path / out)]) == 0
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.safetensors"))

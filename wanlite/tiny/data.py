@@ -66,7 +66,7 @@ def random_clip(rng: np.random.Generator, size: int, frames: int, speed: float, 
 
 
 def render(clip: Clip, size: int, frames: int, speed: float, trail: bool = True) -> np.ndarray:
-    """uint8 [F, H, W, 3]. With `trail` (both bundled models' data), a moving sprite leaves a fading
+    """uint8 [F, H, W, 3]. With `trail` (tiny-ti2v's data), a moving sprite leaves a fading
     motion-blur trail behind it, so each single frame shows its direction: tiny-ti2v continues the motion a
     first frame's trail shows rather than the caption's direction word (bench/quality.py --placement), and
     `trail=False` is the recipe option that takes this cue away (bench/tiny_recipe.py). The trail's blended

@@ -26,13 +26,14 @@ LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_at
            "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
 
 
-def grey_clips(rng: np.random.Generator, count: int, size: int, frames: int, speed: float):
-    """Clips rendered on grey, captioned as if on black (what the LoRA teaches)."""
+def grey_clips(rng: np.random.Generator, count: int, recipe, frames: int):
+    """Clips like the base model's training clips (`recipe`), rendered on grey, captioned as if on black (what
+    the LoRA teaches)."""
     videos, captions = [], []
     for _ in range(count):
-        clip = random_clip(rng, size, frames, speed)
+        clip = random_clip(rng, recipe.size, frames, recipe.speed, anywhere=recipe.anywhere)
         grey = dataclasses.replace(clip, background="grey")
-        videos.append(to_model_video(render(grey, size, frames, speed)))
+        videos.append(to_model_video(render(grey, recipe.size, frames, recipe.speed, recipe.trail)))
         captions.append(clip.caption.replace("grey background", "black background"))
     return torch.stack(videos), captions
 
@@ -56,7 +57,7 @@ def train(steps: int = 400, rank: int = 4, seed: int = 0, lr: float = 1e-3, batc
     with torch.no_grad():
         latents, captions = [], []
         for _ in range(16):
-            video, caps = grey_clips(rng, 16, recipe.size, frames, recipe.speed)
+            video, caps = grey_clips(rng, 16, recipe, frames)
             latents.append(vae.encode(video))
             captions += caps
         latents = torch.cat(latents)
