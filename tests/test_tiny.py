@@ -184,7 +184,8 @@ def test_first_frame_recipe_options(monkeypatch):
     train.train_vae(recipe, np.random.default_rng(0))
     plain = dataclasses.replace(recipe, first_latent_scale=1.0)
     plain_targets = []
-    monkeypatch.setattr(train, "pooled_latent_target", lambda v, s: plain_targets.append(real_target(v, s)) or plain_targets[-1])
+    monkeypatch.setattr(train, "pooled_latent_target",
+                        lambda v, s: plain_targets.append(real_target(v, s)) or plain_targets[-1])
     train.train_vae(plain, np.random.default_rng(0))
     for louder, base in zip(targets, plain_targets):
         assert torch.allclose(louder[:, :, :1], 3 * base[:, :, :1]) and torch.equal(louder[:, :, 1:], base[:, :, 1:])
@@ -250,6 +251,23 @@ def test_tiny_recipe_rejects_bad_settings_before_training(setting, says):
     proc = subprocess.run([sys.executable, str(script), "--task", "tiny-t2v", "--set", setting],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tiny_recipe_turns_options_off_with_zero():
+    """--set clean_first_frame=0 / shared_base_steps=0 switch an option off, whatever the recipe sets them to."""
+    import importlib.util
+
+    from wanlite.tiny.train import RECIPES
+
+    spec = importlib.util.spec_from_file_location("tiny_recipe", REPO / "bench" / "tiny_recipe.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    recipe = RECIPES["tiny-t2v"]
+    assert recipe.clean_first_frame > 0 and recipe.shared_base_steps > 0
+    assert bench.parse_field("clean_first_frame=0", recipe) == ("clean_first_frame", 0.0)
+    assert bench.parse_field("shared_base_steps=0", recipe) == ("shared_base_steps", 0)
+    with pytest.raises(ValueError, match="dit_steps must be positive"):
+        bench.parse_field("dit_steps=0", recipe)
 
 
 @pytest.mark.parametrize("placement", ["against", "corner"])

@@ -15,18 +15,22 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from wanlite.tiny.data import random_clip, render, to_model_video
 
+if TYPE_CHECKING:
+    from wanlite.tiny.train import TinyRecipe
+
 LORA_DIR = Path(__file__).parent / "loras" / "tiny-t2v-grey-background"
 LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
            "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
 
 
-def grey_clips(rng: np.random.Generator, count: int, recipe, frames: int):
+def grey_clips(rng: np.random.Generator, count: int, recipe: TinyRecipe, frames: int):
     """Clips like the base model's training clips (`recipe`), rendered on grey, captioned as if on black (what
     the LoRA teaches)."""
     videos, captions = [], []
