@@ -6,7 +6,7 @@ Trains with `wanlite.tiny.train` (same code and seed, the named `TinyRecipe` fie
 a scratch folder), then measures direction following: tiny-t2v from text; tiny-ti2v from a first frame in each
 placement of `wanlite.eval.first_frame` (ahead, against, corner: only the corner leaves the direction to the
 prompt), plus the direction-word probe of bench/caption_probe.py. Writes bench/results/tiny_recipe_<name>.json.
-About 20 minutes for tiny-ti2v on 2 CPU cores; `--trained DIR` measures a folder trained before with the same
+About 20 minutes for either model on 2 CPU cores; `--trained DIR` measures a folder trained before with the same
 settings (by `--out`, or `python -m wanlite.tiny.train` with the recipe edited) and skips the training.
 """
 from __future__ import annotations

@@ -102,8 +102,6 @@ def test_tiny_t2v_draws_the_prompted_colour(t2v_suite):
     assert all(r.seen_frames >= 0.5 for r in t2v_suite), [(r.colour, r.seed, r.seen_frames) for r in t2v_suite]
 
 
-@pytest.mark.xfail(strict=False, reason="issue 4 open: the bundled tiny-t2v follows the prompted direction in "
-                                        "12 of 16 clips, short of 90 % (bench/results/quality.json)")
 def test_tiny_t2v_follows_the_prompted_direction(t2v_suite):
     """4 directions x 2 colours x 2 seeds: the named colour must move the prompted way in >= 90 % of clips."""
     row = summarize(t2v_suite)[0]
