@@ -80,7 +80,7 @@ def main() -> int:
         ckpt = Path(args.trained)
     else:
         out = Path(args.out or scratch.name)
-        train_seconds = tiny_train.train(args.task, out, seed=0)["seconds"]
+        train_seconds = tiny_train.train(recipe, out, seed=0)["seconds"]
         ckpt = out / args.task
     seeds = tuple(range(args.seeds))
     suites = {}

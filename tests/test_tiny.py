@@ -169,6 +169,32 @@ def test_training_runs_and_is_reproducible(tmp_path, monkeypatch):
     assert check_checkpoint(discover(tmp_path / "a" / "tiny-t2v"), "tiny-t2v")
 
 
+def test_parallel_training_matches_one_after_the_other(tmp_path, monkeypatch):
+    """--parallel: each model in its own process gives the weights that one thread per model gives in one
+    process, so the speed-up changes nothing but the clock (the recipes reach the workers as objects)."""
+    import wanlite.tiny.train as train
+    from safetensors.torch import load_file
+
+    for name, recipe in list(train.RECIPES.items()):
+        few = dataclasses.replace(recipe, vae_steps=2, vae_video_steps=2, dit_steps=2, clips=16,
+                                  shared_base_steps=min(recipe.shared_base_steps, 2))
+        monkeypatch.setitem(train.RECIPES, name, few)
+    threads = torch.get_num_threads()
+    try:
+        assert train.main(["--parallel", "--out", str(tmp_path / "side")]) == 0
+        assert train.main(["--threads", "1", "--out", str(tmp_path / "serial")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    files = sorted(p.relative_to(tmp_path / "serial") for p in (tmp_path / "serial").rglob("*.safetensors"))
+    assert {f.parts[0] for f in files} == set(train.RECIPES)
+    for f in files:
+        a, b = load_file(tmp_path / "serial" / f), load_file(tmp_path / "side" / f)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--threads", "0"])
+    assert exit_info.value.code == 2
+
+
 def test_first_frame_recipe_options(monkeypatch):
     """first_latent_scale asks the VAE for a louder frame 0; clean_first_frame gives frame 0 clean to the DiT
     in that fraction of batches (timestep 0, no loss there)."""
