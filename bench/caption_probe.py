@@ -52,7 +52,8 @@ def probe(task_name: str, ckpt_dir: Path, recipe: TinyRecipe, first_frame: bool,
     rng = np.random.default_rng(2024)  # not a training seed: held-out clips
     clips = []
     while len(clips) < n_clips:
-        clip = random_clip(rng, recipe.size, task.frames, recipe.speed, two_prob=0.0, anywhere=recipe.anywhere)
+        clip = random_clip(rng, recipe.size, task.frames, recipe.speed, two_prob=0.0,
+                           anywhere=recipe.anywhere, margin=recipe.margin)
         if clip.sprites[0].motion != "standing still":
             clips.append(clip)
     videos = [to_model_video(render(c, recipe.size, task.frames, recipe.speed, recipe.trail)) for c in clips]

@@ -1,4 +1,4 @@
-"""Direction accuracy, drift and time per clip of a bundled tiny model, per variant.
+"""Direction accuracy, wholeness of the shape, drift and time per clip of a bundled tiny model, per variant.
 
 Usage: python bench/quality.py [--seeds N] [--i2v [--placement ahead|against|corner]]
 Variants: the fp32 reference and bf16 weights/compute. Default: tiny-t2v text-to-video, written to
@@ -36,10 +36,11 @@ def main() -> int:
     results = run_suite(VARIANTS, prompts=DEFAULT_PROMPTS, seeds=tuple(range(args.seeds)), reference="fp32",
                         task=task, image=args.i2v, placement=placement)
     rows = summarize(results)
-    print(f"{'variant':8s} {'clips':>5s} {'direction':>9s} {'dist px':>8s} {'s/clip':>7s} {'PSNR':>7s} {'SSIM':>7s}")
+    print(f"{'variant':8s} {'clips':>5s} {'direction':>9s} {'dist px':>8s} {'1 piece':>7s} {'s/clip':>7s} "
+          f"{'PSNR':>7s} {'SSIM':>7s}")
     for r in rows:
         print(f"{r['variant']:8s} {r['clips']:5d} {r['direction_accuracy']:9.3f} {r['mean_distance_px']:8.1f} "
-              f"{r['seconds_per_clip']:7.2f} {r['psnr_vs_reference'] or float('nan'):7.2f} "
+              f"{r['colour_in_one_piece']:7.3f} {r['seconds_per_clip']:7.2f} {r['psnr_vs_reference'] or float('nan'):7.2f} "
               f"{r['ssim_vs_reference'] or float('nan'):7.4f}")
     if placement == "against":
         for row in rows:

@@ -93,6 +93,7 @@ def main() -> int:
             row["follows_image"] = round(sum(c.measured == OPPOSITE[c.direction] for c in clips) / len(clips), 3)
         suites[placement or "text"] = {"direction_accuracy": row["direction_accuracy"],
                                        "mean_distance_px": row["mean_distance_px"],
+                                       "colour_in_one_piece": row["colour_in_one_piece"],
                                        **({"follows_image": row["follows_image"]} if "follows_image" in row else {}),
                                        "clips": [(c.colour, c.direction, c.seed, c.measured) for c in clips]}
         print(f"{placement or 'text'}: direction accuracy {row['direction_accuracy']:.3f}", flush=True)

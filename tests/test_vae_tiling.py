@@ -46,8 +46,9 @@ def mosaic(task: str) -> torch.Tensor:
     recipe = RECIPES[task]
     size, speed = recipe.size, recipe.speed
     rng = np.random.default_rng(5)
-    clips = [to_model_video(render(random_clip(rng, size, 5, speed, anywhere=recipe.anywhere), size, 5, speed,
-                                   recipe.trail)) for _ in range(4)]
+    starts = dict(anywhere=recipe.anywhere, margin=recipe.margin)
+    clips = [to_model_video(render(random_clip(rng, size, 5, speed, **starts), size, 5, speed, recipe.trail))
+             for _ in range(4)]
     return torch.cat([torch.cat(clips[:2], -1), torch.cat(clips[2:], -1)], -2)[None]
 
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from wanlite.tiny.data import centroid_track
+from wanlite.tiny.data import centroid_track, colour_masks
 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 DEFAULT_PROMPTS = tuple((colour, direction) for colour in ("red", "blue") for direction in DIRECTIONS)
@@ -51,12 +51,33 @@ def first_frame(colour: str, direction: str, size: int, placement: str = "ahead"
     return render(clip, size, 1, 0.0, trail=trail)[0]
 
 
+def largest_piece_share(mask: np.ndarray) -> float:
+    """Fraction of a boolean [H, W] mask's pixels in its largest 4-connected piece (1 for one solid shape;
+    a shape broken into n equal blobs gives 1/n). Labels spread as running minima until nothing changes."""
+    if not mask.any():
+        return 0.0
+    none = mask.size
+    labels = np.where(mask, np.arange(mask.size).reshape(mask.shape), none)
+    while True:
+        spread = labels.copy()
+        spread[1:] = np.minimum(spread[1:], labels[:-1])
+        spread[:-1] = np.minimum(spread[:-1], labels[1:])
+        spread[:, 1:] = np.minimum(spread[:, 1:], labels[:, :-1])
+        spread[:, :-1] = np.minimum(spread[:, :-1], labels[:, 1:])
+        spread[~mask] = none
+        if np.array_equal(spread, labels):
+            break
+        labels = spread
+    return float(np.bincount(labels[mask]).max() / mask.sum())
+
+
 @dataclass(frozen=True)
 class Motion:
     dx: float  # centroid displacement from the first to the last frame where the colour is seen, pixels
     dy: float
     direction: str | None  # dominant axis and sign, None when the colour is missing or barely moves
     seen_frames: float  # fraction of frames showing the colour
+    one_piece: float  # mean over those frames of the colour's share in its largest blob (1: one solid shape)
 
     @property
     def distance(self) -> float:
@@ -68,15 +89,17 @@ def measure_motion(frames: np.ndarray, colour: str, min_pixels: float = 3.0) -> 
     track = centroid_track(frames, colour)
     seen = ~np.isnan(track[:, 0])
     fraction = float(seen.mean())
+    masks = colour_masks(frames, colour)
+    one_piece = float(np.mean([largest_piece_share(m) for m in masks[seen]])) if seen.any() else 0.0
     if seen.sum() < 2:
-        return Motion(0.0, 0.0, None, fraction)
+        return Motion(0.0, 0.0, None, fraction, one_piece)
     first, last = track[seen][0], track[seen][-1]
     dx, dy = float(last[0] - first[0]), float(last[1] - first[1])
     if max(abs(dx), abs(dy)) < min_pixels:
-        return Motion(dx, dy, None, fraction)
+        return Motion(dx, dy, None, fraction, one_piece)
     if abs(dx) >= abs(dy):
-        return Motion(dx, dy, "right" if dx > 0 else "left", fraction)
-    return Motion(dx, dy, "down" if dy > 0 else "up", fraction)
+        return Motion(dx, dy, "right" if dx > 0 else "left", fraction, one_piece)
+    return Motion(dx, dy, "down" if dy > 0 else "up", fraction, one_piece)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -112,6 +135,7 @@ class ClipResult:
     measured: str | None
     distance: float
     seen_frames: float
+    one_piece: float
     seconds: float
     psnr_vs_reference: float | None = None
     ssim_vs_reference: float | None = None
@@ -162,7 +186,7 @@ def run_suite(variants: dict[str, dict], prompts=DEFAULT_PROMPTS, seeds=(0, 1), 
                 seconds = time.perf_counter() - started
                 motion = measure_motion(out.frames, colour)
                 result = ClipResult(name, colour, direction, seed, motion.direction, round(motion.distance, 1),
-                                    round(motion.seen_frames, 3), round(seconds, 2),
+                                    round(motion.seen_frames, 3), round(motion.one_piece, 3), round(seconds, 2),
                                     denoise_seconds=round(steps[-1]["elapsed"], 4) if steps else None)
                 if out.cache is not None:
                     result.block_evals = out.cache["block_evals"]
@@ -189,6 +213,7 @@ def summarize(results: list[ClipResult]) -> list[dict]:
             "direction_accuracy": round(sum(r.correct for r in mine) / len(mine), 3),
             "mean_distance_px": round(float(np.mean([r.distance for r in mine])), 1),
             "colour_seen_frames": round(float(np.mean([r.seen_frames for r in mine])), 3),
+            "colour_in_one_piece": round(float(np.mean([r.one_piece for r in mine])), 3),
             "seconds_per_clip": round(float(np.mean([r.seconds for r in mine])), 2),
             "denoise_seconds_per_clip": (round(float(np.mean([r.denoise_seconds for r in mine])), 4)
                                          if all(r.denoise_seconds is not None for r in mine) else None),

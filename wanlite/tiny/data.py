@@ -40,11 +40,12 @@ def caption_for(sprites: tuple[Sprite, ...], background: str) -> str:
 
 
 def random_clip(rng: np.random.Generator, size: int, frames: int, speed: float, two_prob: float = 0.25,
-                anywhere: bool = False) -> Clip:
-    """One or two sprites with distinct colours. Start positions leave room for the whole motion, or with
-    `anywhere` they are drawn alike for every motion and a sprite may leave the frame: then a first frame's
-    placement does not give the direction away (a sprite near the left edge would otherwise have to move
-    right), and an image-to-video model must take it from the prompt."""
+                anywhere: bool = False, margin: float = 0.16) -> Clip:
+    """One or two sprites with distinct colours, starting at least `margin` x size from the edges. Start
+    positions leave room for the whole motion, or with `anywhere` they are drawn alike for every motion and a
+    sprite may leave the frame: then a first frame's placement does not give the direction away (a sprite near
+    the left edge would otherwise have to move right), and an image-to-video model must take it from the
+    prompt."""
     count = 2 if rng.random() < two_prob else 1
     colours = rng.choice(list(COLOURS), size=count, replace=False)
     background = str(rng.choice(list(BACKGROUNDS)))
@@ -53,12 +54,12 @@ def random_clip(rng: np.random.Generator, size: int, frames: int, speed: float, 
     for colour in colours:
         motion = str(rng.choice(list(MOTIONS)))
         dx, dy = MOTIONS[motion]
-        margin = size * 0.16
         room = 0.0 if anywhere else travel
-        lo_x = margin + (room if dx < 0 else 0)
-        hi_x = size - margin - (room if dx > 0 else 0)
-        lo_y = margin + (room if dy < 0 else 0)
-        hi_y = size - margin - (room if dy > 0 else 0)
+        edge = size * margin
+        lo_x = edge + (room if dx < 0 else 0)
+        hi_x = size - edge - (room if dx > 0 else 0)
+        lo_y = edge + (room if dy < 0 else 0)
+        hi_y = size - edge - (room if dy > 0 else 0)
         start = (float(rng.uniform(lo_x, hi_x)), float(rng.uniform(lo_y, hi_y)))
         sprites.append(Sprite(str(colour), str(rng.choice(SHAPES)), motion, start))
     sprites = tuple(sprites)
@@ -97,13 +98,17 @@ def to_model_video(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
 
 
+def colour_masks(frames: np.ndarray, colour: str, tolerance: float = 60.0) -> np.ndarray:
+    """bool [F, H, W]: the pixels within `tolerance` (RGB distance) of `colour`."""
+    target = np.array(COLOURS[colour], np.float32)
+    return np.linalg.norm(frames.astype(np.float32) - target, axis=-1) < tolerance
+
+
 def centroid_track(frames: np.ndarray, colour: str, tolerance: float = 60.0) -> np.ndarray:
     """Per-frame (x, y) centroid of the pixels close to `colour`; NaN where the colour is absent."""
-    target = np.array(COLOURS[colour], np.float32)
-    dist = np.linalg.norm(frames.astype(np.float32) - target, axis=-1)  # [F, H, W]
     track = np.full((len(frames), 2), np.nan)
-    for f, d in enumerate(dist):
-        ys, xs = np.nonzero(d < tolerance)
+    for f, mask in enumerate(colour_masks(frames, colour, tolerance)):
+        ys, xs = np.nonzero(mask)
         if len(xs) >= 3:
             track[f] = (xs.mean(), ys.mean())
     return track

@@ -35,7 +35,8 @@ def grey_clips(rng: np.random.Generator, count: int, recipe: TinyRecipe, frames:
     the LoRA teaches)."""
     videos, captions = [], []
     for _ in range(count):
-        clip = random_clip(rng, recipe.size, frames, recipe.speed, anywhere=recipe.anywhere)
+        clip = random_clip(rng, recipe.size, frames, recipe.speed, anywhere=recipe.anywhere,
+                           margin=recipe.margin)
         grey = dataclasses.replace(clip, background="grey")
         videos.append(to_model_video(render(grey, recipe.size, frames, recipe.speed, recipe.trail)))
         captions.append(clip.caption.replace("grey background", "black background"))

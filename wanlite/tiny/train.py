@@ -60,6 +60,7 @@ class TinyRecipe:
     dit_batch: int = 24
     trail: bool = True  # clips drawn with motion trails (wanlite.tiny.data.render)
     anywhere: bool = False  # start positions independent of the motion (wanlite.tiny.data.random_clip)
+    margin: float = 0.16  # starts at least this fraction of the frame from its edges (random_clip)
     sigma_shift: float = 1.0  # training sigmas uniform in the sampler's shifted time (1: uniform sigma)
     sprite_weight: float = 1.0  # loss weight of the latent elements the sprites cover (1: plain MSE)
     first_latent_scale: float = 1.0  # latent frame 0 this many times louder than the others (train_vae)
@@ -91,7 +92,8 @@ def log(msg: str) -> None:
 
 
 def clip_batch(rng: np.random.Generator, recipe: TinyRecipe, batch: int, frames: int):
-    clips = [random_clip(rng, recipe.size, frames, recipe.speed, anywhere=recipe.anywhere) for _ in range(batch)]
+    clips = [random_clip(rng, recipe.size, frames, recipe.speed, anywhere=recipe.anywhere, margin=recipe.margin)
+             for _ in range(batch)]
     video = torch.stack([to_model_video(render(c, recipe.size, frames, recipe.speed, recipe.trail)) for c in clips])
     return video, [c.caption for c in clips]
 
