@@ -27,7 +27,7 @@ from wanlite.loading.models import expert_components, load_dit, load_t5, load_va
 from wanlite.models.t5 import TextEncoder, load_tokenizer  # noqa: E402
 from wanlite.specs import TASKS  # noqa: E402
 from wanlite.tiny import checkpoint_dir  # noqa: E402
-from wanlite.tiny.data import COLOURS, Clip, Sprite, caption_for, random_clip, render, to_model_video  # noqa: E402
+from wanlite.tiny.data import COLOURS, Clip, Sprite, caption_for, render, to_model_video  # noqa: E402
 from wanlite.tiny.train import RECIPES, TEXT_LEN, TinyRecipe  # noqa: E402
 
 SIGMAS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -52,8 +52,7 @@ def probe(task_name: str, ckpt_dir: Path, recipe: TinyRecipe, first_frame: bool,
     rng = np.random.default_rng(2024)  # not a training seed: held-out clips
     clips = []
     while len(clips) < n_clips:
-        clip = random_clip(rng, recipe.size, task.frames, recipe.speed, two_prob=0.0,
-                           anywhere=recipe.anywhere, margin=recipe.margin)
+        clip = recipe.random_clip(rng, task.frames, two_prob=0.0)
         if clip.sprites[0].motion != "standing still":
             clips.append(clip)
     videos = [to_model_video(render(c, recipe.size, task.frames, recipe.speed, recipe.trail)) for c in clips]

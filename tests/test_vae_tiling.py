@@ -9,7 +9,7 @@ from wanlite.loading.models import load_vae
 from wanlite.models.vae import Tiling, WanVAE
 from wanlite.specs import TINY_VAE_SPECS
 from wanlite.tiny import checkpoint_dir
-from wanlite.tiny.data import random_clip, render, to_model_video
+from wanlite.tiny.data import render, to_model_video
 from wanlite.tiny.train import RECIPES
 
 
@@ -46,9 +46,7 @@ def mosaic(task: str) -> torch.Tensor:
     recipe = RECIPES[task]
     size, speed = recipe.size, recipe.speed
     rng = np.random.default_rng(5)
-    starts = dict(anywhere=recipe.anywhere, margin=recipe.margin)
-    clips = [to_model_video(render(random_clip(rng, size, 5, speed, **starts), size, 5, speed, recipe.trail))
-             for _ in range(4)]
+    clips = [to_model_video(render(recipe.random_clip(rng, 5), size, 5, speed, recipe.trail)) for _ in range(4)]
     return torch.cat([torch.cat(clips[:2], -1), torch.cat(clips[2:], -1)], -2)[None]
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from wanlite.tiny.data import random_clip, render, to_model_video
+from wanlite.tiny.data import render, to_model_video
 
 if TYPE_CHECKING:
     from wanlite.tiny.train import TinyRecipe
@@ -35,8 +35,7 @@ def grey_clips(rng: np.random.Generator, count: int, recipe: TinyRecipe, frames:
     the LoRA teaches)."""
     videos, captions = [], []
     for _ in range(count):
-        clip = random_clip(rng, recipe.size, frames, recipe.speed, anywhere=recipe.anywhere,
-                           margin=recipe.margin)
+        clip = recipe.random_clip(rng, frames)
         grey = dataclasses.replace(clip, background="grey")
         videos.append(to_model_video(render(grey, recipe.size, frames, recipe.speed, recipe.trail)))
         captions.append(clip.caption.replace("grey background", "black background"))

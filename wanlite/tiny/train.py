@@ -33,7 +33,7 @@ from wanlite.specs import TASKS, TINY_T5, VAE_SPECS, DiTSpec
 from wanlite.testing.fixtures import official_dit_config
 from wanlite.testing.tokenizer import write_tiny_tokenizer
 from wanlite.tiny import CHECKPOINTS
-from wanlite.tiny.data import random_clip, render, to_model_video
+from wanlite.tiny.data import Clip, random_clip, render, to_model_video
 
 TEXT_LEN = 32
 AUX_FLOOR = 0.1
@@ -67,6 +67,10 @@ class TinyRecipe:
     clean_first_frame: float = 0.0  # fraction of DiT batches with latent frame 0 given clean (train_dit)
     shared_base_steps: int = 0  # MoE: one DiT trained on all sigmas first; each expert fine-tunes a copy
 
+    def random_clip(self, rng: np.random.Generator, frames: int, two_prob: float = 0.25) -> Clip:
+        """A clip drawn the way this model trains (size, speed and where the sprites start)."""
+        return random_clip(rng, self.size, frames, self.speed, two_prob, anywhere=self.anywhere, margin=self.margin)
+
 
 RECIPES = {
     # frame 0 emerges first and the experts learn to continue it (first_latent_scale, clean_first_frame): from
@@ -92,8 +96,7 @@ def log(msg: str) -> None:
 
 
 def clip_batch(rng: np.random.Generator, recipe: TinyRecipe, batch: int, frames: int):
-    clips = [random_clip(rng, recipe.size, frames, recipe.speed, anywhere=recipe.anywhere, margin=recipe.margin)
-             for _ in range(batch)]
+    clips = [recipe.random_clip(rng, frames) for _ in range(batch)]
     video = torch.stack([to_model_video(render(c, recipe.size, frames, recipe.speed, recipe.trail)) for c in clips])
     return video, [c.caption for c in clips]
 
