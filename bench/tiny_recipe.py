@@ -2,12 +2,13 @@
 
 Usage: python bench/tiny_recipe.py --task tiny-ti2v --set trail=false anywhere=true sigma_shift=5 sprite_weight=5
            [--name NAME] [--seeds 2] [--out DIR | --trained DIR]
-Trains with `wanlite.tiny.train` (same code and seed, the named `TinyRecipe` fields replaced) into DIR (default:
-a scratch folder), then measures direction following: tiny-t2v from text; tiny-ti2v from a first frame in each
-placement of `wanlite.eval.first_frame` (ahead, against, corner: only the corner leaves the direction to the
-prompt), plus the direction-word probe of bench/caption_probe.py. Writes bench/results/tiny_recipe_<name>.json.
-About 20 minutes for either model on 2 CPU cores; `--trained DIR` measures a folder trained before with the same
-settings (by `--out`, or `python -m wanlite.tiny.train` with the recipe edited) and skips the training.
+Trains with `wanlite.tiny.train` (same code, seed and one thread as the bundle, the named `TinyRecipe` fields
+replaced) into DIR (default: a scratch folder), then measures direction following on two threads: tiny-t2v from
+text; tiny-ti2v from a first frame in each placement of `wanlite.eval.first_frame` (ahead, against, corner: only
+the corner leaves the direction to the prompt), plus the direction-word probe of bench/caption_probe.py. Writes
+bench/results/tiny_recipe_<name>.json. About 20 minutes of training for either model on 2 CPU cores, and a few
+minutes of measuring; `--trained DIR` measures a folder trained before with the same settings (by `--out`, or
+`python -m wanlite.tiny.train` with the recipe edited) and skips the training.
 """
 from __future__ import annotations
 
@@ -59,7 +60,6 @@ def main() -> int:
     parser.add_argument("--out", help="keep the trained checkpoint here")
     parser.add_argument("--trained", help="a checkpoint folder already trained with these settings")
     args = parser.parse_args()
-    torch.set_num_threads(2)
     base = tiny_train.RECIPES[args.task]
     try:
         changes = dict(parse_field(item, base) for item in args.set)
@@ -80,8 +80,9 @@ def main() -> int:
         ckpt = Path(args.trained)
     else:
         out = Path(args.out or scratch.name)
-        train_seconds = tiny_train.train(recipe, out, seed=0)["seconds"]
+        train_seconds = tiny_train.train_with_threads(recipe, out, seed=0, threads=1)["seconds"]
         ckpt = out / args.task
+    torch.set_num_threads(2)
     seeds = tuple(range(args.seeds))
     suites = {}
     placements = ("ahead", "against", "corner") if args.task == "tiny-ti2v" else (None,)

@@ -126,8 +126,9 @@ def test_tiny_t2v_draws_the_prompted_colour(t2v_suite):
     """Every clip of the suite shows the named colour, seen in at least half of its frames."""
     assert len(t2v_suite) == 16
     assert all(r.seen_frames >= 0.5 for r in t2v_suite), [(r.colour, r.seed, r.seen_frames) for r in t2v_suite]
-    # a floor under today's bundle (0.79: soft blobs, often in pieces; a clean sprite is 1.0), not a goal
-    assert summarize(t2v_suite)[0]["colour_in_one_piece"] >= 0.7
+    # one shape, not a blob in pieces: the bundle measures 0.995 (a clean sprite is 1.0; the previous bundle, whose
+    # clips started anywhere, 0.79)
+    assert summarize(t2v_suite)[0]["colour_in_one_piece"] >= 0.9
 
 
 def test_tiny_t2v_follows_the_prompted_direction(t2v_suite):
@@ -197,8 +198,8 @@ def test_training_runs_and_is_reproducible(tmp_path, monkeypatch):
     assert check_checkpoint(discover(tmp_path / "a" / "tiny-t2v"), "tiny-t2v")
 
 
-def test_parallel_training_matches_one_after_the_other(tmp_path, monkeypatch):
-    """--parallel: each model in its own process gives the weights that one thread per model gives in one
+def test_side_by_side_training_matches_one_after_the_other(tmp_path, monkeypatch):
+    """The default run trains each model in its own process and gives the weights that --serial gives in one
     process, so the speed-up changes nothing but the clock (the recipes reach the workers as objects)."""
     import wanlite.tiny.train as train
     from safetensors.torch import load_file
@@ -209,8 +210,8 @@ def test_parallel_training_matches_one_after_the_other(tmp_path, monkeypatch):
         monkeypatch.setitem(train.RECIPES, name, few)
     threads = torch.get_num_threads()
     try:
-        assert train.main(["--parallel", "--out", str(tmp_path / "side")]) == 0
-        assert train.main(["--threads", "1", "--out", str(tmp_path / "serial")]) == 0
+        assert train.main(["--out", str(tmp_path / "side")]) == 0
+        assert train.main(["--serial", "--out", str(tmp_path / "serial")]) == 0
     finally:
         torch.set_num_threads(threads)
     files = sorted(p.relative_to(tmp_path / "serial") for p in (tmp_path / "serial").rglob("*.safetensors"))

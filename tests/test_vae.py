@@ -3,7 +3,7 @@ import torch
 
 from conftest import rel_err
 from wanlite.loading.vae_keymap import is_wan22_diffusers, vae_key_from_diffusers
-from wanlite.models.vae import WanVAE
+from wanlite.models.vae import CausalConv3d, WanVAE
 from wanlite.specs import TINY_VAE_SPECS, VAE_SPECS
 
 
@@ -53,6 +53,18 @@ def test_encode_decode_match_diffusers(name):
         out = ours.decode(z)
     assert out.shape == video.shape  # 1 + 4 * (3 - 1) = 9 frames back
     assert rel_err(out, out_ref) <= 1e-4
+
+
+@pytest.mark.parametrize("kernel,padding,stride", [(3, 1, 1), ((3, 1, 1), (1, 0, 0), 1), ((3, 3, 3), 1, (1, 2, 2))])
+def test_lone_frame_fast_path_equals_the_3d_conv(kernel, padding, stride):
+    torch.manual_seed(0)
+    conv = CausalConv3d(4, 6, kernel, stride=stride, padding=padding)
+    x = torch.randn(2, 4, 1, 9, 10)
+    with torch.no_grad():
+        full = torch.nn.Conv3d.forward(conv, torch.nn.functional.pad(x, conv.pad))
+        fast = conv(x)
+    assert fast.shape == full.shape
+    assert (fast - full).abs().max() <= 1e-5
 
 
 def test_decode_single_latent_frame():
