@@ -40,8 +40,8 @@ def main() -> int:
           f"{'PSNR':>7s} {'SSIM':>7s}")
     for r in rows:
         print(f"{r['variant']:8s} {r['clips']:5d} {r['direction_accuracy']:9.3f} {r['mean_distance_px']:8.1f} "
-              f"{r['colour_in_one_piece']:7.3f} {r['seconds_per_clip']:7.2f} {r['psnr_vs_reference'] or float('nan'):7.2f} "
-              f"{r['ssim_vs_reference'] or float('nan'):7.4f}")
+              f"{r['colour_in_one_piece']:7.3f} {r['seconds_per_clip']:7.2f} "
+              f"{r['psnr_vs_reference'] or float('nan'):7.2f} {r['ssim_vs_reference'] or float('nan'):7.4f}")
     if placement == "against":
         for row in rows:
             clips = [r for r in results if r.variant == row["variant"]]

@@ -360,17 +360,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads {args.threads}: give at least 1")
-    threads = args.threads
     out = Path(args.out)
     recipes = [RECIPES[args.only]] if args.only else list(RECIPES.values())
     started = time.perf_counter()
     if not args.serial and len(recipes) > 1:
         # spawn starts alike on Windows, macOS and Linux; the recipes travel to the workers as objects
         with ProcessPoolExecutor(len(recipes), mp_context=multiprocessing.get_context("spawn")) as pool:
-            jobs = [pool.submit(train_with_threads, recipe, out, args.seed, threads) for recipe in recipes]
+            jobs = [pool.submit(train_with_threads, recipe, out, args.seed, args.threads) for recipe in recipes]
             report = [job.result() for job in jobs]
     else:
-        report = [train_with_threads(recipe, out, args.seed, threads) for recipe in recipes]
+        report = [train_with_threads(recipe, out, args.seed, args.threads) for recipe in recipes]
     print(json.dumps(report, indent=1))
     log(f"trained {', '.join(r.task for r in recipes)} in {time.perf_counter() - started:.0f} s")
     return 0
