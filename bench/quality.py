@@ -4,9 +4,9 @@ Usage: python bench/quality.py [--seeds N] [--i2v [--placement ahead|against|cor
 Variants: the fp32 reference and bf16 weights/compute. Default: tiny-t2v text-to-video, written to
 bench/results/quality.json; --i2v: tiny-ti2v image-to-video from a rendered first frame per prompt
 (`wanlite.eval.first_frame`), written to bench/results/quality_ti2v_i2v[_<placement>].json. `ahead` (default):
-the frame a training clip of the prompt could start with, whose trail and placement already tell the
-direction; `against`: drawn for the opposite motion, to tell which of image and prompt the motion follows;
-`corner`: a still shape where the prompted and a perpendicular motion fit alike, so only the prompt can tell.
+a start of a training clip of the prompt with room for the whole motion; `against`: drawn for the opposite
+motion, to tell which of image and prompt the motion follows; `corner`: a still shape where the prompted and a
+perpendicular motion fit alike, so only the prompt can tell.
 """
 from __future__ import annotations
 
@@ -42,6 +42,9 @@ def main() -> int:
         print(f"{r['variant']:8s} {r['clips']:5d} {r['direction_accuracy']:9.3f} {r['mean_distance_px']:8.1f} "
               f"{r['colour_in_one_piece']:7.3f} {r['seconds_per_clip']:7.2f} "
               f"{r['psnr_vs_reference'] or float('nan'):7.2f} {r['ssim_vs_reference'] or float('nan'):7.4f}")
+    for row in rows:
+        if row["first_frame_psnr_min"] is not None:
+            print(f"{row['variant']}: frame 0 against the given image, lowest PSNR {row['first_frame_psnr_min']:.1f} dB")
     if placement == "against":
         for row in rows:
             clips = [r for r in results if r.variant == row["variant"]]

@@ -17,8 +17,10 @@ from wanlite.loading.checkpoints import discover
 from wanlite.loading.models import check_checkpoint
 from wanlite.tiny import checkpoint_dir
 from wanlite.tiny.data import Clip, Sprite, random_clip, render
+from wanlite.tiny.train import RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
+TI2V_TRAIL = RECIPES["tiny-ti2v"].trail
 
 
 def test_data_is_deterministic_and_captioned():
@@ -142,7 +144,7 @@ def ti2v_clip(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ti2v")
     clip = Clip((Sprite("red", "square", "moving right", (40.0, 64.0)),), "black",
                 "a red square moving right on a black background")
-    first = render(clip, 128, 1, 4.0)[0]
+    first = render(clip, 128, 1, 4.0, trail=TI2V_TRAIL)[0]  # drawn as the model trains
     Image.fromarray(first).save(tmp / "first.png")
     out = generate(task="tiny-ti2v", prompt=clip.caption, ckpt_dir=checkpoint_dir("tiny-ti2v"),
                    image=tmp / "first.png", seed=0, dtype="fp32", output_dir=tmp)
@@ -164,9 +166,8 @@ def test_tiny_ti2v_keeps_the_given_first_frame(ti2v_clip):
 
 
 def test_tiny_ti2v_moves_the_shape_as_image_and_prompt_say(ti2v_clip):
-    # one clip; the 16-clip suite is bench/quality.py --i2v (13/16). The motion comes from the first frame (its
-    # trail and placement), not the prompt's direction word: --placement against, 0/16 follow the prompt;
-    # --placement corner, where only the prompt can tell, 7/16 (issue 4)
+    # one clip; the 16-clip suite is bench/quality.py --i2v (16/16). The first frame has no trail, so the
+    # direction comes from the prompt: --placement corner, where only the prompt can tell, 31/32 (issue 4)
     assert measure_motion(ti2v_clip[1], "red").direction == "right"
 
 
@@ -310,8 +311,6 @@ def test_tiny_recipe_turns_options_off_with_zero():
     """--set clean_first_frame=0 / shared_base_steps=0 switch an option off, whatever the recipe sets them to."""
     import importlib.util
 
-    from wanlite.tiny.train import RECIPES
-
     spec = importlib.util.spec_from_file_location("tiny_recipe", REPO / "bench" / "tiny_recipe.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -340,7 +339,9 @@ def test_run_suite_draws_the_first_frame_as_placed(monkeypatch, placement):
 
     monkeypatch.setattr(wanlite.pipelines.run, "generate", fake_generate)
     prompts = (("red", "left"), ("blue", "up"))
-    run_suite({"fp32": {}}, prompts=prompts, seeds=(0, 1), task="tiny-ti2v", image=True, placement=placement)
+    clips = run_suite({"fp32": {}}, prompts=prompts, seeds=(0, 1), task="tiny-ti2v", image=True, placement=placement)
+    assert all(c.first_frame_psnr == float("inf") for c in clips)  # the fake keeps frame 0 exactly
+    assert summarize(clips)[0]["first_frame_psnr_min"] == float("inf")
     assert [p for p, _ in seen] == ["a red square moving left on a black background"] * 2 + [
         "a blue square moving up on a black background"] * 2
     from wanlite.tiny.data import centroid_track
@@ -349,7 +350,7 @@ def test_run_suite_draws_the_first_frame_as_placed(monkeypatch, placement):
                zip([p for p in prompts for _ in (0, 1)], seen)]
     if placement == "against":  # where a clip moving the other way starts: left of centre for "left"
         assert centres == [(32, 64), (32, 64), (64, 32), (64, 32)]
-        np.testing.assert_array_equal(seen[0][1], first_frame("red", OPPOSITE["left"], 128))
+        np.testing.assert_array_equal(seen[0][1], first_frame("red", OPPOSITE["left"], 128, trail=TI2V_TRAIL))
     else:  # behind the motion on its axis, off centre across it, one corner per seed; no trail
         assert centres == [(96, 32), (96, 96), (32, 96), (96, 96)]
         assert all(len(np.unique(image.reshape(-1, 3), axis=0)) == 2 for _, image in seen)

@@ -29,11 +29,12 @@ def first_frame(colour: str, direction: str, size: int, placement: str = "ahead"
                 trail: bool = True) -> np.ndarray:
     """An image-to-video start for a prompt moving `direction`, a square on black; uint8 [size, size, 3].
 
-    `ahead`: a quarter of the frame before the centre along the motion, drawn like frame 0 of a training clip
-    (with `trail`, the motion trail behind it); `against`: the same for the opposite motion. Both tell the
-    direction without the prompt: the trail, and the placement (training clips start where the motion fits,
-    so a shape near the left edge moves right). `corner`: a still square in one of the two corners (`corner`
-    0 or 1) from which the prompted motion and one perpendicular to it fit alike; only the prompt can tell."""
+    `ahead`: a quarter of the frame before the centre along the motion, so the whole motion fits, drawn like
+    frame 0 of a training clip (with `trail`, the motion trail behind it); `against`: the same for the opposite
+    motion, so the prompted one leaves the frame halfway. A model trained with trails, or on clips that start
+    where the motion fits, can read the direction from such a frame instead of the prompt. `corner`: a still
+    square in one of the two corners (`corner` 0 or 1) from which the prompted motion and one perpendicular to
+    it fit alike; only the prompt can tell."""
     from wanlite.tiny.data import Clip, Sprite, render
 
     if placement not in PLACEMENTS:
@@ -142,6 +143,7 @@ class ClipResult:
     denoise_seconds: float | None = None  # the sampling loop alone (no text encoder, no VAE)
     block_evals: int | None = None  # with a step cache: block forwards run / that would have run
     block_evals_total: int | None = None
+    first_frame_psnr: float | None = None  # image-to-video: frame 0 against the given image
 
     @property
     def correct(self) -> bool:
@@ -188,6 +190,8 @@ def run_suite(variants: dict[str, dict], prompts=DEFAULT_PROMPTS, seeds=(0, 1), 
                 result = ClipResult(name, colour, direction, seed, motion.direction, round(motion.distance, 1),
                                     round(motion.seen_frames, 3), round(motion.one_piece, 3), round(seconds, 2),
                                     denoise_seconds=round(steps[-1]["elapsed"], 4) if steps else None)
+                if image:
+                    result.first_frame_psnr = round(psnr(out.frames[0], frame), 2)
                 if out.cache is not None:
                     result.block_evals = out.cache["block_evals"]
                     result.block_evals_total = out.cache["block_evals_total"]
@@ -202,7 +206,8 @@ def run_suite(variants: dict[str, dict], prompts=DEFAULT_PROMPTS, seeds=(0, 1), 
 
 
 def summarize(results: list[ClipResult]) -> list[dict]:
-    """One row per variant: direction accuracy, mean distance, seconds per clip, PSNR/SSIM vs the reference."""
+    """One row per variant: direction accuracy, mean distance, seconds per clip, PSNR/SSIM vs the reference and,
+    image-to-video, the lowest PSNR of a clip's frame 0 against its given image."""
     rows = []
     for name in dict.fromkeys(r.variant for r in results):
         mine = [r for r in results if r.variant == name]
@@ -221,6 +226,8 @@ def summarize(results: list[ClipResult]) -> list[dict]:
                                     if all(r.block_evals for r in mine) else 1.0),
             "psnr_vs_reference": pooled_psnr(psnrs),
             "ssim_vs_reference": round(float(np.mean(ssims)), 4) if ssims else None,
+            "first_frame_psnr_min": (min(r.first_frame_psnr for r in mine)
+                                     if all(r.first_frame_psnr is not None for r in mine) else None),
         })
     return rows
 

@@ -67,11 +67,11 @@ def random_clip(rng: np.random.Generator, size: int, frames: int, speed: float, 
 
 
 def render(clip: Clip, size: int, frames: int, speed: float, trail: bool = True) -> np.ndarray:
-    """uint8 [F, H, W, 3]. With `trail` (tiny-ti2v's data), a moving sprite leaves a fading
-    motion-blur trail behind it, so each single frame shows its direction: tiny-ti2v continues the motion a
-    first frame's trail shows rather than the caption's direction word (bench/quality.py --placement), and
-    `trail=False` is the recipe option that takes this cue away (bench/tiny_recipe.py). The trail's blended
-    colours fall outside `centroid_track`'s tolerance, so tracks follow the sprite itself."""
+    """uint8 [F, H, W, 3]. With `trail` (the earlier bundles' tiny-ti2v data), a moving sprite leaves a fading
+    motion-blur trail behind it, so each single frame shows its direction: a tiny-ti2v trained on it continued the
+    motion a first frame's trail showed rather than the caption's direction word (bench/quality.py --placement),
+    which is why both bundled recipes now set `trail=False`. The trail's blended colours fall outside
+    `centroid_track`'s tolerance, so tracks follow the sprite itself."""
     background = np.array(BACKGROUNDS[clip.background], np.float32)
     video = np.empty((frames, size, size, 3), np.float32)
     video[:] = background
