@@ -44,7 +44,8 @@ def main() -> int:
               f"{r['psnr_vs_reference'] or float('nan'):7.2f} {r['ssim_vs_reference'] or float('nan'):7.4f}")
     for row in rows:
         if row["first_frame_psnr_min"] is not None:
-            print(f"{row['variant']}: frame 0 against the given image, lowest PSNR {row['first_frame_psnr_min']:.1f} dB")
+            print(f"{row['variant']}: frame 0 against the given image, "
+                  f"lowest PSNR {row['first_frame_psnr_min']:.1f} dB")
     if placement == "against":
         for row in rows:
             clips = [r for r in results if r.variant == row["variant"]]

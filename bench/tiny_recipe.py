@@ -1,14 +1,15 @@
 """Retrain one bundled tiny model with a changed recipe and measure what it learned; the bundle is untouched.
 
-Usage: python bench/tiny_recipe.py --task tiny-ti2v --set trail=false anywhere=true sigma_shift=5 sprite_weight=5
-           [--name NAME] [--seeds 2] [--out DIR | --trained DIR]
+Usage: python bench/tiny_recipe.py --task tiny-ti2v --set trail=true anywhere=false sigma_shift=1 sprite_weight=1
+           dit_steps=2400 [--name NAME] [--seeds 2] [--out DIR | --trained DIR]
 Trains with `wanlite.tiny.train` (same code, seed and one thread as the bundle, the named `TinyRecipe` fields
 replaced) into DIR (default: a scratch folder), then measures direction following on two threads: tiny-t2v from
 text; tiny-ti2v from a first frame in each placement of `wanlite.eval.first_frame` (ahead, against, corner: only
-the corner leaves the direction to the prompt), plus the direction-word probe of bench/caption_probe.py. Writes
-bench/results/tiny_recipe_<name>.json. About 20 minutes of training for either model on 2 CPU cores, and a few
-minutes of measuring; `--trained DIR` measures a folder trained before with the same settings (by `--out`, or
-`python -m wanlite.tiny.train` with the recipe edited) and skips the training.
+the corner leaves the direction to the prompt of a model trained with trails or room for the motion), plus the
+direction-word probe of bench/caption_probe.py. Writes bench/results/tiny_recipe_<name>.json. About 20 minutes
+of training for either model on 2 CPU cores, and a few minutes of measuring; `--trained DIR` measures a folder
+trained before with the same settings (by `--out`, or `python -m wanlite.tiny.train` with the recipe edited) and
+skips the training.
 """
 from __future__ import annotations
 
