@@ -9,8 +9,9 @@ Usage:
     python bench/cache.py --timing               # presets: uncached and cached runs alternated, median ratio
     python bench/cache.py --readme               # rewrite the README's cache tables from cache.json
 Every clip is generated with and without the cache in the same process (same prompts and seeds: the harness of
-wanlite.eval); speed-up is the ratio of the sampling loop's wall time (the sweep's is indicative: a busy
-machine skews it; --timing alternates the two runs clip by clip and replaces the presets' value).
+wanlite.eval; tiny-t2v from text, tiny-ti2v from a first frame, see FROM_IMAGE); speed-up is the ratio of the
+sampling loop's wall time (the sweep's is indicative: a busy machine skews it; --timing alternates the two runs
+clip by clip and replaces the presets' value).
 Writes bench/results/cache.json.
 """
 from __future__ import annotations
@@ -29,11 +30,19 @@ import torch
 
 from wanlite.cache import PRESETS, DBCacheConfig, MagCacheConfig, TaylorSeerConfig, describe
 from _record import RESULTS, machine, write_json
-from wanlite.eval import DEFAULT_PROMPTS, prompt_for, run_suite, summarize
+from wanlite.eval import DEFAULT_PROMPTS, prompt_for, run_suite, summarize, write_first_frame
 
 OUT = RESULTS / "cache.json"
 CURVES = Path(__file__).resolve().parents[1] / "cache" / "curves"
 TASKS = ("tiny-t2v", "tiny-ti2v")
+# tiny-ti2v is measured from a first frame: it follows the prompt there (16 of 16 clips) and from text in 2 of 8,
+# so only image-to-video makes "direction kept" mean something
+FROM_IMAGE = {"tiny-t2v": False, "tiny-ti2v": True}
+
+
+def image_for(task: str, folder: Path, colour: str, direction: str, seed: int) -> dict[str, Path]:
+    """generate()'s `image=` for a clip of `task` as the sweep runs it: none from text."""
+    return {"image": write_first_frame(folder, task, colour, direction, seed)[0]} if FROM_IMAGE[task] else {}
 
 
 def sweep() -> dict[str, object]:
@@ -70,14 +79,16 @@ def run_sweep(task: str, seeds: int, only: str | None, group: int = 6) -> None:
     names = list(variants)
     for first in range(0, len(names), group):
         runs = {"uncached": {}, **{name: {"cache": variants[name]} for name in names[first:first + group]}}
-        clips = run_suite(runs, prompts=DEFAULT_PROMPTS, seeds=tuple(range(seeds)), reference="uncached", task=task)
+        clips = run_suite(runs, prompts=DEFAULT_PROMPTS, seeds=tuple(range(seeds)), reference="uncached", task=task,
+                          image=FROM_IMAGE[task])
         base, *cached_rows = summarize(clips)
         rows = []
         for cached in cached_rows:
             name = cached["variant"]
             cache = variants[name]
             rows.append({
-                "task": task, "config": name, "preset": cache if isinstance(cache, str) else None,
+                "task": task, "image_to_video": FROM_IMAGE[task], "config": name,
+                "preset": cache if isinstance(cache, str) else None,
                 "settings": describe(PRESETS[cache] if isinstance(cache, str) else cache), "clips": cached["clips"],
                 "block_evals_saved_x": cached["block_evals_saved_x"],
                 "speedup_x": round(base["denoise_seconds_per_clip"] / cached["denoise_seconds_per_clip"], 3),
@@ -92,7 +103,8 @@ def run_sweep(task: str, seeds: int, only: str | None, group: int = 6) -> None:
 
 
 def calibrate() -> None:
-    """One uncached clip per tiny task with `cache="calibrate"`; the curve is shipped in cache/curves."""
+    """One uncached clip per tiny task, run as the sweep runs it, with `cache="calibrate"`; the curve is shipped in
+    cache/curves."""
     from wanlite import generate
     from wanlite.tiny import checkpoint_dir
 
@@ -100,7 +112,8 @@ def calibrate() -> None:
         os.environ["XDG_CACHE_HOME"] = os.environ["LOCALAPPDATA"] = scratch
         for task in TASKS:
             out = generate(task=task, prompt=prompt_for("red", "right"), seed=0, dtype="fp32",
-                           ckpt_dir=checkpoint_dir(task), cache="calibrate", save_file=Path(scratch) / "c.mp4")
+                           ckpt_dir=checkpoint_dir(task), cache="calibrate", save_file=Path(scratch) / "c.mp4",
+                           **image_for(task, Path(scratch), "red", "right", 0))
             CURVES.mkdir(exist_ok=True)
             shutil.copyfile(out.cache["calibration"], CURVES / f"{task}.json")
             print(f"{task}: wrote {CURVES / f'{task}.json'}")
@@ -175,7 +188,8 @@ def timing(task: str, reps: int = 8) -> None:
             ratios = []
             for i in range(reps):
                 colour, direction = DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)]
-                kw = dict(prompt=prompt_for(colour, direction), seed=i)
+                kw = dict(prompt=prompt_for(colour, direction), seed=i,
+                          **image_for(task, Path(scratch), colour, direction, i))
                 ratios.append(denoise_seconds(**kw) / denoise_seconds(cache=name, **kw))
             for row in data["results"]:
                 if row.get("task") == task and row.get("config") == f"preset {name}":
@@ -204,8 +218,9 @@ def readme() -> None:
                         for o in mine if o is not r)]
         for r in presets + sorted(frontier, key=lambda r: r["block_evals_saved_x"]):
             name = f"**{r['preset']}**" if r.get("preset") else r["config"]
+            label = f"{task} I2V" if r.get("image_to_video") else task
             speed = f"{r['speedup_x']:.2f}x" if "speedup_method" in r else "—"  # sweep timings: a busy machine
-            lines.append(f"| {task} | {name} | {r['block_evals_saved_x']:.2f}x | {speed} | "
+            lines.append(f"| {label} | {name} | {r['block_evals_saved_x']:.2f}x | {speed} | "
                          f"{r['psnr_db']:.1f} dB | {r['ssim']:.3f} | {r['direction_accuracy']:.3f} "
                          f"({r['uncached_direction_accuracy']:.3f}) |")
     table = "\n".join(lines) + "\n"

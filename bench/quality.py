@@ -1,8 +1,9 @@
 """Direction accuracy, wholeness of the shape, drift and time per clip of a bundled tiny model, per variant.
 
-Usage: python bench/quality.py [--seeds N] [--i2v [--placement ahead|against|corner]]
+Usage: python bench/quality.py [--seeds N] [--task tiny-t2v|tiny-ti2v] [--i2v [--placement ahead|against|corner]]
 Variants: the fp32 reference and bf16 weights/compute. Default: tiny-t2v text-to-video, written to
-bench/results/quality.json; --i2v: tiny-ti2v image-to-video from a rendered first frame per prompt
+bench/results/quality.json (`--task tiny-ti2v`: tiny-ti2v from text, quality_ti2v.json);
+--i2v: tiny-ti2v image-to-video from a rendered first frame per prompt
 (`wanlite.eval.first_frame`), written to bench/results/quality_ti2v_i2v[_<placement>].json. `ahead` (default):
 a start of a training clip of the prompt with room for the whole motion; `against`: drawn for the opposite
 motion, to tell which of image and prompt the motion follows; `corner`: a still shape where the prompted and a
@@ -26,12 +27,16 @@ VARIANTS = {"fp32": {}, "bf16": {"dtype": "bf16"}}
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--task", choices=("tiny-t2v", "tiny-ti2v"),
+                        help="default: tiny-ti2v with --i2v, else tiny-t2v")
     parser.add_argument("--i2v", action="store_true", help="tiny-ti2v from a first frame instead of tiny-t2v")
     parser.add_argument("--placement", choices=PLACEMENTS, help="with --i2v: how the first frame is drawn")
     args = parser.parse_args()
     if args.placement and not args.i2v:
         parser.error("--placement needs --i2v")
-    task = "tiny-ti2v" if args.i2v else "tiny-t2v"
+    task = args.task or ("tiny-ti2v" if args.i2v else "tiny-t2v")
+    if args.i2v and task != "tiny-ti2v":
+        parser.error("--i2v needs --task tiny-ti2v (tiny-t2v has no image input)")
     placement = args.placement or "ahead"
     results = run_suite(VARIANTS, prompts=DEFAULT_PROMPTS, seeds=tuple(range(args.seeds)), reference="fp32",
                         task=task, image=args.i2v, placement=placement)
@@ -51,7 +56,9 @@ def main() -> int:
             clips = [r for r in results if r.variant == row["variant"]]
             row["follows_image"] = round(sum(r.measured == OPPOSITE[r.direction] for r in clips) / len(clips), 3)
             print(f"{row['variant']}: moves the way the first frame shows in {row['follows_image']:.3f} of clips")
-    stem = ("quality_ti2v_i2v" + ("" if placement == "ahead" else f"_{placement}")) if args.i2v else "quality"
+    stem = {"tiny-t2v": "quality", "tiny-ti2v": "quality_ti2v"}[task]
+    if args.i2v:
+        stem += "_i2v" + ("" if placement == "ahead" else f"_{placement}")
     out = Path(__file__).resolve().parent / "results" / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({

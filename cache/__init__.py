@@ -27,8 +27,9 @@ __all__ = ["apply_cache", "StepCache", "CacheConfig", "DBCacheConfig", "TaylorSe
 # Chosen from the sweep on the bundled tiny models (bench/results/cache.json, README table): on them the fixed
 # TaylorSeer schedules matched or beat DBCache at every saving, and their skip schedule is known before the step
 # starts (offload moves nothing for a skipped step). 20 steps, fewer block evaluations at PSNR vs uncached:
-# tiny-t2v safe 1.54x at 36.6 dB, fast 2.0x at 26.3 dB, turbo 2.2x at 23.4 dB; tiny-ti2v 1.82x at 34.8 dB,
-# 2.5x at 26.9 dB, 2.86x at 25.7 dB. (MagCache does better on tiny-t2v but needs a calibration run per model.)
+# tiny-t2v safe 1.54x at 36.6 dB, fast 2.0x at 26.3 dB, turbo 2.2x at 23.4 dB; tiny-ti2v (image-to-video)
+# 1.82x at 32.8 dB, 2.5x at 25.2 dB, 2.86x at 24.2 dB; every clip's direction kept. (MagCache does better on
+# tiny-t2v but needs a calibration run per model.)
 PRESETS: dict[str, CacheConfig] = {
     "safe": TaylorSeerConfig(order=1, interval=2, warmup_steps=2),
     "fast": TaylorSeerConfig(order=1, interval=3, warmup_steps=2),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -50,6 +51,20 @@ def first_frame(colour: str, direction: str, size: int, placement: str = "ahead"
         motion, trail = "standing still", False
     clip = Clip((Sprite(colour, "square", motion, tuple(start)),), "black", prompt_for(colour, direction))
     return render(clip, size, 1, 0.0, trail=trail)[0]
+
+
+def write_first_frame(folder: Path, task: str, colour: str, direction: str, seed: int = 0, placement: str = "ahead"):
+    """The image-to-video start of a suite clip as a PNG in `folder`, drawn like the bundled `task`'s training
+    clips (trail or not); with `corner`, even seeds start in one corner, odd in the other. -> (path, uint8 frame)"""
+    from PIL import Image
+
+    from wanlite.specs import TASKS
+    from wanlite.tiny.train import RECIPES
+
+    frame = first_frame(colour, direction, TASKS[task].size[0], placement, seed % 2, RECIPES[task].trail)
+    path = folder / f"{colour}_{direction}_{seed}_{placement}.png"
+    Image.fromarray(frame).save(path)
+    return path, frame
 
 
 def largest_piece_share(mask: np.ndarray) -> float:
@@ -153,17 +168,11 @@ class ClipResult:
 def run_suite(variants: dict[str, dict], prompts=DEFAULT_PROMPTS, seeds=(0, 1), reference: str | None = None,
               task: str = "tiny-t2v", image: bool = False, placement: str = "ahead") -> list[ClipResult]:
     """Generate every prompt x seed for every variant; compare each clip with the reference variant's.
-    `image`: image-to-video from `first_frame(..., placement)` of each prompt (tiny-ti2v), drawn like the
-    model's training clips (trail or not); with `corner`, even seeds start in one corner, odd in the other."""
+    `image`: image-to-video from `write_first_frame(..., placement)` of each prompt and seed (tiny-ti2v)."""
     import tempfile
-    from pathlib import Path
-
-    from PIL import Image
 
     from wanlite.pipelines.run import generate
-    from wanlite.specs import TASKS
     from wanlite.tiny import checkpoint_dir
-    from wanlite.tiny.train import RECIPES
 
     reference = reference or next(iter(variants))
     frames_of: dict[tuple, np.ndarray] = {}
@@ -176,10 +185,8 @@ def run_suite(variants: dict[str, dict], prompts=DEFAULT_PROMPTS, seeds=(0, 1), 
                 kwargs = dict(task=task, prompt=prompt_for(colour, direction), seed=seed, dtype="fp32",
                               output_dir=scratch.name)
                 if image:
-                    kwargs["image"] = Path(scratch.name) / f"{colour}_{direction}_{seed}.png"
-                    frame = first_frame(colour, direction, TASKS[task].size[0], placement, seed % 2,
-                                        RECIPES[task].trail)
-                    Image.fromarray(frame).save(kwargs["image"])
+                    kwargs["image"], frame = write_first_frame(Path(scratch.name), task, colour, direction, seed,
+                                                               placement)
                 kwargs.update(variants[name])
                 if "ckpt_dir" not in kwargs:
                     kwargs["ckpt_dir"] = checkpoint_dir(task)
