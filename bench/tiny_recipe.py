@@ -4,12 +4,12 @@ Usage: python bench/tiny_recipe.py --task tiny-ti2v --set trail=true anywhere=fa
            dit_steps=2400 [--name NAME] [--seeds 2] [--out DIR | --trained DIR]
 Trains with `wanlite.tiny.train` (same code, seed and one thread as the bundle, the named `TinyRecipe` fields
 replaced) into DIR (default: a scratch folder), then measures direction following on two threads: tiny-t2v from
-text; tiny-ti2v from a first frame in each placement of `wanlite.eval.first_frame` (ahead, against, corner: only
-the corner leaves the direction to the prompt of a model trained with trails or room for the motion), plus the
-direction-word probe of bench/caption_probe.py. Writes bench/results/tiny_recipe_<name>.json. About 20 minutes
-of training for either model on 2 CPU cores, and a few minutes of measuring; `--trained DIR` measures a folder
-trained before with the same settings (by `--out`, or `python -m wanlite.tiny.train` with the recipe edited) and
-skips the training.
+text; tiny-ti2v from text and from a first frame in each placement of `wanlite.eval.first_frame` (ahead, against,
+corner: only the corner leaves the direction to the prompt of a model trained with trails or room for the
+motion), plus the direction-word probe of bench/caption_probe.py. Writes bench/results/tiny_recipe_<name>.json.
+About 20 minutes of training for either model on 2 CPU cores, and a few minutes of measuring; `--trained DIR`
+measures a folder trained before with the same settings (by `--out`, or `python -m wanlite.tiny.train` with the
+recipe edited) and skips the training.
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def main() -> int:
     torch.set_num_threads(2)
     seeds = tuple(range(args.seeds))
     suites = {}
-    placements = ("ahead", "against", "corner") if args.task == "tiny-ti2v" else (None,)
+    placements = (None, "ahead", "against", "corner") if args.task == "tiny-ti2v" else (None,)  # None: from text
     for placement in placements:
         clips = run_suite({"fp32": {"ckpt_dir": str(ckpt)}}, prompts=DEFAULT_PROMPTS, seeds=seeds, task=args.task,
                           image=placement is not None, placement=placement or "ahead")
