@@ -84,6 +84,7 @@ def main() -> int:
             tiled = run(name, height, width, args.frames, tile, Path(tmp) / "tiled.pt")
             a, b = torch.load(Path(tmp) / "full.pt"), torch.load(Path(tmp) / "tiled.pt")
             psnr = float(10 * torch.log10(4 / (a - b).pow(2).mean()))
+            # rows from several --only runs share the file: each keeps the command and date that measured it
             row = {"vae": name, "resolution": f"{width}x{height}", "latent_frames": args.frames,
                    "tiling": tiled["tiling"], "untiled_peak_bytes": full["peak_over_baseline"],
                    "tiled_peak_bytes": tiled["peak_over_baseline"],
@@ -92,7 +93,9 @@ def main() -> int:
                    "tiled_seconds": round(tiled["seconds"], 2),
                    "predicted_over_measured": predicted_over_measured(name, height, width, tiled["tiling"],
                                                                       full["peak_over_baseline"],
-                                                                      tiled["peak_over_baseline"])}
+                                                                      tiled["peak_over_baseline"]),
+                   "command": "python bench/vae_tiling.py " + " ".join(sys.argv[1:]),
+                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
             rows.append(row)
             print(f"{name:9s} {row['resolution']:>9s} tiles {row['tiling']}: peak {row['tiled_peak_bytes'] / 2**20:7.0f} "
                   f"vs {row['untiled_peak_bytes'] / 2**20:7.0f} MiB = {row['peak_ratio']:.3f}  PSNR {psnr:6.2f} dB  "
@@ -125,12 +128,11 @@ def save(rows: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_suffix(".tmp")
     tmp_out.write_text(json.dumps({
-        "command": "python bench/vae_tiling.py " + " ".join(sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__},
-        "note": "full-size VAEs carry random weights; predicted_over_measured waits for the planner's VAE estimate; "
-                "each row records the frames it decoded",
+        "note": "full-size VAEs carry random weights; predicted_over_measured is the planner's VAE estimate "
+                "(untiled, tiled) over the measured RSS peak; each row records the frames it decoded and the "
+                "command and date that measured it",
         "results": merged}, indent=2) + "\n")
     tmp_out.replace(out)
 
