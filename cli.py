@@ -88,7 +88,8 @@ def cmd_check(args) -> int:
 
         table.add_row("wav2vec2", "transformers", str(find_wav2vec(ckpt.root).relative_to(ckpt.root)), "", "")
     if TASKS[args.task].conditioning == "animate":
-        from wanlite.models.clip import find_clip, load_clip_vision
+        from wanlite.loading.clip import load_clip_vision
+        from wanlite.models.clip import find_clip
 
         clip = find_clip(ckpt.root)  # checked like the rest: every tensor the vision tower needs, right shapes
         params = sum(p.numel() for p in load_clip_vision(clip).parameters())
@@ -139,36 +140,38 @@ def _guide_scale(text: str | None):
     return (values[0], values[-1])
 
 
-def cmd_generate(args) -> int:
+def request_from_args(args):
+    """The Request the job flags describe: `generate` and `plan` read the same flags the same way."""
     from pathlib import Path
 
     from wanlite.loading.checkpoints import COMPONENT_FLAGS
-    from wanlite.pipelines.progress import ProgressPrinter
     from wanlite.pipelines.request import Request, parse_size
-    from wanlite.pipelines.run import generate
 
-    request = Request(
-        task=args.task, prompt=args.prompt, ckpt_dir=None if args.ckpt_dir is None else Path(args.ckpt_dir),
-        negative_prompt=args.negative_prompt,
-        image=None if args.image is None else Path(args.image),
-        size=None if args.size is None else parse_size(args.size), frames=args.frame_num,
+    path = lambda value: None if value is None else Path(value)  # noqa: E731
+    return Request(
+        task=args.task, prompt=args.prompt, ckpt_dir=path(args.ckpt_dir), negative_prompt=args.negative_prompt,
+        image=path(args.image), size=None if args.size is None else parse_size(args.size), frames=args.frame_num,
         steps=args.sample_steps, shift=args.sample_shift, guide_scale=_guide_scale(args.sample_guide_scale),
         solver=args.sample_solver, seed=args.base_seed, device=args.device, dtype=args.dtype,
-        save_file=None if args.save_file is None else Path(args.save_file), output_dir=Path(args.output_dir),
-        preview=args.preview, t5_cpu=args.t5_cpu, quant=args.quant, quant_backend=args.quant_backend,
-        vae_tile=args.vae_tile, vae_dtype=args.vae_dtype, profile=args.profile, offload=args.offload, resident_blocks=args.resident_blocks,
-        prefetch=args.prefetch, ram_mode=args.ram_mode, chunk_tokens=args.chunk_tokens,
-        offload_cache=None if args.offload_cache is None else Path(args.offload_cache),
+        save_file=path(args.save_file), output_dir=Path(args.output_dir), preview=args.preview, t5_cpu=args.t5_cpu,
+        quant=args.quant, quant_backend=args.quant_backend, vae_tile=args.vae_tile, vae_dtype=args.vae_dtype,
+        profile=args.profile, offload=args.offload, resident_blocks=args.resident_blocks, prefetch=args.prefetch,
+        ram_mode=args.ram_mode, chunk_tokens=args.chunk_tokens, offload_cache=path(args.offload_cache),
         cache=args.cache, cache_threshold=args.cache_threshold, cache_fn=args.cache_fn, cache_bn=args.cache_bn,
         taylorseer_order=args.taylorseer_order, cache_force=args.cache_force,
         lora=tuple(args.lora), lora_high=tuple(args.lora_high), lora_low=tuple(args.lora_low),
-        lora_mode=args.lora_mode, preset=args.preset,
-        audio=None if args.audio is None else Path(args.audio),
-        pose_video=None if args.pose_video is None else Path(args.pose_video), num_clip=args.num_clip,
-        start_from_ref=args.start_from_ref, wav2vec=None if args.wav2vec is None else Path(args.wav2vec),
-        src_root_path=None if args.src_root_path is None else Path(args.src_root_path), replace=args.replace,
-        refert_num=args.refert_num, relighting_lora=args.use_relighting_lora,
+        lora_mode=args.lora_mode, preset=args.preset, audio=path(args.audio), pose_video=path(args.pose_video),
+        num_clip=args.num_clip, start_from_ref=args.start_from_ref, wav2vec=path(args.wav2vec),
+        src_root_path=path(args.src_root_path), replace=args.replace, refert_num=args.refert_num,
+        relighting_lora=args.use_relighting_lora,
         **{flag: Path(getattr(args, flag)) for flag in COMPONENT_FLAGS if getattr(args, flag) is not None})
+
+
+def cmd_generate(args) -> int:
+    from wanlite.pipelines.progress import ProgressPrinter
+    from wanlite.pipelines.run import generate
+
+    request = request_from_args(args)
     with ProgressPrinter() as progress:
         result = generate(request, progress=progress)
     print(f"wrote {result.path}" + (f" and {result.preview}" if result.preview else ""))
@@ -184,79 +187,74 @@ def _cache_line(c: dict) -> str:
     return line + (f"; calibration written to {c['calibration']}" if "calibration" in c else "")
 
 
-def _workload_args(parser) -> None:
-    parser.add_argument("--task", required=True, help="t2v-A14B, i2v-A14B, ti2v-5B or s2v-14B")
-    parser.add_argument("--size", default=None, help="WIDTH*HEIGHT (default: the task's)")
-    parser.add_argument("--frame_num", type=int, default=None, help="frames, 4k+1 (default: the task's)")
-    parser.add_argument("--sample_steps", type=int, default=None)
-
-
 def cmd_plan(args) -> int:
-    import json
+    from pathlib import Path
 
     from wanlite.errors import WanliteError
-    from wanlite.pipelines.request import parse_size, task_spec
-    from wanlite.planner import Workload, hypothetical, load_or_probe, load_profile, make_plan, plan_to_toml
-    from wanlite.planner.plan import apply_profile
+    from wanlite.pipelines.resolve import resolve
+    from wanlite.planner import hypothetical, load_profile
 
-    task = task_spec(args.task)
-    if task.name.startswith("tiny-"):
-        raise WanliteError(f"{task.name} is the bundled tiny model: it needs no plan (it fits anywhere)")
-    w, h = parse_size(args.size) if args.size else task.size
+    request = request_from_args(args)
+    if request.task.startswith("tiny-") and request.ckpt_dir is None:
+        raise WanliteError(f"{request.task} is the bundled tiny model: it needs no plan (it fits anywhere)")
     choices = {} if args.profile == "auto" else load_profile(args.profile)[0]
+    machine = None  # this machine, measured, as `generate` sees it
     if args.vram is not None or args.ram is not None:
-        hw = hypothetical(args.vram, args.ram if args.ram is not None else 32, args.disk)
+        machine = hypothetical(args.vram, args.ram if args.ram is not None else 32, args.disk)
     elif "vram_gb" in choices or "ram_gb" in choices:
-        hw = hypothetical(choices.get("vram_gb"), choices.get("ram_gb", 32), choices.get("disk_gbps", 2.0))
-    else:
-        hw = load_or_probe()
-    from wanlite.cache import cache_config
-
-    cache = cache_config(choices.get("cache", "off") if args.cache == "auto" else args.cache)
-    work = Workload(task.name, w, h, args.frame_num or task.frames, args.sample_steps or task.steps, cache=cache)
-    plan = apply_profile(make_plan(work, hw, args.quant), choices)
+        machine = hypothetical(choices.get("vram_gb"), choices.get("ram_gb", 32), choices.get("disk_gbps", 2.0))
+    job = resolve(request, machine, without_files=request.ckpt_dir is None and not request.component_files())
     if args.save:
-        from pathlib import Path
-
         out = Path(args.save)
         tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(plan_to_toml(plan), encoding="utf-8")
+        tmp.write_text(job.profile_toml(), encoding="utf-8")
         tmp.replace(out)
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2))
+        print(json.dumps({"job": job.to_dict()}, indent=2, ensure_ascii=False))
     else:
-        _print_plan(plan)
+        _print_job(job)
     return 0
 
 
-def _print_plan(plan) -> None:
+def _print_job(job) -> None:
+    from pathlib import Path
+
     from rich.console import Console
     from rich.table import Table
 
-    p = plan.predicted
-    table = Table(title=f"{plan.task} {plan.width}*{plan.height}, {plan.frames} frames, {plan.steps} steps on "
-                        f"{plan.hardware}")
+    s, p, o = job.settings, job.predicted, job.offload
+    table = Table(title=f"{s.task} {s.size[0]}*{s.size[1]}, {s.frames} frames, {s.steps} steps on {job.machine}")
     for col in ("component", "format", "placement", "predicted"):
         table.add_column(col)
-    placement = plan.offload if plan.offload != "block" else (
-        f"block: {plan.resident_blocks} resident, prefetch {plan.prefetch}, host RAM {plan.ram_mode}")
-    chunks = f"; blocks in chunks of {plan.chunk_tokens} tokens" if plan.chunk_tokens else ""
-    table.add_row("transformer", plan.weight_format, f"{plan.device}, {placement}{chunks}",
-                  f"weights {p.vram_weights_gb} GB + activations {p.vram_activations_gb} GB + buffers "
-                  f"{p.vram_buffers_gb} GB")
-    table.add_row("text encoder", plan.weight_format if plan.weight_format in ("fp8", "int8") else "bf16",
-                  plan.t5_device, f"{p.vram_text_encoder_gb} GB VRAM" if plan.t5_device == "cuda" else "RAM")
-    table.add_row("VAE", "fp32", f"{plan.device}, " + ("whole frames" if not plan.vae_tile else
-                                                       f"tiles of {plan.vae_tile} latent px"), f"{p.vram_vae_gb} GB")
-    if plan.cache != "off":
-        table.add_row("step cache", plan.cache, plan.device,
-                      f"{p.vram_cache_gb} GB state (in the activations); skipped blocks are neither run nor moved")
-    table.add_row("total", "", "", f"peak VRAM {p.peak_vram_gb} GB, peak RAM {p.peak_ram_gb} GB, "
-                                   f"{p.bytes_moved_per_step_gb} GB moved/step, ~{p.s_per_step} s/step")
+    placement = o.mode if o.mode != "block" else (
+        f"block: {o.resident_blocks} resident, prefetch {o.prefetch}, host RAM {o.ram_mode}")
+    chunks = f"; blocks in chunks of {job.chunk_tokens} tokens" if job.chunk_tokens else ""
+    show = lambda text: "" if p is None else text  # noqa: E731
+    table.add_row("transformer", f"{job.weights.quant} ({job.dtype})", f"{job.device}, {placement}{chunks}",
+                  show(f"weights {p and p.vram_weights_gb} GB + activations {p and p.vram_activations_gb} GB + "
+                       f"buffers {p and p.vram_buffers_gb} GB"))
+    table.add_row("text encoder", job.text_encoder.quant, job.text_encoder.device,
+                  show(f"{p and p.vram_text_encoder_gb} GB VRAM" if job.text_encoder.device != "cpu" else "RAM"))
+    table.add_row("VAE", job.vae.dtype, f"{job.device}, " + ("whole frames" if job.vae.tile is None else
+                                                             f"tiles of {job.vae.tile} latent px"),
+                  show(f"{p and p.vram_vae_gb} GB"))
+    if job.step_cache is not None:
+        from wanlite.cache import describe
+
+        table.add_row("step cache", describe(job.step_cache)["policy"], job.device,
+                      show(f"{p and p.vram_cache_gb} GB state (in the activations); skipped blocks are neither run "
+                           "nor moved"))
+    for lora in job.loras:
+        table.add_row(f"LoRA ({lora.role})", lora.mode, ", ".join(f"{Path(f).name}:{w:g}" for f, w in lora.files), "")
+    if p is not None:
+        table.add_row("total", "", "", f"peak VRAM {p.peak_vram_gb} GB, peak RAM {p.peak_ram_gb} GB, "
+                                       f"{p.bytes_moved_per_step_gb} GB moved/step, ~{p.s_per_step} s/step")
     console = Console()
     console.print(table)
-    for reason in plan.reasons:
+    for reason in job.reasons:
         console.print(f"why: {reason}")
+    for warning in job.warnings:
+        console.print(f"note: {warning}")
 
 
 def cmd_profile(args) -> int:
@@ -338,6 +336,119 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def job_flags(parser, for_plan: bool) -> None:
+    """Every flag that shapes a job, shared by `generate` and `plan` (official generate.py names kept)."""
+    from wanlite.cache import POLICY_NAMES, PRESETS
+    from wanlite.specs import TASKS
+
+    parser.add_argument("--task", required=True, help=f"{', '.join(t for t in TASKS if not t.startswith('tiny-'))} "
+                        f"({', '.join(t for t in TASKS if t.startswith('tiny-'))}: the bundled models)")
+    parser.add_argument("--ckpt_dir", default=None, help="checkpoint folder (official, diffusers, ComfyUI or GGUF "
+                        "files); optional when every component is given as a file")
+    parser.add_argument("--prompt", required=not for_plan, default="", help="what the video shows")
+    parser.add_argument("--quant", default="auto", help="weights: auto (as the files store them), none, fp8, int8, "
+                        "gguf-q8_0, gguf-q6_k, gguf-q5_k, gguf-q4_k, gguf-q4_0 ...; quantized while loading")
+    parser.add_argument("--quant-backend", dest="quant_backend", default="torchao",
+                        help="int8 only: torchao (default), bnb or quanto")
+    dit_files = "safetensors (bf16/fp16/fp32/fp8-scaled), GGUF or .pth"
+    for flag, what in (("high_noise_model", f"the high-noise expert (A14B tasks): {dit_files}"),
+                       ("low_noise_model", f"the low-noise expert (A14B tasks): {dit_files}"),
+                       ("dit", f"the transformer of a single-model task (ti2v-5B): {dit_files}"),
+                       ("t5", "the umT5 text encoder: safetensors (bf16/fp16/fp32/fp8-scaled) or .pth (GGUF text "
+                              "encoders are not read yet)"),
+                       ("vae", "the VAE: safetensors or .pth")):
+        parser.add_argument(f"--{flag}", default=None, metavar="FILE", help=f"{what}; overrides --ckpt_dir")
+    parser.add_argument("--negative_prompt", default=None, help="default: the official negative prompt")
+    parser.add_argument("--image", default=None,
+                        help="input image (i2v-A14B: required; ti2v-5B: optional; s2v-14B: the reference face/person)")
+    parser.add_argument("--size", default=None,
+                        help="WIDTH*HEIGHT, e.g. 1280*720 (default: the task's); s2v-14B: the area to fit, the "
+                          "reference image sets the aspect")
+    parser.add_argument("--frame_num", type=int, default=None, help="frames, 4k+1 (default: the task's)")
+    parser.add_argument("--infer_frames", dest="frame_num", type=int, default=None,
+                        help="s2v-14B: frames per clip, a multiple of 4 (default 80)")
+    parser.add_argument("--audio", default=None, metavar="FILE",
+                        help="s2v-14B: the speech or song (any file with an audio track); muxed into the mp4")
+    parser.add_argument("--pose_video", default=None, metavar="FILE", help="s2v-14B: a pose (DWPose) video to follow")
+    parser.add_argument("--num_clip", type=int, default=None, metavar="N",
+                        help="s2v-14B: at most N clips (default: as many as the audio lasts)")
+    parser.add_argument("--start_from_ref", action="store_true",
+                        help="s2v-14B: start the motion history from the reference image")
+    parser.add_argument("--src_root_path", default=None, metavar="DIR",
+                        help="animate-14B: the preprocessed folder (src_pose.mp4, src_face.mp4, src_ref.png; "
+                          "src_bg.mp4 and src_mask.mp4 with --replace)")
+    parser.add_argument("--replace", "--replace_flag", dest="replace", action="store_true",
+                        help="animate-14B: replace the person in the video with the character (default: animate it)")
+    parser.add_argument("--use_relighting_lora", action="store_true",
+                        help="animate-14B: apply the checkpoint's relighting_lora.ckpt (recommended with --replace)")
+    parser.add_argument("--refert_num", type=int, default=1,
+                        help="animate-14B: frames each segment overlaps the previous one, 1 or 5 (default 1)")
+    parser.add_argument("--wav2vec", default=None, metavar="DIR",
+                        help="s2v-14B: the wav2vec2-large-xlsr-53-english folder (default: inside --ckpt_dir)")
+    parser.add_argument("--sample_solver", default=None, choices=["unipc", "dpm++", "euler"])
+    parser.add_argument("--sample_steps", type=int, default=None)
+    parser.add_argument("--sample_shift", type=float, default=None)
+    parser.add_argument("--sample_guide_scale", default=None, help="one value, or LOW,HIGH for the two A14B experts")
+    parser.add_argument("--base_seed", type=int, default=-1, help="-1 picks a random seed (stored in the mp4)")
+    parser.add_argument("--vae-tile", dest="vae_tile", type=int, default=None, metavar="N",
+                        help="VAE decode in spatial tiles of N latent pixels (0: one piece; default: 256-pixel tiles "
+                          "when the frame is larger)")
+    parser.add_argument("--vae_dtype", default="fp32", choices=["fp32", "bf16"],
+                        help="VAE decode precision: fp32 (official) or bf16 (half the memory, ~54-63 dB PSNR vs fp32)")
+    parser.add_argument("--offload", default="auto", choices=["auto", "none", "model", "block"],
+                        help="transformer placement: none (all on the device), model (one expert at a time), block "
+                          "(stream blocks; for cards the expert does not fit); auto decides")
+    parser.add_argument("--profile", default="auto",
+                        help="auto (measure this machine and plan), a preset (8gb, 12gb, 16gb, 24gb, notebook, cpu) "
+                          "or a .toml file; the flags below override its choices")
+    parser.add_argument("--resident_blocks", type=int, default=None, metavar="K",
+                        help="block offload: blocks kept on the device (default: the plan's)")
+    parser.add_argument("--prefetch", type=int, default=None, metavar="D",
+                        help="block offload: blocks copied ahead of the one computing (default: the plan's)")
+    parser.add_argument("--chunk_tokens", type=int, default=None, metavar="N",
+                        help="run each DiT block N tokens at a time (0: whole; default: the plan's)")
+    parser.add_argument("--ram_mode", default=None, choices=["pinned", "mmap", "disk"],
+                        help="block offload host memory: pinned (weights in RAM), mmap (read from the checkpoint "
+                          "per block: for 16-32 GB PCs), disk (per-block cache files written once)")
+    parser.add_argument("--offload_cache", default=None, metavar="DIR",
+                        help="where --ram_mode disk writes its cache (default: the user cache folder)")
+    parser.add_argument("--cache", default="auto",
+                        choices=["auto", "off", *PRESETS, *POLICY_NAMES],
+                        help="step caching: presets safe/fast/turbo (measured in README), or a policy for experts; "
+                          "calibrate records the MagCache curve `--cache mag` needs (default: the profile's, "
+                          "else off)")
+    parser.add_argument("--cache_threshold", type=float, default=None, metavar="X",
+                        help="DBCache/MagCache threshold (default: the preset's)")
+    parser.add_argument("--cache_fn", type=int, default=None, metavar="N", help="DBCache: front blocks always computed")
+    parser.add_argument("--cache_bn", type=int, default=None, metavar="N", help="DBCache: back blocks always computed")
+    parser.add_argument("--taylorseer_order", type=int, default=None, metavar="K",
+                        help="forecast skipped residuals with a Taylor series of this order (0-3)")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                        help="apply a LoRA (repeatable); on A14B tasks to both experts")
+    parser.add_argument("--lora_high", action="append", default=[], metavar="FILE[:STRENGTH]",
+                        help="A14B: a LoRA for the high-noise expert only (Lightning's high_noise_model.safetensors)")
+    parser.add_argument("--lora_low", action="append", default=[], metavar="FILE[:STRENGTH]",
+                        help="A14B: a LoRA for the low-noise expert only")
+    parser.add_argument("--lora_mode", default="auto", choices=["auto", "merge", "runtime"],
+                        help="auto: merge into weights as they load (before quantizing), a runtime low-rank branch on "
+                          "weights stored quantized; merge: also re-quantize stored fp8/GGUF; runtime: branch only")
+    parser.add_argument("--preset", default=None, choices=["lightning", "lightning-3phase"],
+                        help="lightning: the 4-step distillation recipe (Euler, shift 5, guide 1: no uncond pass); "
+                          "lightning-3phase: 8 steps, the first with CFG and without the LoRA (against slow "
+                          "motion); pair them with the Lightning / lightx2v LoRAs")
+    parser.add_argument("--cache_force", action="store_true",
+                        help="cache even schedules of 8 steps or fewer (distilled; off by default)")
+    parser.add_argument("--save_file", default=None, help="output .mp4 path (default: a new name in --output-dir)")
+    parser.add_argument("--output-dir", default="outputs")
+    parser.add_argument("--preview", action="store_true", help="also write a contact-sheet PNG beside the mp4")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--t5_cpu", action="store_true", help="run the text encoder on the CPU")
+    # Official flags accepted for muscle memory; wanlite's own memory handling decides what they mean.
+    parser.add_argument("--offload_model", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--convert_model_dtype", action="store_true", help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from wanlite import __version__
     from wanlite.specs import TASKS
@@ -351,111 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON including the full {key: shape} manifest")
     info.set_defaults(func=cmd_info)
     gen = sub.add_parser("generate", help="generate a video (official generate.py flags are accepted)")
-    gen.add_argument("--task", required=True, help="t2v-A14B, i2v-A14B, ti2v-5B or s2v-14B (tiny-t2v, tiny-ti2v: the bundled models)")
-    gen.add_argument("--ckpt_dir", default=None, help="checkpoint folder (official, diffusers, ComfyUI or GGUF "
-                     "files); optional when every component is given as a file")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--quant", default="auto", help="weights: auto (as the files store them), none, fp8, int8, "
-                     "gguf-q8_0, gguf-q6_k, gguf-q5_k, gguf-q4_k, gguf-q4_0 ...; quantized while loading")
-    gen.add_argument("--quant-backend", dest="quant_backend", default="torchao",
-                     help="int8 only: torchao (default), bnb or quanto")
-    dit_files = "safetensors (bf16/fp16/fp32/fp8-scaled), GGUF or .pth"
-    for flag, what in (("high_noise_model", f"the high-noise expert (A14B tasks): {dit_files}"),
-                       ("low_noise_model", f"the low-noise expert (A14B tasks): {dit_files}"),
-                       ("dit", f"the transformer of a single-model task (ti2v-5B): {dit_files}"),
-                       ("t5", "the umT5 text encoder: safetensors (bf16/fp16/fp32/fp8-scaled) or .pth (GGUF text "
-                              "encoders are not read yet)"),
-                       ("vae", "the VAE: safetensors or .pth")):
-        gen.add_argument(f"--{flag}", default=None, metavar="FILE", help=f"{what}; overrides --ckpt_dir")
-    gen.add_argument("--negative_prompt", default=None, help="default: the official negative prompt")
-    gen.add_argument("--image", default=None,
-                     help="input image (i2v-A14B: required; ti2v-5B: optional; s2v-14B: the reference face/person)")
-    gen.add_argument("--size", default=None,
-                     help="WIDTH*HEIGHT, e.g. 1280*720 (default: the task's); s2v-14B: the area to fit, the "
-                          "reference image sets the aspect")
-    gen.add_argument("--frame_num", type=int, default=None, help="frames, 4k+1 (default: the task's)")
-    gen.add_argument("--infer_frames", dest="frame_num", type=int, default=None,
-                     help="s2v-14B: frames per clip, a multiple of 4 (default 80)")
-    gen.add_argument("--audio", default=None, metavar="FILE",
-                     help="s2v-14B: the speech or song (any file with an audio track); muxed into the mp4")
-    gen.add_argument("--pose_video", default=None, metavar="FILE", help="s2v-14B: a pose (DWPose) video to follow")
-    gen.add_argument("--num_clip", type=int, default=None, metavar="N",
-                     help="s2v-14B: at most N clips (default: as many as the audio lasts)")
-    gen.add_argument("--start_from_ref", action="store_true",
-                     help="s2v-14B: start the motion history from the reference image")
-    gen.add_argument("--src_root_path", default=None, metavar="DIR",
-                     help="animate-14B: the preprocessed folder (src_pose.mp4, src_face.mp4, src_ref.png; "
-                          "src_bg.mp4 and src_mask.mp4 with --replace)")
-    gen.add_argument("--replace", "--replace_flag", dest="replace", action="store_true",
-                     help="animate-14B: replace the person in the video with the character (default: animate it)")
-    gen.add_argument("--use_relighting_lora", action="store_true",
-                     help="animate-14B: apply the checkpoint's relighting_lora.ckpt (recommended with --replace)")
-    gen.add_argument("--refert_num", type=int, default=1,
-                     help="animate-14B: frames each segment overlaps the previous one, 1 or 5 (default 1)")
-    gen.add_argument("--wav2vec", default=None, metavar="DIR",
-                     help="s2v-14B: the wav2vec2-large-xlsr-53-english folder (default: inside --ckpt_dir)")
-    gen.add_argument("--sample_solver", default=None, choices=["unipc", "dpm++", "euler"])
-    gen.add_argument("--sample_steps", type=int, default=None)
-    gen.add_argument("--sample_shift", type=float, default=None)
-    gen.add_argument("--sample_guide_scale", default=None, help="one value, or LOW,HIGH for the two A14B experts")
-    gen.add_argument("--base_seed", type=int, default=-1, help="-1 picks a random seed (stored in the mp4)")
-    gen.add_argument("--vae-tile", dest="vae_tile", type=int, default=None, metavar="N",
-                     help="VAE decode in spatial tiles of N latent pixels (0: one piece; default: 256-pixel tiles "
-                          "when the frame is larger)")
-    gen.add_argument("--vae_dtype", default="fp32", choices=["fp32", "bf16"],
-                     help="VAE decode precision: fp32 (official) or bf16 (half the memory, ~54-63 dB PSNR vs fp32)")
-    gen.add_argument("--offload", default="auto", choices=["auto", "none", "model", "block"],
-                     help="transformer placement: none (all on the device), model (one expert at a time), block "
-                          "(stream blocks; for cards the expert does not fit); auto decides")
-    gen.add_argument("--profile", default="auto",
-                     help="auto (measure this machine and plan), a preset (8gb, 12gb, 16gb, 24gb, notebook, cpu) "
-                          "or a .toml file; the flags below override its choices")
-    gen.add_argument("--resident_blocks", type=int, default=None, metavar="K",
-                     help="block offload: blocks kept on the device (default: the plan's)")
-    gen.add_argument("--prefetch", type=int, default=None, metavar="D",
-                     help="block offload: blocks copied ahead of the one computing (default: the plan's)")
-    gen.add_argument("--chunk_tokens", type=int, default=None, metavar="N",
-                     help="run each DiT block N tokens at a time (0: whole; default: the plan's)")
-    gen.add_argument("--ram_mode", default=None, choices=["pinned", "mmap", "disk"],
-                     help="block offload host memory: pinned (weights in RAM), mmap (read from the checkpoint "
-                          "per block: for 16-32 GB PCs), disk (per-block cache files written once)")
-    gen.add_argument("--offload_cache", default=None, metavar="DIR",
-                     help="where --ram_mode disk writes its cache (default: the user cache folder)")
-    gen.add_argument("--cache", default="auto",
-                     choices=["auto", "off", "safe", "fast", "turbo", "dbcache", "taylorseer", "mag", "calibrate"],
-                     help="step caching: presets safe/fast/turbo (measured in README), or a policy for experts; "
-                          "calibrate records the MagCache curve `--cache mag` needs (default: the profile's, "
-                          "else off)")
-    gen.add_argument("--cache_threshold", type=float, default=None, metavar="X",
-                     help="DBCache/MagCache threshold (default: the preset's)")
-    gen.add_argument("--cache_fn", type=int, default=None, metavar="N", help="DBCache: front blocks always computed")
-    gen.add_argument("--cache_bn", type=int, default=None, metavar="N", help="DBCache: back blocks always computed")
-    gen.add_argument("--taylorseer_order", type=int, default=None, metavar="K",
-                     help="forecast skipped residuals with a Taylor series of this order (0-3)")
-    gen.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
-                     help="apply a LoRA (repeatable); on A14B tasks to both experts")
-    gen.add_argument("--lora_high", action="append", default=[], metavar="FILE[:STRENGTH]",
-                     help="A14B: a LoRA for the high-noise expert only (Lightning's high_noise_model.safetensors)")
-    gen.add_argument("--lora_low", action="append", default=[], metavar="FILE[:STRENGTH]",
-                     help="A14B: a LoRA for the low-noise expert only")
-    gen.add_argument("--lora_mode", default="auto", choices=["auto", "merge", "runtime"],
-                     help="auto: merge into weights as they load (before quantizing), a runtime low-rank branch on "
-                          "weights stored quantized; merge: also re-quantize stored fp8/GGUF; runtime: branch only")
-    gen.add_argument("--preset", default=None, choices=["lightning", "lightning-3phase"],
-                     help="lightning: the 4-step distillation recipe (Euler, shift 5, guide 1: no uncond pass); "
-                          "lightning-3phase: 8 steps, the first with CFG and without the LoRA (against slow "
-                          "motion); pair them with the Lightning / lightx2v LoRAs")
-    gen.add_argument("--cache_force", action="store_true",
-                     help="cache even schedules of 8 steps or fewer (distilled; off by default)")
-    gen.add_argument("--save_file", default=None, help="output .mp4 path (default: a new name in --output-dir)")
-    gen.add_argument("--output-dir", default="outputs")
-    gen.add_argument("--preview", action="store_true", help="also write a contact-sheet PNG beside the mp4")
-    gen.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    gen.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    gen.add_argument("--t5_cpu", action="store_true", help="run the text encoder on the CPU")
-    # Official flags accepted for muscle memory; wanlite's own memory handling decides what they mean.
-    gen.add_argument("--offload_model", default=None, help=argparse.SUPPRESS)
-    gen.add_argument("--convert_model_dtype", action="store_true", help=argparse.SUPPRESS)
+    job_flags(gen, for_plan=False)
     gen.set_defaults(func=cmd_generate)
     demo = sub.add_parser("demo", help="generate a clip with the bundled tiny model (no download, CPU is fine)")
     demo.add_argument("--prompt", default="a red square moving right on a black background")
@@ -465,18 +472,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto")
     demo.add_argument("--output-dir", default=".", help="demo.mp4 (or demo_N.mp4) and its PNG go here")
     demo.set_defaults(func=cmd_demo)
-    plan = sub.add_parser("plan", help="choose and explain how a generation runs on this (or a described) machine")
-    _workload_args(plan)
+    plan = sub.add_parser("plan", help="resolve and explain how a generation would run on this (or a described) "
+                          "machine: the same flags as generate; --ckpt_dir and the files are optional")
+    job_flags(plan, for_plan=True)
     plan.add_argument("--vram", type=float, default=None, help="plan for a GPU with this many GB (0: no GPU)")
     plan.add_argument("--ram", type=float, default=None, help="plan for this many GB of RAM")
     plan.add_argument("--disk", type=float, default=2.0, help="disk read speed in GB/s for --vram/--ram")
-    plan.add_argument("--quant", default="auto", help="auto (the planner picks), none, fp8, int8, gguf-q8_0, ...")
-    plan.add_argument("--profile", default="auto", help="auto, a preset name or a .toml file")
-    plan.add_argument("--cache", default="auto", choices=["auto", "off", "safe", "fast", "turbo", "dbcache",
-                                                          "taylorseer", "mag"],
-                      help="plan the memory of this step cache (default: the profile's, else off)")
-    plan.add_argument("--save", default=None, metavar="FILE", help="write the plan as a profile (.toml)")
-    plan.add_argument("--json", action="store_true")
+    plan.add_argument("--save", default=None, metavar="FILE", help="write the job's choices as a profile (.toml) "
+                      "that replays them (--profile FILE)")
+    plan.add_argument("--json", action="store_true", help='print {"job": ...}, as the mp4 records it')
     plan.set_defaults(func=cmd_plan)
     prof = sub.add_parser("profile", help="measure this machine (cached; --refresh measures again)")
     prof.add_argument("--refresh", action="store_true")

@@ -22,7 +22,7 @@ CHILD = r"""
 import json, sys, threading, time
 import psutil, torch
 from wanlite.models.vae import Tiling, WanVAE
-from wanlite.pipelines.run import vae_tiling
+from wanlite.pipelines.resolve import vae_tiling
 from wanlite.specs import VAE_SPECS
 name, height, width, frames, tile, out_path = sys.argv[1:7]
 torch.manual_seed(0)

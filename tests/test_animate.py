@@ -94,7 +94,8 @@ def test_face_crops_must_cover_the_clip():
 
 def test_clip_vision_tower_loads_from_the_official_pth(tmp_path):
     from wanlite.errors import CheckpointError
-    from wanlite.models.clip import TINY_CLIP, build_clip_vision, encode_images, load_clip_vision
+    from wanlite.loading.clip import load_clip_vision
+    from wanlite.models.clip import TINY_CLIP, build_clip_vision, encode_images
 
     from wanlite.testing.fixtures import write_tiny_clip
 
@@ -306,7 +307,7 @@ def test_relighting_lora_applies_to_every_block_linear(animate_inputs, tmp_path)
               src_root_path=animate_inputs["repl"], frames=9, steps=2, seed=3, dtype="fp32")
     plain = generate(save_file=tmp_path / "a.mp4", **kw)
     lit = generate(save_file=tmp_path / "b.mp4", relighting_lora=True, **kw)
-    applied = read_mp4_metadata(lit.path)["plan"]["lora"]["main"]["applied"]
+    applied = read_mp4_metadata(lit.path)["lora_applied"]["main"]
     # 2 blocks x (self q k v o, cross q k v o k_img v_img, ffn 0 2) = 24 linears
     assert applied["merged"] + applied["runtime"] == 24
     assert np.abs(plain.frames.astype(int) - lit.frames.astype(int)).mean() > 0.5

@@ -223,7 +223,7 @@ def test_generate_with_a_cache_reports_and_stores_its_savings(tmp_path, task):
     assert (off.frames == ref.frames).all()
     cached = generate(save_file=tmp_path / "c.mp4", cache="turbo", **kw)
     assert cached.cache["block_evals_saved_x"] > 1.3
-    stored = read_mp4_metadata(cached.path)["plan"]["cache"]
+    stored = read_mp4_metadata(cached.path)["cache"]
     assert stored["policy"] == "taylorseer" and stored["block_evals"] == cached.cache["block_evals"]
     few = generate(save_file=tmp_path / "few.mp4", cache="turbo", **{**kw, "steps": 6})
     assert few.cache is None  # distilled-length schedules are not cached unless forced

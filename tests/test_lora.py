@@ -276,7 +276,7 @@ def test_auto_keeps_loras_as_branches_on_fp8_weights(tmp_path):
               lora_low=(str(LORA_DIR / "low_noise_model.safetensors"),))
     for quant, branched in (("fp8", True), ("gguf-q8_0", False)):
         out = generate(save_file=tmp_path / f"{quant}.mp4", quant=quant, **kw)
-        applied = read_mp4_metadata(out.path)["plan"]["lora"]["high_noise"]["applied"]
+        applied = read_mp4_metadata(out.path)["lora_applied"]["high_noise"]
         assert (applied["runtime"] > 0 and applied["merged"] == 0) == branched, (quant, applied)
 
 
@@ -320,4 +320,4 @@ def test_merged_and_quantized_weights_are_cached_per_lora_combination(tmp_path, 
     first = generate(save_file=tmp_path / "a.mp4", **kw)
     second = generate(save_file=tmp_path / "b.mp4", **kw)
     assert np.array_equal(first.frames, second.frames)
-    assert read_mp4_metadata(second.path)["plan"]["lora"]["high_noise"]["applied"].get("cached")
+    assert read_mp4_metadata(second.path)["lora_applied"]["high_noise"].get("cached")

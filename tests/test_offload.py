@@ -179,12 +179,19 @@ def test_disk_cache_is_rebuilt_when_the_checkpoint_changes(tmp_path, inputs):
 
 
 def test_mmap_never_requantizes_per_step(ckpt, tmp_path):
-    """Quantizing on load under mmap would redo it for every block of every step: disk mode converts once."""
+    """Quantizing on load under mmap would redo it for every block of every step: resolve picks disk mode, which
+    converts once, says why, and the engine runs the mode it is given."""
+    from wanlite.pipelines.request import Request
+    from wanlite.pipelines.resolve import resolve
+
+    job = resolve(Request(task=TASK, prompt="a", ckpt_dir=ckpt.root, size=(64, 32), frames=5, steps=2, quant="fp8",
+                          offload="block", ram_mode="mmap", offload_cache=tmp_path, device="cpu"))
+    assert job.offload.ram_mode == "disk"
+    assert any("re-quantize every block" in w for w in job.warnings)
     events = []
-    engine = open_offloaded(expert_components(ckpt, TASK), TASK, torch.bfloat16, Fp8WeightConfig(),
-                            OffloadConfig("block", 0, 1, "mmap", cache_dir=tmp_path), "cpu", events.append)
-    assert engine.ram_mode == "disk"
-    assert any("re-quantize every block" in e.get("message", "") for e in events)
+    engine = open_offloaded(expert_components(ckpt, TASK), TASK, torch.bfloat16, Fp8WeightConfig(), job.offload,
+                            "cpu", events.append)
+    assert any(e.get("name", "").startswith("write offload cache") for e in events)
     engine.finish()
 
 
@@ -233,16 +240,15 @@ def test_partial_pinning_stops_at_the_cap(monkeypatch):
 
 
 def test_not_enough_ram_for_pinned_falls_back_to_mmap(ckpt, inputs, monkeypatch):
-    import wanlite.offload as offload
+    """Decided by resolve (the job says mmap and why), not by the engine."""
+    import wanlite.pipelines.resolve as resolve_module
+    from wanlite.pipelines.request import Request
 
-    monkeypatch.setattr(offload, "available_ram", lambda: 1000)
-    events = []
-    comps = expert_components(ckpt, TASK)
-    engine = open_offloaded(comps, TASK, torch.bfloat16, None, OffloadConfig("block", 0, 1, "pinned"), "cpu",
-                            events.append)
-    assert engine.ram_mode == "mmap"
-    assert any("using --ram_mode mmap" in e.get("message", "") for e in events)
-    engine.finish()
+    monkeypatch.setattr(resolve_module, "available_ram", lambda: 1000)
+    job = resolve_module.resolve(Request(task=TASK, prompt="a", ckpt_dir=ckpt.root, size=(64, 32), frames=5,
+                                         steps=2, offload="block", ram_mode="pinned", device="cpu"))
+    assert job.offload.ram_mode == "mmap"
+    assert any("using --ram_mode mmap" in w for w in job.warnings)
 
 
 def test_disk_mode_without_space_says_so(ckpt, tmp_path, monkeypatch):
@@ -264,7 +270,7 @@ def test_generate_with_offload_matches_and_reports_telemetry(ckpt, tmp_path, mod
                       prefetch=1, offload_cache=tmp_path / "cache")
     assert np.array_equal(plain.frames, result.frames)
     meta = read_mp4_metadata(result.path)
-    assert meta["plan"]["offload"].startswith(mode)
+    assert OffloadConfig(**meta["job"]["offload"]).describe().startswith(mode)
     assert meta["telemetry"]["peak_rss_gb"] > 0
     if (mode, ram_mode) != ("block", "pinned"):  # RAM slabs on a CPU "device" are used in place
         assert meta["telemetry"]["bytes_moved_gb"] > 0
@@ -278,7 +284,8 @@ def test_cli_offload_flags_and_telemetry_line(ckpt, tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "GB of weights moved to the device" in out and "peak RSS" in out
-    assert read_mp4_metadata(tmp_path / "o.mp4")["plan"]["offload"] == "block (k=1, d=2, ram=mmap)"
+    assert OffloadConfig(**read_mp4_metadata(tmp_path / "o.mp4")["job"]["offload"]).describe() == \
+        "block (k=1, d=2, ram=mmap)"
     rc = main(["generate", "--task", TASK, "--ckpt_dir", str(ckpt.root), "--prompt", "x", "--resident_blocks",
                "-1", "--offload", "block"])
     assert rc == 2 and "--resident_blocks" in capsys.readouterr().err

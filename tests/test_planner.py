@@ -16,6 +16,7 @@ from wanlite.models.blocks import BlockInputs, WanBlock, keeps_fp32
 from wanlite.models.dit import WanDiT
 from wanlite.models.rope import rope_cos_sin
 from wanlite.models.vae import WanVAE
+from wanlite.offload import OffloadConfig
 from wanlite.pipelines.video_io import read_mp4_metadata
 from wanlite.planner import PROFILES_DIR, Workload, hypothetical, load_profile, make_plan, plan_to_toml, read_profile
 from wanlite.planner.estimate import (cache_state_bytes, dit_activation_bytes, t5_activation_bytes,
@@ -214,10 +215,10 @@ def test_bad_profiles_name_the_key(text, match):
 def test_cli_plan_json_and_errors(capsys, tmp_path):
     assert main(["plan", "--task", "t2v-A14B", "--size", "1280*720", "--vram", "12", "--ram", "32", "--json",
                  "--save", str(tmp_path / "p.toml")]) == 0
-    data = json.loads(capsys.readouterr().out)
+    job = json.loads(capsys.readouterr().out)["job"]
     for key in ("peak_vram_gb", "peak_ram_gb", "s_per_step"):
-        assert data["predicted"][key] > 0
-    assert data["quant"] and data["offload"] in ("none", "model", "block")
+        assert job["predicted"][key] > 0
+    assert job["weights"]["quant"] and job["offload"]["mode"] in ("none", "model", "block")
     assert "[plan]" in (tmp_path / "p.toml").read_text()
     assert main(["plan", "--task", "t2v-A14B", "--size", "1280*720", "--vram", "4", "--quant", "none"]) == 2
     assert "does not fit" in capsys.readouterr().err
@@ -245,14 +246,13 @@ def test_generate_applies_the_plan_choices(tmp_path):
                 seed=1, dtype="fp32", offload_cache=tmp_path / "cache")
     plain = generate(**args, save_file=tmp_path / "a.mp4", offload="model", chunk_tokens=0, vae_tile=4)
     planned = generate(**args, save_file=tmp_path / "b.mp4", profile=str(profile))
-    meta = read_mp4_metadata(planned.path)["plan"]
-    assert meta["offload"] == "block (k=1, d=2, ram=mmap)"
-    assert meta["chunk_tokens"] == 16 and meta["vae_tiling"] == [4, 1]
-    assert meta["planned"]["offload"] == "block"
+    job = read_mp4_metadata(planned.path)["job"]
+    assert OffloadConfig(**job["offload"]).describe() == "block (k=1, d=2, ram=mmap)"
+    assert job["chunk_tokens"] == 16 and [job["vae"]["tile"], job["vae"]["overlap"]] == [4, 1]
     assert np.abs(plain.frames.astype(int) - planned.frames.astype(int)).max() <= 2
     # a flag given explicitly wins over the profile
     flagged = generate(**args, save_file=tmp_path / "c.mp4", profile=str(profile), resident_blocks=0)
-    assert read_mp4_metadata(flagged.path)["plan"]["offload"] == "block (k=0, d=2, ram=mmap)"
+    assert OffloadConfig(**read_mp4_metadata(flagged.path)["job"]["offload"]).describe() == "block (k=0, d=2, ram=mmap)"
 
 
 def test_cpu_machine_plans_on_the_cpu():

@@ -343,9 +343,9 @@ def test_generate_with_component_files_and_quant(tmp_path):
     files = ["--dit", str(tmp_path / "q8.gguf"), "--t5", str(next((root / "text_encoders").glob("*.safetensors"))),
              "--vae", str(next((root / "vae").glob("*.safetensors")))]
     assert main(common + files + ["--save_file", str(tmp_path / "a.mp4")]) == 0  # no --ckpt_dir at all
-    assert read_mp4_metadata(tmp_path / "a.mp4")["plan"]["quant"] == "auto"
+    assert read_mp4_metadata(tmp_path / "a.mp4")["job"]["weights"]["quant"] == "auto"
     assert main(common + ["--ckpt_dir", str(root), "--quant", "fp8", "--save_file", str(tmp_path / "b.mp4")]) == 0
-    assert read_mp4_metadata(tmp_path / "b.mp4")["plan"]["quant"] == "fp8"
+    assert read_mp4_metadata(tmp_path / "b.mp4")["job"]["weights"]["quant"] == "fp8"
 
 
 @pytest.mark.parametrize("args,message", [

@@ -2,7 +2,7 @@ import pytest
 
 from wanlite.errors import WanliteError
 from wanlite.pipelines.conditioning import best_output_size, max_area_size
-from wanlite.pipelines.request import Request, parse_size, resolve
+from wanlite.pipelines.request import Request, parse_size, validate
 from wanlite.specs import DEFAULT_NEGATIVE_PROMPT
 
 
@@ -12,10 +12,10 @@ def _req(**kw):
 
 
 def test_defaults_are_the_official_ones():
-    s = resolve(_req(), seed=5)
+    s = validate(_req(), seed=5)
     assert (s.steps, s.shift, s.guide_scale, s.frames, s.fps, s.size) == (40, 12.0, (3.0, 4.0), 81, 16, (1280, 720))
     assert s.negative_prompt == DEFAULT_NEGATIVE_PROMPT
-    t = resolve(_req(task="ti2v-5B"), seed=5)
+    t = validate(_req(task="ti2v-5B"), seed=5)
     assert (t.steps, t.shift, t.guide_scale, t.frames, t.fps, t.size) == (50, 5.0, (5.0, 5.0), 121, 24, (1280, 704))
 
 
@@ -32,7 +32,7 @@ def test_defaults_are_the_official_ones():
 ])
 def test_bad_requests(kw, message):
     with pytest.raises(WanliteError) as err:
-        resolve(_req(**kw), seed=0)
+        validate(_req(**kw), seed=0)
     assert message in str(err.value)
 
 

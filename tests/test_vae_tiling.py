@@ -69,7 +69,7 @@ def test_tiled_matches_untiled_on_trained_vaes(task, tiling, floor):
 
 def test_generate_picks_and_records_the_tiling(tmp_path):
     from wanlite import generate
-    from wanlite.pipelines.run import vae_tiling
+    from wanlite.pipelines.resolve import vae_tiling
     from wanlite.pipelines.video_io import read_mp4_metadata
 
     assert vae_tiling(None, 8, (8, 8)) is None  # the frame fits one default tile
@@ -90,7 +90,7 @@ def test_generate_picks_and_records_the_tiling(tmp_path):
                    steps=4, output_dir=tmp_path)
     assert out.frames.shape == (17, 128, 128, 3)
     assert frame_psnr(out.frames[0], first) >= 25
-    assert read_mp4_metadata(out.path)["plan"]["vae_tiling"] == [6, 2]
+    assert [read_mp4_metadata(out.path)["job"]["vae"][k] for k in ("tile", "overlap")] == [6, 2]
 
 
 def test_bad_vae_tile_is_one_line(tmp_path, capsys):
@@ -118,7 +118,7 @@ def test_bf16_vae_decode_is_close_to_fp32(tmp_path):
     half = generate(**args, save_file=tmp_path / "b.mp4", vae_dtype="bf16")
     mse = np.mean((full.frames.astype(float) - half.frames.astype(float)) ** 2)
     assert mse == 0 or 10 * math.log10(255**2 / mse) > 30
-    assert read_mp4_metadata(half.path)["plan"]["vae_dtype"] == "bf16"
+    assert read_mp4_metadata(half.path)["job"]["vae"]["dtype"] == "bf16"
 
 
 def test_untiled_decode_streams_frames_to_the_writer(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from wanlite.lora.apply import MODES, LoraSet
 from wanlite.lora.keys import LoraFile, LowRank, map_lora, read_tensors
 
 __all__ = ["LoraSet", "LoraFile", "LowRank", "map_lora", "read_tensors", "parse_lora_arg", "lora_sets", "MODES",
-           "PRESETS", "fingerprint"]
+           "PRESETS", "fingerprint", "lora_set"]
 
 # Wan2.2-Lightning / lightx2v 4-step distillation (research/caching-lora.md 6.1): Euler on
 # sigma = [1.0, 0.9375, 0.8333, 0.625] -> 0 at shift 5, guide 1 (no uncond pass), 2 high + 2 low-noise steps.
@@ -46,8 +46,6 @@ def lora_sets(both: list[str], high: list[str], low: list[str], components: dict
               mode: str = "auto", emit=lambda event: None) -> dict[str, LoraSet]:
     """Read and map every LoRA once per expert it applies to; `both` go to every expert (A14B: both), `high` /
     `low` to one. Raises WanliteError before any weight is loaded; unmatched keys become a warning."""
-    from wanlite.loading.models import prepare_dit
-
     if mode not in MODES:
         raise WanliteError(f"--lora_mode {mode!r} is unknown; choose one of {', '.join(MODES)}")
     roles = list(components)
@@ -62,22 +60,29 @@ def lora_sets(both: list[str], high: list[str], low: list[str], components: dict
         for text in texts:
             wanted[role].append(parse_lora_arg(text))
     files: dict[Path, dict] = {}
-    sets = {}
-    for role, items in wanted.items():
-        if not items:
-            continue
-        model = prepare_dit(components[role], task).model
-        mapped = []
-        for path, strength in items:
-            tensors = files.setdefault(path, read_tensors(path))
-            lora = map_lora(path, tensors, model)
-            if lora.unmatched:
-                emit({"event": "warning", "message": (
-                    f"{path.name}: {len(lora.unmatched)} keys match nothing in the {role} transformer and are "
-                    f"ignored (first: {', '.join(lora.unmatched[:3])})")})
-            mapped.append((lora, strength))
-        sets[role] = LoraSet(mapped, mode)
-    return sets
+    return {role: lora_set(items, components[role], role, task, mode, emit, files)
+            for role, items in wanted.items() if items}
+
+
+def lora_set(items: list[tuple[Path, float]], component, role: str, task: str, mode: str,
+             emit=lambda event: None, files: dict | None = None, merge_outside_blocks: bool = False) -> LoraSet:
+    """One expert's LoRAs, (path, strength) each, read and mapped onto its transformer; `files` shares the
+    tensors of a file read for another expert."""
+    from wanlite.loading.models import prepare_dit
+
+    files = {} if files is None else files
+    model = prepare_dit(component, task).model
+    mapped = []
+    for path, strength in items:
+        path = Path(path)
+        tensors = files.setdefault(path, read_tensors(path))
+        lora = map_lora(path, tensors, model)
+        if lora.unmatched:
+            emit({"event": "warning", "message": (
+                f"{path.name}: {len(lora.unmatched)} keys match nothing in the {role} transformer and are "
+                f"ignored (first: {', '.join(lora.unmatched[:3])})")})
+        mapped.append((lora, strength))
+    return LoraSet(mapped, mode, merge_outside_blocks=merge_outside_blocks)
 
 
 def fingerprint(lora: LoraSet | None) -> str | None:

@@ -38,6 +38,10 @@ def available_backends() -> list[str]:
     return [name for name, (_, module, _) in BACKENDS.items() if module is None or importlib.util.find_spec(module)]
 
 
+def active_backend() -> str:
+    return _active
+
+
 def set_backend(name: str) -> None:
     """Select the attention kernel; unavailable ones are refused with the list of what works here."""
     global _active

@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from wanlite.errors import WanliteError
-from wanlite.offload.memory import available_ram, return_large_frees_to_os, total_ram
+from wanlite.offload.memory import return_large_frees_to_os, total_ram
 from wanlite.offload.runner import Expert, OffloadEngine, Telemetry
 from wanlite.offload.stores import DiskCache, FileStore, PinBudget, RamStore, pieces, source_fingerprint
 
 __all__ = ["OffloadConfig", "OffloadEngine", "Telemetry", "attach_offload", "open_offloaded", "OFFLOAD_MODES",
-           "RAM_MODES", "default_cache_dir", "load_merged_cached", "merges_into_quantized"]
+           "RAM_MODES", "default_cache_dir", "load_merged_cached", "merges_into_quantized", "converts_on_load",
+           "host_bytes"]
 
 OFFLOAD_MODES = ("none", "model", "block")
 RAM_MODES = ("pinned", "mmap", "disk")
@@ -96,28 +97,14 @@ def open_offloaded(components: dict, task: str, dtype: torch.dtype, quant, confi
                    telemetry: Telemetry | None = None, copy_on_host: bool = False,
                    loras: dict | None = None) -> OffloadEngine:
     """Open the task's expert(s) for block offload in `config.ram_mode`, never holding more of them in RAM
-    than the mode allows (`pinned`: all of them; `mmap` / `disk`: a few blocks of one). `loras`: role ->
-    wanlite.lora.LoraSet (mmap reads every block at every step, so its blocks take LoRAs as runtime branches
-    rather than merging them again and again)."""
+    than the mode allows (`pinned`: all of them; `mmap` / `disk`: a few blocks of one). The mode is taken as
+    given (`resolve` chose it, fallbacks included). `loras`: role -> wanlite.lora.LoraSet, their modes as
+    resolved (re-read blocks bind into fixed shells: `merge_outside_blocks`)."""
 
     from wanlite.loading.models import DiTPieces, load_dit
 
     return_large_frees_to_os()
     ram_mode = config.ram_mode
-    if ram_mode == "pinned":
-        need = sum(_stored_bytes(comp) for comp in components.values())
-        if quant is not None:
-            need = min(need, sum(_quantized_bytes(comp, task, quant) for comp in components.values()))
-        if need > 0.9 * available_ram():
-            emit({"event": "warning", "message": (
-                f"--ram_mode pinned needs {need / 1e9:.1f} GB of RAM for the transformer weights but "
-                f"{available_ram() / 1e9:.1f} GB are free; using --ram_mode mmap instead")})
-            ram_mode = "mmap"
-    if ram_mode == "mmap" and _converts_on_load(quant):
-        emit({"event": "warning", "message": (
-            f"--ram_mode mmap would re-quantize every block to {quant.name} at every step; using --ram_mode disk "
-            "(quantized once into a cache) instead")})
-        ram_mode = "disk"
     budget = _budget(config)
     experts = {}
     for role, comp in components.items():
@@ -126,10 +113,6 @@ def open_offloaded(components: dict, task: str, dtype: torch.dtype, quant, confi
             model = load_dit(comp, task, dtype, quant, lora)
             experts[role] = Expert(model, RamStore(model, budget))
             continue
-        if lora is not None:
-            lora.merge_outside_blocks = True
-            if ram_mode == "mmap":
-                lora.mode = "runtime"
         parts = DiTPieces(comp, task, dtype, quant, lora)
         staging = config.prefetch + 2
         if ram_mode == "mmap":
@@ -146,14 +129,13 @@ def open_offloaded(components: dict, task: str, dtype: torch.dtype, quant, confi
     engine = OffloadEngine(experts, torch.device(device), config.resident_blocks, config.prefetch, telemetry,
                            copy_on_host)
     engine.telemetry.pinned_bytes, engine.telemetry.pageable_bytes = budget.pinned, budget.pageable
-    engine.ram_mode = ram_mode
     return engine
 
 
 def merges_into_quantized(quant, lora) -> bool:
     """A LoRA merged before quantizing to one of wanlite's own formats: worth caching (merging into a 14B expert
     takes minutes), and the disk cache can hold the result."""
-    return lora is not None and lora.mode != "runtime" and _converts_on_load(quant)
+    return lora is not None and lora.mode != "runtime" and converts_on_load(quant)
 
 
 def load_merged_cached(comp, role: str, task: str, dtype: torch.dtype, quant, lora, cache_dir: Path | None,
@@ -189,7 +171,7 @@ def load_merged_cached(comp, role: str, task: str, dtype: torch.dtype, quant, lo
     return parts.model.eval().requires_grad_(False)
 
 
-def _converts_on_load(quant) -> bool:
+def converts_on_load(quant) -> bool:
     """True when loading quantizes (the weights are not read as stored): wanlite's own formats, which the disk
     cache can hold; torchao / quanto int8 tensors cannot be cached and stay on mmap."""
     from wanlite.quant import DenseConfig, Int8WeightConfig
@@ -199,6 +181,15 @@ def _converts_on_load(quant) -> bool:
 
 def _stored_bytes(comp) -> int:
     return sum(Path(p).stat().st_size for p in comp.files)
+
+
+def host_bytes(components: dict, task: str, quant) -> int:
+    """Host RAM the experts' weights take held whole (pinned block offload): as stored, or quantized on load
+    when that is smaller."""
+    need = sum(_stored_bytes(comp) for comp in components.values())
+    if quant is not None:
+        need = min(need, sum(_quantized_bytes(comp, task, quant) for comp in components.values()))
+    return need
 
 
 def _quantized_bytes(comp, task: str, quant) -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wanlite import __version__
+from wanlite._version import __version__
 from wanlite.errors import WanliteError
 from wanlite.offload.slabs import Layout, bind, layout_of, pack, piece_filter, pin_or_plain, to_meta
 

@@ -177,7 +177,7 @@ def check_speech_flags(task: TaskSpec, req: Request) -> None:
         raise WanliteError(f"--num_clip {req.num_clip} must be at least 1")
 
 
-def check_animate_flags(task: TaskSpec, req: Request) -> None:
+def check_animate_flags(task: TaskSpec, req: Request, files: bool = True) -> None:
     if task.conditioning != "animate":
         if req.src_root_path is not None or req.replace or req.relighting_lora:
             raise WanliteError("--src_root_path / --replace / --use_relighting_lora: only the character-animation "
@@ -189,14 +189,14 @@ def check_animate_flags(task: TaskSpec, req: Request) -> None:
     if req.refert_num not in (1, 5):
         raise WanliteError(f"--refert_num {req.refert_num} must be 1 or 5 (frames each segment overlaps the "
                            "previous one)")
-    if req.ckpt_dir is None:
+    if req.ckpt_dir is None and files:
         raise WanliteError(f"{task.name} needs --ckpt_dir (its CLIP image encoder lives there)")
-    if req.relighting_lora and not (Path(req.ckpt_dir) / RELIGHTING_LORA).is_file():
+    if req.relighting_lora and (req.ckpt_dir is None or not (Path(req.ckpt_dir) / RELIGHTING_LORA).is_file()):
         raise WanliteError(f"--use_relighting_lora: {Path(req.ckpt_dir) / RELIGHTING_LORA} is missing; it ships with "
                            "Wan2.2-Animate-14B")
 
 
-def check_component_flags(task: TaskSpec, req: Request) -> None:
+def check_component_flags(task: TaskSpec, req: Request, files: bool = True) -> None:
     given = req.component_files()
     if len(task.experts) > 1 and "dit" in given:
         raise WanliteError(f"--dit is for single-model tasks; {task.name} has two experts: pass "
@@ -204,13 +204,14 @@ def check_component_flags(task: TaskSpec, req: Request) -> None:
     if len(task.experts) == 1 and {"high_noise_model", "low_noise_model"} & set(given):
         raise WanliteError(f"--high_noise_model / --low_noise_model are for the A14B tasks; {task.name} has one "
                            "transformer: pass --dit FILE")
-    if req.ckpt_dir is None and not given:
+    if files and req.ckpt_dir is None and not given:
         raise WanliteError("pass --ckpt_dir DIR (or the component files: --dit / --high_noise_model "
                            "--low_noise_model, --t5, --vae)")
 
 
-def resolve(req: Request, seed: int) -> Settings:
-    """Validate a request against its task and fill the official defaults."""
+def validate(req: Request, seed: int, files: bool = True) -> Settings:
+    """Validate a request against its task and fill the official defaults; `files=False` plans a request
+    without checkpoint files (`wanlite plan` before a download)."""
     task = task_spec(req.task)
     if task.image == "forbidden" and req.image is not None:
         raise WanliteError(f"--image is not used by {task.name} (text-to-video); use i2v-A14B or ti2v-5B")
@@ -218,9 +219,9 @@ def resolve(req: Request, seed: int) -> Settings:
         raise WanliteError(f"{task.name} animates an image: pass --image PATH")
     if req.image is not None and not Path(req.image).is_file():
         raise WanliteError(f"--image {req.image} does not exist")
-    check_component_flags(task, req)
+    check_component_flags(task, req, files)
     check_speech_flags(task, req)
-    check_animate_flags(task, req)
+    check_animate_flags(task, req, files)
     size = req.size or task.size
     frames = task.frames if req.frames is None else req.frames
     if task.conditioning == "speech":  # --size is the area to fit; the reference image sets the aspect

@@ -1,5 +1,5 @@
 """Hardware profiler and planner: `probe` / `load_or_probe` measure the machine, `make_plan` chooses, a
-`Plan` is data (printed, saved as a profile, replayed). `plan_for_request` is what `generate` uses."""
+`Plan` is data (printed, saved as a profile, replayed). `plan_for_request` is what `resolve` uses."""
 from __future__ import annotations
 
 import importlib
@@ -14,7 +14,7 @@ from wanlite.planner.plan import QUANT_FLAG, Plan, apply_profile, make_plan, pla
 from wanlite.planner.probe import Hardware, hypothetical, load_or_probe
 
 __all__ = ["Plan", "Hardware", "Workload", "make_plan", "plan_to_toml", "read_profile", "load_profile",
-           "plan_for_request", "Placement", "PROFILES_DIR"]
+           "plan_for_request", "Placement", "PROFILES_DIR", "hardware_for", "hypothetical", "load_or_probe"]
 
 PROFILES_DIR = Path(importlib.import_module("wanlite.profiles").__file__).parent  # the shipped presets
 QUANT_FLAGS = tuple(QUANT_FLAG.values())
@@ -56,32 +56,20 @@ class Placement:
     chunk_tokens: int | None
     vae_tile: int | None
     t5_cpu: bool
-    cache: object = "off"  # the step cache: a --cache name or a CacheConfig
 
 
-def plan_for_request(req, width: int, height: int, frames: int, steps: int, device: torch.device,
-                     stored_quantized: bool, dit=None, passes: int = 2, lora_rank: int = 0,
-                     fp8_lora_rank: int = 0) -> Placement:
-    """Plan `req` (`--profile auto|NAME|PATH`) and merge it with the flags the user gave explicitly.
+def plan_for_request(req, choices: dict, hw: Hardware, work: Workload, stored_quantized: bool) -> Placement:
+    """Plan `work` on `hw` and merge the plan with the profile's `choices` and the flags `req` gives explicitly.
 
     Files that already hold a quantized format run as stored (no re-quantizing); on the CPU nothing is
     quantized unless asked. The bundled tiny tasks are not planned (a 20 MB model fits anywhere): only the
-    profile's choices and the flags apply. `dit`: the checkpoint's DiTSpec (default: the task's full size);
-    `passes`: 1 when no expert uses CFG (guide 1); `lora_rank`: total rank of runtime LoRA branches,
-    `fp8_lora_rank`: of those that are branches only if the weights end up fp8."""
-    from wanlite.pipelines.request import cache_settings
-
-    choices, _ = ({}, "auto") if req.profile == "auto" else load_profile(req.profile)
-    cache = choices.get("cache", "off") if req.cache == "auto" else req.cache
+    profile's choices and the flags apply."""
     plan = None
     if not req.task.startswith("tiny-"):
-        hw = hardware_for(choices, device)
         free_format = not stored_quantized and req.quant in ("auto", *QUANT_FLAGS)
-        plan = make_plan(Workload(req.task, width, height, frames, steps, dit, cache_settings(req, cache), passes,
-                                  lora_rank, fp8_lora_rank), hw,
-                         req.quant if req.quant in QUANT_FLAGS else "auto")
-        plan = apply_profile(plan, choices)
-        planned_quant = plan.quant if free_format and plan.device == "cuda" else "auto"
+        plan = apply_profile(make_plan(work, hw, req.quant if req.quant in QUANT_FLAGS else "auto"), choices)
+        # on the CPU weights stay as stored unless a profile (a replayed job) names the format
+        planned_quant = plan.quant if free_format and (plan.device == "cuda" or "quant" in choices) else "auto"
     else:
         planned_quant = choices.get("quant", "auto")
     given = lambda key, default: getattr(plan, key) if plan is not None else choices.get(key, default)  # noqa: E731
@@ -95,4 +83,4 @@ def plan_for_request(req, width: int, height: int, frames: int, steps: int, devi
         (req.chunk_tokens if req.chunk_tokens is not None else given("chunk_tokens", 0)) or None,
         req.vae_tile if req.vae_tile is not None else (
             given("vae_tile", 0) if "vae_tile" in choices or (plan is not None and plan.device == "cuda") else None),
-        req.t5_cpu or given("t5_device", "") == "cpu", cache)
+        req.t5_cpu or given("t5_device", "") == "cpu")

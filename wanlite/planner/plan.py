@@ -296,6 +296,8 @@ def cache_name(config) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- profiles
+PROFILE_CHOICES = ("quant", "offload", "resident_blocks", "prefetch", "ram_mode", "chunk_tokens", "t5_device",
+                   "vae_tile", "cache")  # what a profile's [plan] can decide, in the order it is written
 PROFILE_TYPES = {"vram_gb": (int, float), "ram_gb": (int, float), "disk_gbps": (int, float), "quant": str,
                  "offload": str, "resident_blocks": int, "prefetch": int, "ram_mode": str, "t5_device": str,
                  "chunk_tokens": int,
@@ -304,13 +306,15 @@ PROFILE_TYPES = {"vram_gb": (int, float), "ram_gb": (int, float), "disk_gbps": (
 
 def plan_to_toml(plan: Plan) -> str:
     """A profile replaying `plan` on the same kind of machine (the predictions are kept as comments)."""
-    lines = [f"# wanlite profile saved from a plan for {plan.task} {plan.width}*{plan.height}, {plan.frames} "
-             f"frames on {plan.hardware}", f"# {plan.summary()}"]
-    lines += [f"# why: {r}" for r in plan.reasons]
-    lines += ["[plan]", f'quant = "{plan.quant}"', f'offload = "{plan.offload}"',
-              f"resident_blocks = {plan.resident_blocks}", f"prefetch = {plan.prefetch}",
-              f'ram_mode = "{plan.ram_mode}"', f"chunk_tokens = {plan.chunk_tokens}",
-              f't5_device = "{plan.t5_device}"', f"vae_tile = {plan.vae_tile}", f'cache = "{plan.cache}"']
+    comments = [f"wanlite profile saved from a plan for {plan.task} {plan.width}*{plan.height}, {plan.frames} "
+                f"frames on {plan.hardware}", plan.summary(), *(f"why: {r}" for r in plan.reasons)]
+    return profile_toml({k: getattr(plan, k) for k in PROFILE_CHOICES}, comments)
+
+
+def profile_toml(choices: dict, comments: list[str]) -> str:
+    """A profile's text: `comments` then a [plan] section with `choices` (keys of PROFILE_CHOICES)."""
+    lines = [f"# {c}" for c in comments] + ["[plan]"]
+    lines += [f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}" for k, v in choices.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -343,9 +347,7 @@ def read_profile(text: str, where: str) -> dict:
 
 def apply_profile(plan: Plan, choices: dict) -> Plan:
     """A plan with a profile's [plan] choices put in place of the planner's."""
-    keys = ("quant", "offload", "resident_blocks", "prefetch", "ram_mode", "chunk_tokens", "t5_device", "vae_tile",
-            "cache")
-    given = {k: choices[k] for k in keys if k in choices}
+    given = {k: choices[k] for k in PROFILE_CHOICES if k in choices}
     if not given:
         return plan
     note = "choices from the profile: " + ", ".join(f"{k}={v}" for k, v in given.items())

@@ -1,0 +1,148 @@
+"""Resolve once, then execute: `wanlite plan --json` prints the job that `generate` runs and records in the mp4,
+fallbacks included; a profile saved from a plan replays it."""
+import io
+import json
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wanlite.cli import main
+from wanlite.loading.models import expert_components, load_dit
+from wanlite.loading.checkpoints import discover
+from wanlite.pipelines.video_io import read_mp4_metadata
+from wanlite.testing.fixtures import write_fixture
+from wanlite.testing.lora_files import random_pairs, write_lora
+
+SMALL = {"t2v-A14B": "64*32", "i2v-A14B": "64*32", "ti2v-5B": "64*64"}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("job")
+    ckpts = {task: write_fixture(task, "official", root / task) for task in SMALL}
+    image = root / "in.png"
+    rgb = np.zeros((90, 160, 3), np.uint8)
+    rgb[20:60, 30:80] = (220, 40, 40)
+    Image.fromarray(rgb).save(image)
+    loras = {}
+    for task in ("t2v-A14B", "ti2v-5B"):
+        comp = next(iter(expert_components(discover(ckpts[task]), task).values()))
+        loras[task] = write_lora(root / f"{task}-lora.safetensors",
+                                 random_pairs(load_dit(comp, task, torch.float32), rank=4, seed=1))
+    return {"ckpts": ckpts, "image": image, "loras": loras, "root": root}
+
+
+# (task, extra flags): each task, each kind of --quant, every offload / host-memory mode (mmap with a format
+# quantized on load becomes disk: the case where the engine used to switch on its own), the LoRA modes
+# (auto with fp8 becomes runtime), and step caches (off for a short schedule unless forced).
+GRID = [
+    ("t2v-A14B", []),
+    ("t2v-A14B", ["--quant", "fp8", "--offload", "block", "--ram_mode", "mmap"]),
+    ("t2v-A14B", ["--quant", "fp8", "--lora", "LORA:0.8", "--offload", "model"]),
+    ("t2v-A14B", ["--lora_high", "LORA", "--lora_mode", "runtime", "--offload", "block", "--ram_mode", "mmap",
+                  "--resident_blocks", "1"]),
+    ("t2v-A14B", ["--cache", "safe", "--offload", "none"]),
+    ("t2v-A14B", ["--cache", "dbcache", "--cache_threshold", "0.2", "--cache_force", "--offload", "block",
+                  "--ram_mode", "disk", "--chunk_tokens", "16"]),
+    ("i2v-A14B", ["--image", "IMAGE", "--quant", "int8", "--offload", "model", "--vae-tile", "4"]),
+    ("ti2v-5B", ["--quant", "gguf-q8_0", "--offload", "block", "--ram_mode", "pinned", "--prefetch", "2"]),
+    ("ti2v-5B", ["--image", "IMAGE", "--lora", "LORA", "--lora_mode", "merge", "--vae_dtype", "bf16", "--t5_cpu"]),
+]
+
+
+def _flags(files, task, extra):
+    subst = {"IMAGE": str(files["image"]), "LORA": str(files["loras"].get(task)),
+             "LORA:0.8": f"{files['loras'].get(task)}:0.8"}
+    return ["--task", task, "--ckpt_dir", str(files["ckpts"][task]), "--prompt", "a red square moving right",
+            "--size", SMALL[task], "--frame_num", "5", "--sample_steps", "3", "--base_seed", "7", "--dtype", "fp32",
+            "--device", "cpu", "--offload_cache", str(files["root"] / "offload"),
+            *[subst.get(e, e) for e in extra]]
+
+
+def _plan_json(args) -> dict:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["plan", *args, "--json"]) == 0
+    return json.loads(out.getvalue())["job"]
+
+
+@pytest.mark.parametrize("task,extra", GRID, ids=[f"{t}:{' '.join(e)}" for t, e in GRID])
+def test_the_planned_job_is_the_job_that_runs(files, tmp_path, task, extra):
+    args = _flags(files, task, extra)
+    planned = _plan_json(args)
+    assert main(["generate", *args, "--save_file", str(tmp_path / "v.mp4")]) == 0
+    recorded = read_mp4_metadata(tmp_path / "v.mp4")["job"]
+    assert recorded == planned
+    if "mmap" in extra and "fp8" in extra:
+        assert recorded["offload"]["ram_mode"] == "disk"
+        assert any("re-quantize" in w for w in recorded["warnings"])
+    if extra[:2] == ["--quant", "fp8"] and "--lora" in extra:
+        assert {lora["mode"] for lora in recorded["loras"]} == {"runtime"}
+    if "safe" in extra:
+        assert recorded["step_cache"] is None and any("step caching is off" in w for w in recorded["warnings"])
+
+
+def test_a_saved_profile_replays_the_job(files, tmp_path):
+    args = _flags(files, "t2v-A14B", ["--quant", "fp8", "--offload", "block", "--ram_mode", "mmap",
+                                      "--resident_blocks", "1", "--chunk_tokens", "16", "--vae-tile", "4"])
+    planned = _plan_json([*args, "--save", str(tmp_path / "p.toml")])
+    replay = _flags(files, "t2v-A14B", ["--profile", str(tmp_path / "p.toml")])
+    replayed = _plan_json(replay)
+    decisions = ("weights", "offload", "chunk_tokens", "step_cache", "text_encoder", "vae", "loras", "settings")
+    assert {k: replayed[k] for k in decisions} == {k: planned[k] for k in decisions}
+    assert main(["generate", *replay, "--save_file", str(tmp_path / "r.mp4")]) == 0
+    assert read_mp4_metadata(tmp_path / "r.mp4")["job"] == replayed
+
+
+def test_plan_before_download_takes_the_generate_flags(capsys):
+    assert main(["plan", "--task", "t2v-A14B", "--size", "832*480", "--vram", "8", "--ram", "32",
+                 "--sample_steps", "40", "--cache", "fast", "--json"]) == 0
+    job = json.loads(capsys.readouterr().out)["job"]
+    assert job["device"] == "cuda" and job["weights"]["ckpt_dir"] is None
+    assert job["step_cache"]["policy"] == "taylorseer" and job["predicted"]["peak_vram_gb"] < 8
+    assert main(["plan", "--task", "t2v-A14B", "--lora", "x.safetensors", "--vram", "12"]) == 2
+    assert "needs the checkpoint" in capsys.readouterr().err
+
+
+def test_task_help_lists_every_task(capsys):
+    from wanlite.specs import TASKS
+
+    for command in ("generate", "plan"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert all(task in text for task in TASKS), command
+
+
+def test_layers_import_only_downward():
+    """models -> loading -> quant / cache / offload -> planner -> pipelines -> cli: no module imports a layer
+    above its own, at the top or inside a function."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    layer = {"models": 0, "specs": 0, "errors": 0, "archs": 0, "_version": 0, "loading": 1, "quant": 2, "cache": 2, "offload": 3,
+             "lora": 2, "planner": 4, "pipelines": 5}
+    folders = {"models": "wanlite/models", "loading": "wanlite/loading", "quant": "quant", "cache": "cache",
+               "offload": "wanlite/offload", "lora": "wanlite/lora", "planner": "wanlite/planner",
+               "pipelines": "wanlite/pipelines"}
+    # loading quantizes tensors as they stream in and reads GGUF / scaled-fp8 files through quant's readers: that
+    # piece still has to move below loading (issue 32); listed so that nothing else creeps in
+    known = {"wanlite/loading/stream.py imports wanlite.quant.base", "wanlite/loading/stream.py imports wanlite.quant",
+             "wanlite/loading/stream.py imports wanlite.quant.gguf", "wanlite/loading/stream.py imports "
+             "wanlite.quant.scaled_file", "wanlite/loading/models.py imports wanlite.quant.base",
+             "wanlite/loading/checkpoints.py imports wanlite.quant.gguf_file"}
+    wrong = []
+    for name, folder in folders.items():
+        for path in (root / folder).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("wanlite."):
+                    target = node.module.split(".")[1]
+                    if layer.get(target, -1) > layer[name]:
+                        wrong.append(f"{folder}/{path.name} imports {node.module}")
+                elif isinstance(node, ast.ImportFrom) and node.module == "wanlite":
+                    wrong.append(f"{folder}/{path.name} imports from the package face")
+    assert set(wrong) <= known, sorted(set(wrong) - known)

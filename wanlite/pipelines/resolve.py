@@ -1,0 +1,255 @@
+"""resolve(request, machine) -> Job: every decision about a generation, in one place.
+
+Validation, checkpoint discovery, the output size, the LoRA policy, the planner's choices merged with the
+flags, and every fallback (pinned -> mmap -> disk host memory, LoRA merge -> runtime for fp8, step caching off
+for distilled schedules) happen here, before any weight is loaded. `execute` then runs the Job as it is.
+"""
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from wanlite.errors import WanliteError
+from wanlite.loading.checkpoints import CheckpointSet, Component, discover, with_components
+from wanlite.loading.models import check_checkpoint, expert_components
+from wanlite.lora import lora_sets
+from wanlite.models.attention import active_backend
+from wanlite.models.vae import Tiling
+from wanlite.offload import OffloadConfig, converts_on_load, default_cache_dir, host_bytes
+from wanlite.offload.memory import available_ram
+from wanlite.pipelines.job import DTYPES, Job, LoraPlan, TextEncoderPlan, VaePlan, Weights
+from wanlite.pipelines.request import RELIGHTING_LORA, Request, Settings, cache_settings, validate
+from wanlite.planner import Hardware, Placement, Workload, hardware_for, load_profile, plan_for_request
+from wanlite.quant import parse_quant
+from wanlite.quant.fp8 import Fp8WeightConfig
+from wanlite.specs import DIT_SPECS, TASKS, VAE_SPECS, TaskSpec
+
+DEFAULT_TILE_PX = 256  # VAE tile side in pixels when nothing else is asked (diffusers' and ComfyUI's default too)
+
+
+def resolve(request: Request, machine: Hardware | None = None, without_files: bool = False) -> Job:
+    """The Job for `request` on `machine` (None: this machine, measured; a `Hardware` describes another one,
+    as `wanlite plan --vram N` does). Raises WanliteError (exit code 2) for anything wrong with the request,
+    its files or the fit, before anything is loaded. `without_files`: no checkpoint yet (`wanlite plan` before
+    a download): the task's full-size transformer, stored dense, no LoRAs; such a job is for reading only."""
+    req = request
+    settings = validate(req, req.seed if req.seed >= 0 else secrets.randbelow(2**31), files=not without_files)
+    task = TASKS[settings.task]
+    if req.dtype not in DTYPES:
+        raise WanliteError(f"--dtype {req.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+    choices = {} if req.profile == "auto" else load_profile(req.profile)[0]
+    device = pick_device(req.device) if machine is None else torch.device("cuda" if machine.gpu else "cpu")
+    hw = machine if machine is not None else hardware_for(choices, device)
+    parse_quant(req.quant, req.quant_backend)  # a bad --quant fails before anything is read
+    if without_files:
+        if req.lora or req.lora_high or req.lora_low:
+            raise WanliteError("planning LoRAs needs the checkpoint they apply to: pass --ckpt_dir")
+        experts, spec, sources = {}, DIT_SPECS[task.dit], []
+    else:
+        ckpt = checkpoint_set(req)
+        found = check_checkpoint(ckpt, task.name)  # every component present and the right shape before any work
+        experts = expert_components(ckpt, task.name)
+        spec = next(prepared for label, _, prepared in found if label.startswith("transformer")).model.spec
+        sources = [prepared.source for label, _, prepared in found if label.startswith("transformer")]
+    settings = replace(settings, size=output_size(task, settings, req, spec, without_files))
+    wav2vec = speech_encoder_folder(req) if task.conditioning == "speech" and not without_files else None
+
+    warnings: list[str] = []
+    lora_mode = req.lora_mode
+    if any(gain != 1.0 for _, _, gain in settings.phases):
+        if lora_mode == "merge":
+            raise WanliteError(f"--preset {req.preset} switches the LoRAs off for some steps, which merged weights "
+                               "cannot do; drop --lora_mode merge")
+        lora_mode = "runtime"  # a phase turns the LoRA off: it must stay a branch
+    on_all = list(req.lora)
+    if settings.relighting_lora:  # PEFT rank 128, alpha 128: strength 1
+        on_all.append(str(Path(req.ckpt_dir) / RELIGHTING_LORA))
+    # read and checked against the model before any weight is loaded
+    sets = lora_sets(on_all, list(req.lora_high), list(req.lora_low), experts, task.name, lora_mode,
+                     lambda event: warnings.append(event["message"]))
+    prequantized = stored_quantized(sources)
+    total_rank = max((sum(f.rank for f, _ in s.loras) for s in sets.values()), default=0)
+    branched = lora_mode == "runtime" or (lora_mode == "auto" and prequantized)
+    cache = cache_settings(req, choices.get("cache", "off") if req.cache == "auto" else req.cache)
+    passes = 2 if any(abs(g - 1.0) > 1e-6 for g in settings.guide_scale) else 1
+    placement = plan_for_request(
+        req, choices, hw, Workload(task.name, *settings.size, settings.frames, settings.steps, spec, cache, passes,
+                                   total_rank if branched else 0, total_rank if lora_mode == "auto" else 0),
+        prequantized)
+    quant = parse_quant(placement.quant, req.quant_backend)
+    if lora_mode == "auto" and isinstance(quant, Fp8WeightConfig):
+        # e4m3 keeps 3 mantissa bits: merged into the weight, a LoRA's small update is mostly rounded away
+        # (bench/results/lora.json: a third of the tiny LoRA's effect lost); as a branch it stays exact
+        lora_mode = "runtime"
+    offload = offload_config(placement, req, device, hw, experts, task.name, quant, warnings)
+    loras = tuple(lora_plan(role, s, lora_mode, offload) for role, s in sets.items())
+    stride = VAE_SPECS[task.vae].stride[1]
+    w, h = settings.size
+    tiling = vae_tiling(placement.vae_tile, stride, (h // stride, w // stride))
+    plan = placement.plan
+    return Job(
+        settings=settings, device=str(device), dtype=req.dtype,
+        weights=Weights(None if req.ckpt_dir is None else str(req.ckpt_dir),
+                        tuple((flag, str(path)) for flag, path in req.component_files().items()),
+                        placement.quant, req.quant_backend, prequantized),
+        offload=offload, chunk_tokens=placement.chunk_tokens,
+        step_cache=step_cache_config(req, cache, settings, experts, spec.num_layers, warnings),
+        loras=loras,
+        text_encoder=TextEncoderPlan("cpu" if placement.t5_cpu else str(device), placement.quant),
+        vae=VaePlan(req.vae_dtype, None if tiling is None else tiling.tile, None if tiling is None else tiling.overlap),
+        attention=active_backend(), wav2vec=None if wav2vec is None else str(wav2vec), machine=hw.describe(),
+        predicted=None if plan is None else plan.predicted, reasons=() if plan is None else plan.reasons,
+        warnings=tuple(warnings))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise WanliteError(f"--device {name!r} is not a device; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise WanliteError("--device cuda was asked for but this torch has no CUDA GPU; install a CUDA build of "
+                           "torch (README) or use --device cpu")
+    return device
+
+
+def checkpoint_set(req) -> CheckpointSet:
+    """The request's checkpoint folder with any component files given on their own put in."""
+    return with_components(None if req.ckpt_dir is None else discover(req.ckpt_dir), req.component_files())
+
+
+def output_size(task: TaskSpec, settings: Settings, req: Request, spec, without_files: bool = False
+                ) -> tuple[int, int]:
+    """The video's (width, height): `--size` for text-to-video; from an image, the largest size of the
+    image's aspect within `--size`'s area (the official rule per task); Animate: the preprocessed videos'."""
+    from wanlite.pipelines.conditioning import best_output_size, load_image, max_area_size
+
+    size = settings.size
+    if task.conditioning == "animate":  # the preprocessed folder, read and checked before any model loads
+        from wanlite.models.clip import find_clip
+        from wanlite.pipelines.animate import read_sources
+
+        if not without_files:
+            find_clip(Path(req.ckpt_dir))
+        return read_sources(Path(settings.src_root_path), settings.replace, spec.animate.face_size).size
+    if settings.image is None:
+        return size
+    image = load_image(Path(settings.image))
+    area = size[0] * size[1]
+    if task.conditioning == "speech":
+        from wanlite.pipelines.speech import read_speech, s2v_size
+
+        read_speech(Path(settings.audio), task.fps)  # unreadable or too short: said now, not after loading
+        h, w = s2v_size(image.height, image.width, area)
+        return w, h
+    if task.conditioning == "image_concat":
+        return max_area_size(image.size, area, VAE_SPECS[task.vae].stride[1], 2)
+    return best_output_size(image.size, area, task.stride)
+
+
+def speech_encoder_folder(req: Request) -> Path:
+    from wanlite.pipelines.speech import find_wav2vec
+
+    if req.wav2vec is None and req.ckpt_dir is None:
+        raise WanliteError("s2v-14B reads speech with wav2vec2: pass --ckpt_dir (holding "
+                           "wav2vec2-large-xlsr-53-english/) or --wav2vec DIR")
+    return find_wav2vec(Path(req.wav2vec if req.wav2vec is not None else req.ckpt_dir))
+
+
+def offload_config(placement: Placement, req: Request, device: torch.device, hw: Hardware,
+                   experts: dict[str, Component], task: str, quant, warnings: list[str]) -> OffloadConfig:
+    """The placement's offload choices, final: `auto` (a tiny task, or no plan) keeps one whole expert on the
+    device when the largest fits in 70 % of the free VRAM (always on the CPU), otherwise streams blocks; block
+    offload's host memory falls back from pinned to mmap when the weights do not fit in free RAM, and from
+    mmap to disk when loading quantizes (mmap would re-quantize every block at every step)."""
+    mode, ram_mode = placement.offload, placement.ram_mode
+    if mode == "auto":
+        mode = "model"
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0] if hw.measured else hw.vram_free
+            largest = max(sum(Path(p).stat().st_size for p in comp.files) for comp in experts.values())
+            mode = "block" if largest > 0.7 * free else "model"
+    if mode == "block" and ram_mode == "pinned" and experts:
+        need = host_bytes(experts, task, quant)
+        free = available_ram() if hw.measured else hw.ram_available
+        if need > 0.9 * free:
+            warnings.append(f"--ram_mode pinned needs {need / 1e9:.1f} GB of RAM for the transformer weights but "
+                            f"{free / 1e9:.1f} GB are free; using --ram_mode mmap instead")
+            ram_mode = "mmap"
+    if mode == "block" and ram_mode == "mmap" and converts_on_load(quant):
+        warnings.append(f"--ram_mode mmap would re-quantize every block to {quant.name} at every step; using "
+                        "--ram_mode disk (quantized once into a cache) instead")
+        ram_mode = "disk"
+    return OffloadConfig(mode, resident_blocks=placement.resident_blocks, prefetch=placement.prefetch,
+                         ram_mode=ram_mode, cache_dir=req.offload_cache)
+
+
+def lora_plan(role: str, lora_set, mode: str, offload: OffloadConfig) -> LoraPlan:
+    """One expert's LoRAs as they will apply. Block offload that re-reads blocks (mmap, disk) binds them into
+    fixed shells, so the embeddings and head take their LoRAs merged; mmap reads every block at every step,
+    so its blocks take them as branches rather than merging them again and again."""
+    rereads = offload.mode == "block" and offload.ram_mode in ("mmap", "disk")
+    if rereads and offload.ram_mode == "mmap":
+        mode = "runtime"
+    return LoraPlan(role, tuple((str(f.path), strength) for f, strength in lora_set.loras), mode, rereads)
+
+
+def step_cache_config(req: Request, config, settings: Settings, experts: dict[str, Component], num_blocks: int,
+                      warnings: list[str]):
+    """The step cache to run, or None: off, or a distilled schedule (<= 8 steps) without --cache_force. A
+    MagCache without a curve gets this model's calibration."""
+    from wanlite.cache import MIN_CACHED_STEPS, CalibrateConfig, MagCacheConfig
+
+    if config is None:
+        return None
+    config.check(num_blocks)
+    if isinstance(config, MagCacheConfig) and config.curve is None:
+        curve = magcache_file(settings.task, experts, reading=True)
+        if not curve.is_file():
+            raise WanliteError(f"no MagCache calibration for this {settings.task} model ({curve}); run the same "
+                               "command once with --cache calibrate")
+        config = replace(config, curve=str(curve))
+    if settings.steps < MIN_CACHED_STEPS and not req.cache_force and not isinstance(config, CalibrateConfig):
+        warnings.append(f"step caching is off for a {settings.steps}-step schedule (distilled steps differ too "
+                        "much to reuse); --cache_force caches anyway")
+        return None
+    return config
+
+
+def magcache_file(task: str, experts: dict[str, Component], reading: bool = False) -> Path:
+    """This model's MagCache calibration: in the user cache, keyed by the transformer files (name and size); the
+    bundled tiny models fall back to the calibration shipped with them."""
+    from wanlite.cache.magcache import BUNDLED, calibration_path
+
+    ident = sorted(f"{f.resolve()}:{f.stat().st_size}" for c in experts.values() for f in c.files)
+    path = calibration_path(default_cache_dir(), task, hashlib.sha256("|".join(ident).encode()).hexdigest()[:16])
+    if reading and not path.is_file() and (BUNDLED / f"{task}.json").is_file():
+        return BUNDLED / f"{task}.json"
+    return path
+
+
+def vae_tiling(tile: int | None, stride: int, latent_hw) -> Tiling | None:
+    """The VAE's spatial tiles: `tile` latent pixels (0: none); by default 256-pixel tiles (where a decode's
+    activations would pass a few GB), used only when the frame is larger than one tile. Neighbours share 3/8
+    of a tile (96 pixels by default): with the edge-margin blend that keeps tiled within ~50 dB of untiled on
+    both VAEs (bench/results/vae_tiling.json)."""
+    if tile == 0:
+        return None
+    if tile is None:
+        tile = max(4, DEFAULT_TILE_PX // stride)
+        if max(latent_hw) <= tile:
+            return None
+    return Tiling(tile, max(1, tile * 3 // 8))
+
+
+def stored_quantized(sources) -> bool:
+    """True when the transformer files already hold quantized block weights (fp8, int8, GGUF): they run as
+    stored, the planner does not pick another format for them. Reads headers only."""
+    dense = ("float32", "float16", "bfloat16", "F32", "F16", "BF16")
+    return any(fmt not in dense for source in sources for key, fmt in source.formats().items() if "blocks." in key)
