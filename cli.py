@@ -94,7 +94,7 @@ def cmd_check(args) -> int:
         clip = find_clip(ckpt.root)  # checked like the rest: every tensor the vision tower needs, right shapes
         params = sum(p.numel() for p in load_clip_vision(clip).parameters())
         table.add_row("CLIP image encoder", "official", clip.name, "", f"{params:,}")
-        from wanlite.pipelines.animate_prep import prep_model_paths
+        from wanlite.animate_prep import prep_model_paths
 
         for name, path in prep_model_paths(ckpt.root).items():  # optional: only `wanlite animate-prep` uses them
             table.add_row(f"prep {name}", "optional", path.name if path.is_file() else "missing", "", "")
@@ -106,7 +106,7 @@ def cmd_check(args) -> int:
 def cmd_animate_prep(args) -> int:
     from pathlib import Path
 
-    from wanlite.pipelines.animate_prep import PrepOptions, animate_prep
+    from wanlite.animate_prep import PrepOptions, animate_prep
 
     device = args.device
     if device == "auto":
@@ -296,7 +296,7 @@ def cmd_convert(args) -> int:
                                TransferSpeedColumn)
 
     from wanlite.errors import WanliteError
-    from wanlite.quant.convert import TARGETS, convert
+    from wanlite.pipelines.convert import TARGETS, convert
 
     if args.to not in TARGETS:  # before the progress bar draws anything
         raise WanliteError(f"--to {args.to!r} is unknown; choose one of {', '.join(TARGETS)}")
@@ -339,6 +339,7 @@ def cmd_demo(args) -> int:
 def job_flags(parser, for_plan: bool) -> None:
     """Every flag that shapes a job, shared by `generate` and `plan` (official generate.py names kept)."""
     from wanlite.cache import POLICY_NAMES, PRESETS
+    from wanlite.quant import QUANT_CHOICES
     from wanlite.specs import TASKS
 
     parser.add_argument("--task", required=True, help=f"{', '.join(t for t in TASKS if not t.startswith('tiny-'))} "
@@ -346,8 +347,8 @@ def job_flags(parser, for_plan: bool) -> None:
     parser.add_argument("--ckpt_dir", default=None, help="checkpoint folder (official, diffusers, ComfyUI or GGUF "
                         "files); optional when every component is given as a file")
     parser.add_argument("--prompt", required=not for_plan, default="", help="what the video shows")
-    parser.add_argument("--quant", default="auto", help="weights: auto (as the files store them), none, fp8, int8, "
-                        "gguf-q8_0, gguf-q6_k, gguf-q5_k, gguf-q4_k, gguf-q4_0 ...; quantized while loading")
+    parser.add_argument("--quant", default="auto", help=f"weights: auto (as the files store them), "
+                        f"{', '.join(QUANT_CHOICES[1:])}; quantized while loading")
     parser.add_argument("--quant-backend", dest="quant_backend", default="torchao",
                         help="int8 only: torchao (default), bnb or quanto")
     dit_files = "safetensors (bf16/fp16/fp32/fp8-scaled), GGUF or .pth"
@@ -451,6 +452,8 @@ def job_flags(parser, for_plan: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from wanlite import __version__
+    from wanlite.archs import ARCHS
+    from wanlite.pipelines.convert import TARGETS
     from wanlite.specs import TASKS
 
     parser = argparse.ArgumentParser(prog="wanlite", description="Wan2.2 video generation on consumer GPUs.")
@@ -458,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="settings stored in a wanlite mp4, or sizes and manifest of an architecture")
     info.add_argument("file", nargs="?", help="an mp4 written by wanlite generate")
-    info.add_argument("--arch", help="t2v-A14B, i2v-A14B, ti2v-5B, s2v-14B, animate-14B, vae2.1, vae2.2, umt5-xxl-encoder")
+    info.add_argument("--arch", help=", ".join(ARCHS))
     info.add_argument("--json", action="store_true", help="print JSON including the full {key: shape} manifest")
     info.set_defaults(func=cmd_info)
     gen = sub.add_parser("generate", help="generate a video (official generate.py flags are accepted)")
@@ -489,8 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="quantize a task's transformer(s) once into fp8 / int8 / GGUF files")
     conv.add_argument("--ckpt_dir", required=True, help="checkpoint folder holding the task's transformer(s)")
     conv.add_argument("--task", required=True, choices=list(TASKS))
-    conv.add_argument("--to", required=True, help="fp8 (ComfyUI scaled fp8), int8, gguf-q8_0, gguf-q6_k, gguf-q5_k, "
-                      "gguf-q4_k or gguf-q4_0")
+    conv.add_argument("--to", required=True, help=f"{', '.join(TARGETS)} (fp8: ComfyUI's scaled fp8)")
     conv.add_argument("--out", required=True, help="output folder (A14B: both experts), or a file for one model")
     conv.set_defaults(func=cmd_convert)
     check = sub.add_parser("check", help="find and verify a checkpoint folder for a task (headers and shapes only)")

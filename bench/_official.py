@@ -61,7 +61,7 @@ def official_checkout(doc: str) -> Path:
 
 def provenance(script: str, root: Path) -> dict:
     """What every parity result records first: the command, date, machine and the official revision."""
-    from _record import machine
+    from harness import machine
 
     return {"command": f"python bench/{script} --official PATH/TO/Wan2.2",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _official import official_checkout, provenance  # noqa: E402
-from _record import write_json  # noqa: E402
+from harness import write_json  # noqa: E402
 
 
 def _frames(n=10, h=180, w=240) -> list[np.ndarray]:
@@ -72,7 +72,7 @@ def retarget_parity(retarget_module, human_visualization, ap) -> dict:
 
 
 def parity(root: Path) -> dict:
-    from wanlite.pipelines import animate_prep as ap
+    from wanlite import animate_prep as ap
     from wanlite.testing.prep_models import write_prep_models
 
     sys.path.insert(0, str(root / "wan" / "modules" / "animate" / "preprocess"))

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from wanlite.cache import PRESETS, DBCacheConfig, MagCacheConfig, TaylorSeerConfig, describe
-from _record import RESULTS, machine, write_json
+from harness import RESULTS, machine, write_json
 from wanlite.eval import DEFAULT_PROMPTS, prompt_for, run_suite, summarize, write_first_frame
 
 OUT = RESULTS / "cache.json"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _record import machine, write_json  # noqa: E402
+from harness import machine, write_json  # noqa: E402
 
 from wanlite.eval import OPPOSITE  # noqa: E402
 from wanlite.loading.checkpoints import discover  # noqa: E402

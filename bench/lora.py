@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from _record import machine, write_json
+from harness import machine, write_json
 from wanlite.eval import DEFAULT_PROMPTS, prompt_for, psnr
 
 FORMATS = {"bf16": "none", "fp8": "fp8", "int8": "int8", "gguf-q8_0": "gguf-q8_0", "gguf-q4_k": "gguf-q4_k"}

@@ -15,28 +15,18 @@ import argparse
 import datetime
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from _record import machine, write_json
+from harness import machine, run_measured, write_json
 
 TASK = "t2v-A14B"
 ROLES = ("high_noise", "low_noise")
 
 CHILD = r"""
-import json, sys, threading, time
 from pathlib import Path
-import psutil, torch
-proc = psutil.Process()
-peak = [proc.memory_info().rss]
-stop = False
-def sample():
-    while not stop:
-        peak[0] = max(peak[0], proc.memory_info().rss)
-        time.sleep(0.02)
-threading.Thread(target=sample, daemon=True).start()
+import torch
 from wanlite.loading.checkpoints import with_components
 from wanlite.loading.models import expert_components
 from wanlite.offload import OffloadConfig, open_offloaded
@@ -62,7 +52,7 @@ with torch.no_grad():
         times.append(time.perf_counter() - s)
         assert torch.isfinite(out).all()
 tel = engine.finish()
-stop = True
+stop_sampling()
 print(json.dumps({"open_s": open_s, "s_per_step": sum(times) / len(times), "step_s": times,
                   "peak_rss": peak[0], "telemetry": tel.to_dict()}))
 """
@@ -125,12 +115,7 @@ def main() -> int:
                 write_expert(path, seed)
         on_disk = sum(p.stat().st_size for p in files.values())
         for mode in args.modes:
-            proc = subprocess.run([sys.executable, "-c", CHILD, str(work), mode, str(args.steps)],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                return 1
-            got = json.loads(proc.stdout.strip().splitlines()[-1])
+            got = run_measured(CHILD, [work, mode, args.steps])
             cache = sum(p.stat().st_size for p in (work / "cache").rglob("*.bin")) if mode == "disk" else 0
             row = {"mode": mode, "peak_rss_gb": round(got["peak_rss"] / 1e9, 2),
                    "weights_on_disk_gb": round((on_disk + cache) / 1e9, 2),

@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 
 import torch
-from _record import machine, write_json
+from harness import machine, write_json
 
 
 def tiny_experts():

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _official import load_official, official_checkout, provenance, rel  # noqa: E402
-from _record import write_json  # noqa: E402
+from harness import write_json  # noqa: E402
 
 
 def load(root: Path):

@@ -10,34 +10,22 @@ Writes bench/results/stream_load.json.  Usage: python bench/stream_load.py [--wo
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from harness import run_measured, write_json
 
 MODES = ("wanlite", "wanlite-fp8", "wanlite-gguf-q8_0", "wanlite-gguf-q4_k", "safe_open")
 SPEC = dict(model_type="t2v", dim=2048, ffn_dim=8192, num_heads=16, num_layers=7, in_dim=16, out_dim=16)
 
 CHILD = r"""
-import json, sys, threading, time
-import psutil, torch
-proc = psutil.Process()
-peak = [proc.memory_info().rss]
-stop = False
-def sample():
-    while not stop:
-        peak[0] = max(peak[0], proc.memory_info().rss)
-        time.sleep(0.002)
+import torch
 from wanlite.loading.checkpoints import discover
 from wanlite.loading.models import load_dit
 from safetensors import safe_open
 path, mode = sys.argv[1], sys.argv[2]
-baseline = proc.memory_info().rss
-peak[0] = baseline
-threading.Thread(target=sample, daemon=True).start()
+reset_peak()
 t0 = time.perf_counter()
 if mode.startswith("wanlite"):
     from wanlite.quant import parse_quant
@@ -51,8 +39,7 @@ else:
             sd[k] = f.get_tensor(k).to(torch.bfloat16)
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())
 seconds = time.perf_counter() - t0
-time.sleep(0.01)
-stop = True
+stop_sampling()
 print(json.dumps({"seconds": seconds, "baseline_rss": baseline, "peak_rss": peak[0], "model_bytes": nbytes}))
 """
 
@@ -81,9 +68,7 @@ def main() -> int:
         file_bytes = write_shard(shard)
         runs = {}
         for mode in MODES:
-            out = subprocess.run([sys.executable, "-c", CHILD, str(shard), mode], check=True,
-                                 capture_output=True, text=True).stdout.strip().splitlines()[-1]
-            r = json.loads(out)
+            r = run_measured(CHILD, [shard, mode], interval=0.002)
             r["peak_over_baseline"] = r["peak_rss"] - r["baseline_rss"]
             r["peak_over_baseline_vs_model"] = round(r["peak_over_baseline"] / r["model_bytes"], 3)
             r["peak_vs_model"] = round(r["peak_rss"] / r["model_bytes"], 3)
@@ -94,10 +79,6 @@ def main() -> int:
                   f"after imports) = {r['peak_over_baseline_vs_model']}x the "
                   f"{r['model_bytes'] / 2**20:.0f} MiB model it loads", flush=True)
     result = {
-        "command": "python bench/stream_load.py",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpus": __import__("os").cpu_count(), "python": platform.python_version()},
         "shard_bytes": file_bytes,
         "model_spec": SPEC,
         "runs": runs,
@@ -107,10 +88,7 @@ def main() -> int:
         "criterion_met": {m: r["peak_over_baseline"] < (1.2 if m == "wanlite" else 1.0) * runs["wanlite"]["model_bytes"]
                           for m, r in runs.items() if m != "safe_open"},
     }
-    out = Path(__file__).resolve().parent / "results" / "stream_load.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json("stream_load", result)
     return 0
 
 

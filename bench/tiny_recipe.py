@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _record import machine, write_json  # noqa: E402
+from harness import machine, write_json  # noqa: E402
 from caption_probe import probe  # noqa: E402
 
 from wanlite.eval import DEFAULT_PROMPTS, OPPOSITE, run_suite, summarize  # noqa: E402

@@ -13,7 +13,7 @@ import math
 import sys
 
 import torch
-from _record import machine, write_json
+from harness import machine, write_json
 
 
 def vaes():

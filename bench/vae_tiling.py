@@ -11,16 +11,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from harness import RESULTS, run_measured, write_json
+
 CHILD = r"""
-import json, sys, threading, time
-import psutil, torch
+import torch
 from wanlite.models.vae import Tiling, WanVAE
 from wanlite.pipelines.resolve import vae_tiling
 from wanlite.specs import VAE_SPECS
@@ -36,20 +34,12 @@ else:
 stride = vae.spec.stride[1]
 z = torch.randn(1, vae.spec.z_dim, int(frames), int(height) // stride, int(width) // stride)
 tiling = None if tile == "none" else (vae_tiling(None, stride, z.shape[-2:]) if tile == "default" else Tiling(*map(int, tile.split(","))))
-proc = psutil.Process()
-baseline = proc.memory_info().rss
-peak = [baseline]
-stop = False
-def sample():
-    while not stop:
-        peak[0] = max(peak[0], proc.memory_info().rss)
-        time.sleep(0.002)
-threading.Thread(target=sample, daemon=True).start()
+reset_peak()
 t0 = time.perf_counter()
 with torch.no_grad():
     video = vae.decode(z) if tiling is None else vae.decode_tiled(z, tiling)
 seconds = time.perf_counter() - t0
-stop = True
+stop_sampling()
 torch.save(video, out_path)
 print(json.dumps({"seconds": seconds, "peak_over_baseline": peak[0] - baseline,
                   "tiling": None if tiling is None else [tiling.tile, tiling.overlap]}))
@@ -60,9 +50,7 @@ CASES = [("vae2.1", 480, 832), ("vae2.1", 720, 1280), ("vae2.2", 480, 832), ("va
 
 
 def run(name: str, height: int, width: int, frames: int, tile: str, out: Path) -> dict:
-    done = subprocess.run([sys.executable, "-c", CHILD, name, str(height), str(width), str(frames), tile, str(out)],
-                          check=True, capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_measured(CHILD, [name, height, width, frames, tile, out], interval=0.002)
 
 
 def main() -> int:
@@ -119,22 +107,15 @@ def predicted_over_measured(name: str, height: int, width: int, tiling, untiled:
 
 def save(rows: list[dict]) -> None:
     """Merge rows into bench/results/vae_tiling.json by (vae, resolution), so `--only` reruns replace theirs."""
-    import torch
-
-    out = Path(__file__).resolve().parent / "results" / "vae_tiling.json"
+    out = RESULTS / "vae_tiling.json"
     kept = json.loads(out.read_text())["results"] if out.exists() else []
     fresh = {(r["vae"], r["resolution"]) for r in rows}
     merged = [r for r in kept if (r["vae"], r["resolution"]) not in fresh] + rows
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps({
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__},
+    write_json("vae_tiling", {
         "note": "full-size VAEs carry random weights; predicted_over_measured is the planner's VAE estimate "
                 "(untiled, tiled) over the measured RSS peak; each row records the frames it decoded and the "
                 "command and date that measured it",
-        "results": merged}, indent=2) + "\n")
-    tmp_out.replace(out)
+        "results": merged})
 
 
 if __name__ == "__main__":

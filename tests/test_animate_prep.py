@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from wanlite.cli import main
-from wanlite.pipelines import animate_prep as ap
+from wanlite import animate_prep as ap
 from wanlite.pipelines.animate import read_sources
 from wanlite.pipelines.video_io import read_mp4, write_mp4
 from wanlite.testing.prep_models import standing_pose, write_prep_models

@@ -93,7 +93,7 @@ def test_cli_generate_and_info_roundtrip(ckpts, tmp_path, capsys):
     assert main(["info", str(out), "--json"]) == 0
     meta = json.loads(capsys.readouterr().out)
     assert meta["guide_scale"] == [2.5, 4.5] and meta["size"] == [64, 32] and meta["seed"] == 5
-    assert meta["prompt"] == "a cat" and meta["solver"] == "unipc" and "wanlite" in meta and "plan" in meta
+    assert meta["prompt"] == "a cat" and meta["solver"] == "unipc" and "wanlite" in meta and "job" in meta
 
 
 def test_long_prompt_warns(ckpts, tmp_path):

@@ -316,7 +316,7 @@ def test_convert_bad_target_exits_2_and_writes_nothing(t2v_expert, tmp_path, cap
 
 
 def test_interrupted_convert_leaves_no_partial_file(t2v_expert, tmp_path, monkeypatch):
-    import wanlite.quant.convert as convert_mod
+    import wanlite.pipelines.convert as convert_mod
 
     calls = []
 

@@ -140,7 +140,7 @@ def open_source(paths: list[Path]):
     if kinds == {"pth"} and len(paths) == 1:
         return PthSource(paths[0])
     if kinds == {"safetensors"}:
-        from wanlite.quant.scaled_file import ScaledSafetensorsSource, is_scaled
+        from wanlite.loading.scaled_file import ScaledSafetensorsSource, is_scaled
 
         source = SafetensorsSource(paths)
         return ScaledSafetensorsSource(paths) if is_scaled(source) else source

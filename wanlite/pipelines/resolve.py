@@ -18,15 +18,18 @@ from wanlite.loading.checkpoints import CheckpointSet, Component, discover, with
 from wanlite.loading.models import check_checkpoint, expert_components
 from wanlite.lora import lora_sets
 from wanlite.models.attention import active_backend
+from wanlite.models.clip import find_clip
 from wanlite.models.vae import Tiling
 from wanlite.offload import OffloadConfig, converts_on_load, default_cache_dir, host_bytes
 from wanlite.offload.memory import available_ram
+from wanlite.pipelines.conditioning import load_image
 from wanlite.pipelines.job import DTYPES, Job, LoraPlan, TextEncoderPlan, VaePlan, Weights
 from wanlite.pipelines.request import RELIGHTING_LORA, Request, Settings, cache_settings, validate
+from wanlite.pipelines.segments import KINDS
 from wanlite.planner import Hardware, Placement, Workload, hardware_for, load_profile, plan_for_request
 from wanlite.quant import parse_quant
 from wanlite.quant.fp8 import Fp8WeightConfig
-from wanlite.specs import DIT_SPECS, TASKS, VAE_SPECS, TaskSpec
+from wanlite.specs import DIT_SPECS, TASKS, VAE_SPECS
 
 DEFAULT_TILE_PX = 256  # VAE tile side in pixels when nothing else is asked (diffusers' and ComfyUI's default too)
 
@@ -41,6 +44,8 @@ def resolve(request: Request, machine: Hardware | None = None, without_files: bo
     task = TASKS[settings.task]
     if req.dtype not in DTYPES:
         raise WanliteError(f"--dtype {req.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+    if settings.image is not None:  # an unreadable image is named before any checkpoint file is read
+        load_image(Path(settings.image))
     choices = {} if req.profile == "auto" else load_profile(req.profile)[0]
     device = pick_device(req.device) if machine is None else torch.device("cuda" if machine.gpu else "cpu")
     hw = machine if machine is not None else hardware_for(choices, device)
@@ -55,8 +60,10 @@ def resolve(request: Request, machine: Hardware | None = None, without_files: bo
         experts = expert_components(ckpt, task.name)
         spec = next(prepared for label, _, prepared in found if label.startswith("transformer")).model.spec
         sources = [prepared.source for label, _, prepared in found if label.startswith("transformer")]
-    settings = replace(settings, size=output_size(task, settings, req, spec, without_files))
-    wav2vec = speech_encoder_folder(req) if task.conditioning == "speech" and not without_files else None
+        if spec.animate is not None:  # its CLIP image encoder lives beside the transformer
+            find_clip(Path(req.ckpt_dir))
+    settings = replace(settings, size=KINDS[task.conditioning].output_size(task, settings, spec))
+    wav2vec = speech_encoder_folder(req) if spec.s2v is not None and not without_files else None
 
     warnings: list[str] = []
     lora_mode = req.lora_mode
@@ -122,35 +129,6 @@ def pick_device(name: str) -> torch.device:
 def checkpoint_set(req) -> CheckpointSet:
     """The request's checkpoint folder with any component files given on their own put in."""
     return with_components(None if req.ckpt_dir is None else discover(req.ckpt_dir), req.component_files())
-
-
-def output_size(task: TaskSpec, settings: Settings, req: Request, spec, without_files: bool = False
-                ) -> tuple[int, int]:
-    """The video's (width, height): `--size` for text-to-video; from an image, the largest size of the
-    image's aspect within `--size`'s area (the official rule per task); Animate: the preprocessed videos'."""
-    from wanlite.pipelines.conditioning import best_output_size, load_image, max_area_size
-
-    size = settings.size
-    if task.conditioning == "animate":  # the preprocessed folder, read and checked before any model loads
-        from wanlite.models.clip import find_clip
-        from wanlite.pipelines.animate import read_sources
-
-        if not without_files:
-            find_clip(Path(req.ckpt_dir))
-        return read_sources(Path(settings.src_root_path), settings.replace, spec.animate.face_size).size
-    if settings.image is None:
-        return size
-    image = load_image(Path(settings.image))
-    area = size[0] * size[1]
-    if task.conditioning == "speech":
-        from wanlite.pipelines.speech import read_speech, s2v_size
-
-        read_speech(Path(settings.audio), task.fps)  # unreadable or too short: said now, not after loading
-        h, w = s2v_size(image.height, image.width, area)
-        return w, h
-    if task.conditioning == "image_concat":
-        return max_area_size(image.size, area, VAE_SPECS[task.vae].stride[1], 2)
-    return best_output_size(image.size, area, task.stride)
 
 
 def speech_encoder_folder(req: Request) -> Path:

@@ -26,7 +26,7 @@ from wanlite.pipelines.denoise import Conditioning, Denoiser
 from wanlite.pipelines.job import DTYPES, Job
 from wanlite.pipelines.request import Request, Settings
 from wanlite.pipelines.resolve import checkpoint_set, magcache_file, resolve
-from wanlite.pipelines.segments import SEGMENTS
+from wanlite.pipelines.segments import KINDS
 from wanlite.quant import QuantConfig, parse_quant
 from wanlite.specs import TASKS, VAE_SPECS
 from wanlite.cache import StepCache
@@ -88,7 +88,7 @@ def execute(job: Job, path: Path, progress: Progress | None = None, preview: boo
     context = encode_text(ckpt, [settings.prompt, settings.negative_prompt], torch.device(job.text_encoder.device),
                           dtype, load_text_len(experts), emit, parse_quant(job.text_encoder.quant,
                                                                             job.weights.quant_backend))
-    runs = SEGMENTS[task.conditioning](job, task, ckpt, device, emit)
+    runs = KINDS[task.conditioning].runs(job, task, ckpt, device, emit)
     settings = runs.generated(settings)
     w, h = settings.size
     vae_spec = VAE_SPECS[task.vae]

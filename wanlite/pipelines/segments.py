@@ -1,14 +1,14 @@
 """A task's denoising runs: what each run is conditioned on and how its latents become frames.
 
 T2V / I2V / TI2V are one run (`OneClip`); S2V clips and Animate segments are several (`Parts`), each encoding
-its history with a VAE kept for the whole job. `SEGMENTS[task.conditioning]` builds them, so the generation loop
+its history with a VAE kept for the whole job. `KINDS[task.conditioning]` builds them, so the generation loop
 in run.py reads the same for every task.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +179,51 @@ def one_clip(job: Job, task: TaskSpec, ckpt: CheckpointSet, device: torch.device
     return OneClip(job, task, ckpt, device, emit)
 
 
-# task.conditioning -> the builder of its runs
-SEGMENTS = {"text": one_clip, "image_concat": one_clip, "first_frame": one_clip, "speech": speech_clips,
-            "animate": animate_segments}
+def text_size(task: TaskSpec, settings: Settings, spec) -> tuple[int, int]:
+    return settings.size
+
+
+def image_size(task: TaskSpec, settings: Settings, spec) -> tuple[int, int]:
+    """From an image, the largest size of its aspect within `--size`'s area, on the official grid per task:
+    I2V-A14B's latent-and-patch multiple, TI2V-5B's 32 pixels."""
+    from wanlite.pipelines.conditioning import best_output_size, load_image, max_area_size
+
+    if settings.image is None:
+        return settings.size
+    image = load_image(Path(settings.image))
+    area = settings.size[0] * settings.size[1]
+    if task.conditioning == "image_concat":
+        return max_area_size(image.size, area, VAE_SPECS[task.vae].stride[1], 2)
+    return best_output_size(image.size, area, task.stride)
+
+
+def speech_size(task: TaskSpec, settings: Settings, spec) -> tuple[int, int]:
+    """S2V: the reference image's aspect within `--size`'s area, on a 64-pixel grid; the audio is checked now,
+    not after loading."""
+    from wanlite.pipelines.conditioning import load_image
+    from wanlite.pipelines.speech import read_speech, s2v_size
+
+    image = load_image(Path(settings.image))
+    read_speech(Path(settings.audio), task.fps)
+    h, w = s2v_size(image.height, image.width, settings.size[0] * settings.size[1])
+    return w, h
+
+
+def animate_size(task: TaskSpec, settings: Settings, spec) -> tuple[int, int]:
+    """Animate: the preprocessed videos' size (the folder read and checked before any model loads)."""
+    from wanlite.pipelines.animate import read_sources
+
+    return read_sources(Path(settings.src_root_path), settings.replace, spec.animate.face_size).size
+
+
+@dataclass(frozen=True)
+class TaskKind:
+    """What a kind of task (`TaskSpec.conditioning`) does differently: the size of its video and its runs."""
+
+    output_size: Callable  # (task, settings, dit spec) -> (width, height)
+    runs: Callable  # (job, task, checkpoint, device, emit) -> OneClip | Parts
+
+
+KINDS = {"text": TaskKind(text_size, one_clip), "image_concat": TaskKind(image_size, one_clip),
+         "first_frame": TaskKind(image_size, one_clip), "speech": TaskKind(speech_size, speech_clips),
+         "animate": TaskKind(animate_size, animate_segments)}

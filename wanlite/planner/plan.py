@@ -55,6 +55,10 @@ class Prediction:
     bytes_moved_per_step_gb: float
     s_per_step: float  # a step that runs every block (a step cache skips some: content-dependent)
     vram_cache_gb: float = 0.0  # step-cache state, part of vram_activations_gb
+    # host RAM per stage (each component is loaded when its stage starts and released when it ends, so the
+    # peak is their maximum, not their sum): the text encoder's, and the transformer's (denoising)
+    ram_text_encoder_gb: float = 0.0
+    ram_transformer_gb: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -220,7 +224,8 @@ def make_plan(work: Workload, hw: Hardware, quant: str = "auto", prefetch: int =
         vram_vae_gb=round(vae_need / GB, 2), vram_text_encoder_gb=round(t5_vram / GB, 2),
         peak_ram_gb=round(max(best.ram, t5_ram) / GB, 2), bytes_moved_per_step_gb=round(best.moved / GB, 2),
         s_per_step=round(best.s_per_step, 2),
-        vram_cache_gb=round(cache_state_bytes(work.spec, work.tokens, work.cache, work.passes) / GB, 2))
+        vram_cache_gb=round(cache_state_bytes(work.spec, work.tokens, work.cache, work.passes) / GB, 2),
+        ram_text_encoder_gb=round(t5_ram / GB, 2), ram_transformer_gb=round(best.ram / GB, 2))
     return Plan(work.task, work.width, work.height, work.frames, work.steps, "cuda", QUANT_FLAG[best.fmt],
                 best.offload, best.resident if best.offload == "block" else 0,
                 prefetch if best.offload == "block" else 0, best.ram_mode, best.chunk or 0, t5_device, tile,
@@ -281,7 +286,12 @@ def _cpu_plan(work: Workload, hw: Hardware, formats) -> Plan:
         ram = nonblock + 4 * block + act + RAM_RESERVE
         reasons.append(f"--ram_mode mmap: one expert needs {expert / GB:.1f} GB, {hw.ram_available / GB:.1f} GB "
                        "of RAM are free")
-    predicted = Prediction(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, round(ram / GB, 2), 0.0, round(seconds, 1))
+    # the text encoder runs first, on the CPU, in the transformer's format (bf16 / fp8 / int8; GGUF: bf16), and is
+    # released before the transformer loads
+    t5_fmt = fmt if fmt in ("fp8", "int8") else "bf16"
+    t5_ram = t5_bytes(t5_fmt) + t5_activation_bytes() + RAM_RESERVE
+    predicted = Prediction(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, round(max(ram, t5_ram) / GB, 2), 0.0, round(seconds, 1),
+                           ram_text_encoder_gb=round(t5_ram / GB, 2), ram_transformer_gb=round(ram / GB, 2))
     return Plan(work.task, work.width, work.height, work.frames, work.steps, "cpu",
                 "auto" if len(formats) > 1 else QUANT_FLAG[fmt], offload, 0, 1 if offload == "block" else 0,
                 ram_mode, 0, "cpu", 0, hw.describe(), predicted, tuple(reasons), cache_name(work.cache))

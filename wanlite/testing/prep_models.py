@@ -118,7 +118,7 @@ def standing_pose(width: int, height: int, stretch=(1.0, 1.0), shift=(0.0, 0.0),
     moves it (fractions of the frame). With `rng`: positions and scores jittered, `hidden` body points given low
     scores, hands spread and scored at random, `crossed` puts each hand at the other wrist; without: exact, all
     scores 1, each hand a short line from its wrist."""
-    from wanlite.pipelines.animate_prep import PoseMeta
+    from wanlite.animate_prep import PoseMeta
 
     xy = (STANDING - STANDING[1]) * stretch + STANDING[1] + shift
     scores = np.ones(20)

@@ -17,6 +17,10 @@ import numpy as np
 import torch
 
 from wanlite.errors import WanliteError
+from wanlite.loading.checkpoints import discover
+from wanlite.loading.models import expert_components, prepare_dit
+from wanlite.loading.stream import check_against
+from wanlite.loading.writers import SafetensorsStreamWriter
 from wanlite.quant.base import is_quantizable
 from wanlite.quant.fp8 import fp8_from_hp
 from wanlite.quant.gguf_dequant import BLOCKS
@@ -114,7 +118,6 @@ class _GGUFOut:
 
 class _SafetensorsOut:
     def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...]]], to: str, stored: dict):
-        from wanlite.loading.writers import SafetensorsStreamWriter
 
         self.to = to
         plan: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
@@ -158,9 +161,6 @@ class _SafetensorsOut:
 
 def convert(ckpt_dir: Path, task: str, to: str, out: Path, progress: Progress | None = None) -> list[Conversion]:
     """Quantize the task's transformer(s) found in `ckpt_dir` into `out` (see module docstring)."""
-    from wanlite.loading.checkpoints import discover
-    from wanlite.loading.models import expert_components, prepare_dit
-    from wanlite.loading.stream import check_against
 
     if to not in TARGETS:
         raise WanliteError(f"--to {to!r} is unknown; choose one of {', '.join(TARGETS)}")
