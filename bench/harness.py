@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+RESEARCH_RESULTS = Path(__file__).resolve().parent / "research" / "results"  # retrained recipes, not the bundle's
 
 # Prepended to a measured child's code: a thread samples the process's RSS every `INTERVAL` seconds into
 # `peak[0]` and into `peaks[label[0]]` (a child sets `label[0]` to book RSS to what it is doing);
@@ -65,18 +66,20 @@ def revision() -> str | None:
 
 def header() -> dict:
     """The fields every result starts with: how to rerun it, when, at which revision, on what."""
-    script = Path(sys.argv[0])
-    shown = f"bench/{script.name}" if script.parent.name == "bench" else str(script)
+    script = Path(sys.argv[0]).resolve()
+    bench = Path(__file__).resolve().parent
+    shown = script.relative_to(bench.parent).as_posix() if script.is_relative_to(bench) else str(sys.argv[0])
     return {"command": " ".join(["python", shown, *sys.argv[1:]]),
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "git": revision(), "machine": machine()}
 
 
-def write_json(name: str, data) -> Path:
-    """bench/results/NAME.json, never half-written; a dict gets the header's fields it does not set itself."""
+def write_json(name: str, data, folder: Path = RESULTS) -> Path:
+    """FOLDER/NAME.json (bench/results/ by default), never half-written; a dict gets the header's fields it does
+    not set itself."""
     if isinstance(data, dict):
         data = {**{k: v for k, v in header().items() if k not in data}, **data}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)

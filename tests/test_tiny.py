@@ -309,8 +309,8 @@ def test_moe_experts_fine_tune_a_shared_base(tmp_path, monkeypatch):
                                            ("clean_first_frame=-0.5", "must be at least 0"),
                                            ("dit_steps=many", "takes an int"), ("colour=red", "use FIELD=VALUE")])
 def test_tiny_recipe_rejects_bad_settings_before_training(setting, says):
-    """bench/tiny_recipe.py --set: one clear usage line and exit 2, nothing trained."""
-    script = Path(__file__).resolve().parents[1] / "bench" / "tiny_recipe.py"
+    """bench/research/tiny_recipe.py --set: one clear usage line and exit 2, nothing trained."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "research" / "tiny_recipe.py"
     proc = subprocess.run([sys.executable, str(script), "--task", "tiny-t2v", "--set", setting],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr
@@ -320,7 +320,7 @@ def test_tiny_recipe_turns_options_off_with_zero():
     """--set clean_first_frame=0 / shared_base_steps=0 switch an option off, whatever the recipe sets them to."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("tiny_recipe", REPO / "bench" / "tiny_recipe.py")
+    spec = importlib.util.spec_from_file_location("tiny_recipe", REPO / "bench" / "research" / "tiny_recipe.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     recipe = RECIPES["tiny-t2v"]

@@ -1,12 +1,12 @@
 """Retrain one bundled tiny model with a changed recipe and measure what it learned; the bundle is untouched.
 
-Usage: python bench/tiny_recipe.py --task tiny-ti2v --set trail=true anywhere=false sigma_shift=1 sprite_weight=1
+Usage: python bench/research/tiny_recipe.py --task tiny-ti2v --set trail=true anywhere=false sigma_shift=1 sprite_weight=1
            dit_steps=2400 [--name NAME] [--seeds 2] [--out DIR | --trained DIR]
 Trains with `wanlite.tiny.train` (same code, seed and one thread as the bundle, the named `TinyRecipe` fields
 replaced) into DIR (default: a scratch folder), then measures direction following on two threads: tiny-t2v from
 text; tiny-ti2v from text and from a first frame in each placement of `wanlite.eval.first_frame` (ahead, against,
 corner: only the corner leaves the direction to the prompt of a model trained with trails or room for the
-motion), plus the direction-word probe of bench/caption_probe.py. Writes bench/results/tiny_recipe_<name>.json.
+motion), plus the direction-word probe of bench/caption_probe.py. Writes bench/research/results/tiny_recipe_<name>.json.
 About 20 minutes of training for either model on 2 CPU cores, and a few minutes of measuring; `--trained DIR`
 measures a folder trained before with the same settings (by `--out`, or `python -m wanlite.tiny.train` with the
 recipe edited) and skips the training.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import sys
 import tempfile
 import time
@@ -23,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import machine, write_json  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness import RESEARCH_RESULTS, write_json  # noqa: E402
 from caption_probe import probe  # noqa: E402
 
 from wanlite.eval import DEFAULT_PROMPTS, OPPOSITE, run_suite, summarize  # noqa: E402
@@ -101,12 +100,10 @@ def main() -> int:
         print(f"{placement or 'text'}: direction accuracy {row['direction_accuracy']:.3f}", flush=True)
     rows = probe(args.task, ckpt, recipe, first_frame=args.task == "tiny-ti2v")
     write_json(f"tiny_recipe_{name}", {
-        "command": "python bench/tiny_recipe.py " + " ".join(sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(), "task": args.task, "changes": changes, "recipe": dataclasses.asdict(recipe),
+        "task": args.task, "changes": changes, "recipe": dataclasses.asdict(recipe),
         "train_seconds": train_seconds, "checkpoint": args.trained or "trained by this run",
         "total_seconds": round(time.perf_counter() - started, 1),
-        "suites": suites, "direction_probe": rows})
+        "suites": suites, "direction_probe": rows}, RESEARCH_RESULTS)
     if scratch is not None:
         scratch.cleanup()
     return 0
