@@ -28,9 +28,18 @@ def info_video(path: str, as_json: bool) -> int:
     if as_json:
         print(json.dumps(meta, indent=1, ensure_ascii=False))
     else:
-        for key, value in meta.items():
-            print(f"{key:16s} {value}")
+        for key, value in _flat(meta):
+            print(f"{key:28s} {value}")
     return 0
+
+
+def _flat(record: dict, prefix: str = ""):
+    """(dotted key, value) for every leaf of a nested record (the job's offload mode is `job.offload.mode`)."""
+    for key, value in record.items():
+        if isinstance(value, dict) and value:
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def cmd_info(args) -> int:

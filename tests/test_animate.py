@@ -252,7 +252,7 @@ def test_two_segment_generation_in_both_modes(animate_inputs, tmp_path, mode):
     frames, info = read_mp4(result.path)
     # 12 source frames in segments of 9 overlapping by 1: padded to 17 (0..8, 8..16), trimmed back to 12
     assert frames.shape == (12, 64, 64, 3) and info["fps"] == 30
-    meta = read_mp4_metadata(result.path)
+    meta = read_mp4_metadata(result.path)["job"]["settings"]
     assert meta["task"] == "animate-14B" and meta["replace"] is replace and meta["refert_num"] == 1
     assert result.frames.std() > 1
 

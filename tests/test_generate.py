@@ -51,7 +51,7 @@ def test_generate_writes_a_valid_mp4(ckpts, image, tmp_path, task, layout):
     assert frames.shape == (9, h, w, 3) and tuple(info["size"]) == (w, h)
     assert info["fps"] == {"ti2v-5B": 24}.get(task, 16)
     assert result.frames.shape == frames.shape and result.frames.std() > 1  # not a flat frame
-    meta = read_mp4_metadata(result.path)
+    meta = read_mp4_metadata(result.path)["job"]["settings"]
     assert meta["task"] == task and meta["seed"] == 11 and meta["steps"] == 4 and meta["frames"] == 9
 
 
@@ -92,8 +92,9 @@ def test_cli_generate_and_info_roundtrip(ckpts, tmp_path, capsys):
     assert "step 3/3" in printed and "high noise" in printed and f"wrote {out}" in printed
     assert main(["info", str(out), "--json"]) == 0
     meta = json.loads(capsys.readouterr().out)
-    assert meta["guide_scale"] == [2.5, 4.5] and meta["size"] == [64, 32] and meta["seed"] == 5
-    assert meta["prompt"] == "a cat" and meta["solver"] == "unipc" and "wanlite" in meta and "job" in meta
+    settings = meta["job"]["settings"]
+    assert settings["guide_scale"] == [2.5, 4.5] and settings["size"] == [64, 32] and settings["seed"] == 5
+    assert settings["prompt"] == "a cat" and settings["solver"] == "unipc" and "wanlite" in meta
 
 
 def test_long_prompt_warns(ckpts, tmp_path):

@@ -204,7 +204,7 @@ def test_two_clip_generation_muxes_the_audio_to_the_video_length(s2v_inputs, tmp
     assert result.settings.size == (64, 64) and info["fps"] == 16
     audio_seconds = read_audio(result.path).size / 16000
     assert abs(audio_seconds - frames.shape[0] / 16) <= 1 / 16
-    meta = read_mp4_metadata(result.path)
+    meta = read_mp4_metadata(result.path)["job"]["settings"]
     assert meta["task"] == "s2v-14B" and meta["audio"].endswith("speech.wav") and meta["frames"] == 8
     assert result.frames.std() > 1
 

@@ -123,7 +123,7 @@ def execute(job: Job, path: Path, progress: Progress | None = None, preview: boo
                 for pixels in runs.decode(r, x):
                     if writer is None:  # opened at the first frames, so its record carries what denoising cost
                         writer = Mp4Writer(path, (w, h), settings.fps,
-                                           metadata_record(job, settings, telemetry, cache_stats, loras),
+                                           metadata_record(job, runs.count, telemetry, cache_stats, loras),
                                            audio=runs.audio, duration=None if runs.audio is None
                                            else runs.output_frames / settings.fps)
                     room = runs.output_frames - sum(len(p) for p in pieces)
@@ -175,10 +175,10 @@ def step_events(emit: Progress, schedule: list[str], telemetry: Telemetry, devic
     return on_step
 
 
-def metadata_record(job: Job, settings: Settings, telemetry: Telemetry, cache_stats: dict | None,
-                    loras: dict) -> dict:
-    """What the mp4 carries: the settings (enough to reproduce it), the job that ran, and what it cost."""
-    return {**settings.to_dict(), "wanlite": __version__, "job": job.to_dict(), "telemetry": telemetry.to_dict(),
+def metadata_record(job: Job, runs: int, telemetry: Telemetry, cache_stats: dict | None, loras: dict) -> dict:
+    """What the mp4 carries: the job that ran (its settings reproduce the video), how many denoising runs it
+    took (S2V clips, Animate segments), and what it cost."""
+    return {"wanlite": __version__, "job": job.to_dict(), "runs": runs, "telemetry": telemetry.to_dict(),
             "cache": cache_stats, "lora_applied": {role: s.counts for role, s in loras.items()} or None}
 
 
