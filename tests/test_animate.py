@@ -205,35 +205,14 @@ def test_forward_matches_diffusers_wan_animate_transformer():
 
 
 # ---------------------------------------------------------------- generation (tiny Animate, official layout)
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from wanlite import generate  # noqa: E402
 from wanlite.pipelines.video_io import read_mp4, read_mp4_metadata, write_mp4  # noqa: E402
 from wanlite.testing.fixtures import write_fixture  # noqa: E402
+from wanlite.testing.inputs import write_sources  # noqa: E402
 
-
-
-def write_sources(folder: Path, frames: int = 12, size: int = 64, face: int = 32, replace: bool = False) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    pose = np.zeros((frames, size, size, 3), np.uint8)
-    faces = np.zeros((frames, face, face, 3), np.uint8)
-    for i in range(frames):
-        pose[i, 20:44, 10 + 2 * i:14 + 2 * i] = 255
-        faces[i, 8:24, 8:24] = (200, 150 + 4 * i, 120)
-    write_mp4(pose, folder / "src_pose.mp4", fps=30)
-    write_mp4(faces, folder / "src_face.mp4", fps=30)
-    ref = np.zeros((80, 48, 3), np.uint8)
-    ref[10:70, 10:38] = (40, 200, 90)
-    Image.fromarray(ref).save(folder / "src_ref.png")
-    if replace:
-        write_mp4(np.full((frames, size, size, 3), 90, np.uint8), folder / "src_bg.mp4", fps=30)
-        mask = np.zeros((frames, size, size, 3), np.uint8)
-        mask[:, 16:48, 16:48] = 255
-        write_mp4(mask, folder / "src_mask.mp4", fps=30)
-    return folder
 
 
 @pytest.fixture(scope="module")

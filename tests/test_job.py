@@ -15,15 +15,18 @@ from wanlite.loading.models import expert_components, load_dit
 from wanlite.loading.checkpoints import discover
 from wanlite.pipelines.video_io import read_mp4_metadata
 from wanlite.testing.fixtures import write_fixture
+from wanlite.testing.inputs import write_sources, write_wav
 from wanlite.testing.lora_files import random_pairs, write_lora
 
-SMALL = {"t2v-A14B": "64*32", "i2v-A14B": "64*32", "ti2v-5B": "64*64"}
+SMALL = {"t2v-A14B": "64*32", "i2v-A14B": "64*32", "ti2v-5B": "64*64", "s2v-14B": "64*64", "animate-14B": "64*64"}
+FRAMES = {"s2v-14B": "8", "animate-14B": "9"}  # S2V: frames per clip (4k); Animate: per segment (4k+1)
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("job")
     ckpts = {task: write_fixture(task, "official", root / task) for task in SMALL}
+    speech, sources = write_wav(root / "speech.wav", 0.8), write_sources(root / "animate")
     image = root / "in.png"
     rgb = np.zeros((90, 160, 3), np.uint8)
     rgb[20:60, 30:80] = (220, 40, 40)
@@ -33,7 +36,7 @@ def files(tmp_path_factory):
         comp = next(iter(expert_components(discover(ckpts[task]), task).values()))
         loras[task] = write_lora(root / f"{task}-lora.safetensors",
                                  random_pairs(load_dit(comp, task, torch.float32), rank=4, seed=1))
-    return {"ckpts": ckpts, "image": image, "loras": loras, "root": root}
+    return {"ckpts": ckpts, "image": image, "loras": loras, "root": root, "speech": speech, "sources": sources}
 
 
 # (task, extra flags): each task, each kind of --quant, every offload / host-memory mode (mmap with a format
@@ -51,14 +54,18 @@ GRID = [
     ("i2v-A14B", ["--image", "IMAGE", "--quant", "int8", "--offload", "model", "--vae-tile", "4"]),
     ("ti2v-5B", ["--quant", "gguf-q8_0", "--offload", "block", "--ram_mode", "pinned", "--prefetch", "2"]),
     ("ti2v-5B", ["--image", "IMAGE", "--lora", "LORA", "--lora_mode", "merge", "--vae_dtype", "bf16", "--t5_cpu"]),
+    ("s2v-14B", ["--image", "IMAGE", "--audio", "SPEECH", "--offload", "block", "--ram_mode", "mmap"]),
+    ("animate-14B", ["--src_root_path", "SOURCES", "--quant", "fp8", "--offload", "model", "--cache", "fast",
+                     "--cache_force"]),
 ]
 
 
 def _flags(files, task, extra):
     subst = {"IMAGE": str(files["image"]), "LORA": str(files["loras"].get(task)),
-             "LORA:0.8": f"{files['loras'].get(task)}:0.8"}
+             "LORA:0.8": f"{files['loras'].get(task)}:0.8", "SPEECH": str(files["speech"]),
+             "SOURCES": str(files["sources"])}
     return ["--task", task, "--ckpt_dir", str(files["ckpts"][task]), "--prompt", "a red square moving right",
-            "--size", SMALL[task], "--frame_num", "5", "--sample_steps", "3", "--base_seed", "7", "--dtype", "fp32",
+            "--size", SMALL[task], "--frame_num", FRAMES.get(task, "5"), "--sample_steps", "3", "--base_seed", "7", "--dtype", "fp32",
             "--device", "cpu", "--offload_cache", str(files["root"] / "offload"),
             *[subst.get(e, e) for e in extra]]
 

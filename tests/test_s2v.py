@@ -156,7 +156,6 @@ def test_features_resampled_to_30fps_with_aligned_corners():
 
 
 # ---------------------------------------------------------------- generation (tiny S2V, official layout)
-import wave  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from PIL import Image  # noqa: E402
@@ -165,18 +164,8 @@ from wanlite import generate  # noqa: E402
 from wanlite.pipelines.audio import read_audio  # noqa: E402
 from wanlite.pipelines.video_io import read_mp4, read_mp4_metadata  # noqa: E402
 from wanlite.testing.fixtures import write_fixture  # noqa: E402
+from wanlite.testing.inputs import write_wav  # noqa: E402
 
-
-
-def write_wav(path: Path, seconds: float, rate: int = 22050) -> Path:
-    t = np.arange(int(seconds * rate)) / rate
-    tone = (np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * 3 * t) * 12000).astype(np.int16)
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(rate)
-        f.writeframes(tone.tobytes())
-    return path
 
 
 @pytest.fixture(scope="module")
