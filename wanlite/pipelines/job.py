@@ -76,9 +76,6 @@ class Job:
     reasons: tuple[str, ...] = ()  # why the planner chose what it chose
     warnings: tuple[str, ...] = field(default=())  # fallbacks resolve took; shown when the job runs
 
-    def lora(self, role: str) -> LoraPlan | None:
-        return next((plan for plan in self.loras if plan.role == role), None)
-
     def to_dict(self) -> dict:
         """JSON-ready: the same dict in `plan --json` and in the mp4's metadata."""
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
