@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -149,8 +150,34 @@ def _guide_scale(text: str | None):
     return (values[0], values[-1])
 
 
-def request_from_args(args):
-    """The Request the job flags describe: `generate` and `plan` read the same flags the same way."""
+def request_from_args(args, explicit: set[str] = frozenset(), needs_prompt: bool = True):
+    """The Request the job flags describe: `generate` and `plan` read the same flags the same way. With
+    `--replay FILE.mp4` the video's recorded request, with the flags in `explicit` (those typed) put over it."""
+    from dataclasses import fields, replace
+
+    from wanlite.errors import WanliteError
+
+    if args.replay is None:
+        if args.task is None:
+            raise WanliteError("pass --task TASK (or --replay FILE.mp4)")
+        if args.prompt is None and needs_prompt:
+            raise WanliteError("pass --prompt TEXT (or --replay FILE.mp4)")
+        return _flags_request(args)
+    from wanlite.pipelines.replay import recorded_request
+
+    typed = _flags_request(args, task=args.task or "t2v-A14B")
+    names = {f.name for f in fields(typed)}
+    given = {REQUEST_FIELD.get(dest, dest) for dest in explicit} & names
+    return replace(recorded_request(args.replay), **{name: getattr(typed, name) for name in given})
+
+
+# flag destinations whose Request field has another name (the official generate.py spellings)
+REQUEST_FIELD = {"frame_num": "frames", "sample_steps": "steps", "sample_shift": "shift",
+                 "sample_guide_scale": "guide_scale", "sample_solver": "solver", "base_seed": "seed",
+                 "use_relighting_lora": "relighting_lora"}
+
+
+def _flags_request(args, task: str | None = None):
     from pathlib import Path
 
     from wanlite.loading.checkpoints import COMPONENT_FLAGS
@@ -158,7 +185,7 @@ def request_from_args(args):
 
     path = lambda value: None if value is None else Path(value)  # noqa: E731
     return Request(
-        task=args.task, prompt=args.prompt, ckpt_dir=path(args.ckpt_dir), negative_prompt=args.negative_prompt,
+        task=task or args.task, prompt=args.prompt or "", ckpt_dir=path(args.ckpt_dir), negative_prompt=args.negative_prompt,
         image=path(args.image), size=None if args.size is None else parse_size(args.size), frames=args.frame_num,
         steps=args.sample_steps, shift=args.sample_shift, guide_scale=_guide_scale(args.sample_guide_scale),
         solver=args.sample_solver, seed=args.base_seed, device=args.device, dtype=args.dtype,
@@ -180,7 +207,7 @@ def cmd_generate(args) -> int:
     from wanlite.pipelines.progress import ProgressPrinter
     from wanlite.pipelines.run import generate
 
-    request = request_from_args(args)
+    request = request_from_args(args, args.explicit)
     with ProgressPrinter() as progress:
         result = generate(request, progress=progress)
     print(f"wrote {result.path}" + (f" and {result.preview}" if result.preview else ""))
@@ -203,7 +230,7 @@ def cmd_plan(args) -> int:
     from wanlite.pipelines.resolve import resolve
     from wanlite.planner import hypothetical, load_profile
 
-    request = request_from_args(args)
+    request = request_from_args(args, args.explicit, needs_prompt=False)
     if request.task.startswith("tiny-") and request.ckpt_dir is None:
         raise WanliteError(f"{request.task} is the bundled tiny model: it needs no plan (it fits anywhere)")
     choices = {} if args.profile == "auto" else load_profile(args.profile)[0]
@@ -351,11 +378,14 @@ def job_flags(parser, for_plan: bool) -> None:
     from wanlite.quant import QUANT_CHOICES
     from wanlite.specs import TASKS
 
-    parser.add_argument("--task", required=True, help=f"{', '.join(t for t in TASKS if not t.startswith('tiny-'))} "
+    parser.add_argument("--task", default=None, help=f"{', '.join(t for t in TASKS if not t.startswith('tiny-'))} "
                         f"({', '.join(t for t in TASKS if t.startswith('tiny-'))}: the bundled models)")
+    parser.add_argument("--replay", default=None, metavar="FILE.mp4",
+                        help="the settings and choices a wanlite video records (same weights, same machine: the same "
+                             "frames); flags given with it override them")
     parser.add_argument("--ckpt_dir", default=None, help="checkpoint folder (official, diffusers, ComfyUI or GGUF "
                         "files); optional when every component is given as a file")
-    parser.add_argument("--prompt", required=not for_plan, default="", help="what the video shows")
+    parser.add_argument("--prompt", default=None, help="what the video shows")
     parser.add_argument("--quant", default="auto", help=f"weights: auto (as the files store them), "
                         f"{', '.join(QUANT_CHOICES[1:])}; quantized while loading")
     parser.add_argument("--quant-backend", dest="quant_backend", default="torchao",
@@ -536,10 +566,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def typed_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The destinations of the flags actually typed (not defaulted): what overrides a --replay."""
+    quiet = copy.deepcopy(parser)
+    for sub in quiet._subparsers._group_actions[0].choices.values():
+        for action in sub._actions:
+            action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_args(argv))) - {"func", "command"}
+
+
 def main(argv: list[str] | None = None) -> int:
     from wanlite.errors import WanliteError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.explicit = typed_flags(parser, argv)
     try:
         return args.func(args)
     except WanliteError as exc:

@@ -117,3 +117,17 @@ def describe(config: CacheConfig | None) -> dict | None:
     from dataclasses import asdict
 
     return {"policy": type(config).__name__.removesuffix("Config").lower(), **asdict(config)}
+
+
+def from_description(data: dict | None) -> CacheConfig | None:
+    """`describe`'s plain data back to the config (a video's recorded step cache, replayed)."""
+    if data is None:
+        return None
+    fields = {k: v for k, v in data.items() if k != "policy"}
+    if isinstance(fields.get("taylorseer"), dict):
+        fields["taylorseer"] = TaylorSeerConfig(**fields["taylorseer"])
+    return POLICY_CONFIGS[data["policy"]](**fields)
+
+
+POLICY_CONFIGS = {type_.__name__.removesuffix("Config").lower(): type_
+                  for type_ in (DBCacheConfig, TaylorSeerConfig, MagCacheConfig, CalibrateConfig)}

@@ -152,3 +152,36 @@ def test_layers_import_only_downward():
                     if layer.get(target, 99) > layer[name]:
                         wrong.append(f"{folder}/{path.name} imports {node.module}")
     assert not wrong, wrong
+
+
+def test_replay_regenerates_the_same_frames_and_takes_overrides(files, tmp_path):
+    from wanlite.pipelines.video_io import read_mp4
+
+    args = _flags(files, "t2v-A14B", ["--quant", "fp8", "--lora_high", "LORA:0.8", "--offload", "block", "--ram_mode",
+                                      "mmap", "--cache", "fast", "--cache_force", "--sample_guide_scale", "2.5,4"])
+    assert main(["generate", *args, "--save_file", str(tmp_path / "a.mp4")]) == 0
+    first = read_mp4_metadata(tmp_path / "a.mp4")["job"]
+    # a replay asks for the resolved choices themselves, so the fallbacks taken the first time (mmap -> disk
+    # here) are not notes any more; every decision is the same
+    decided = lambda job: {k: v for k, v in job.items() if k != "warnings"}  # noqa: E731
+    assert first["warnings"] and decided(_plan_json(["--replay", str(tmp_path / "a.mp4")])) == decided(first)
+    assert main(["generate", "--replay", str(tmp_path / "a.mp4"), "--save_file", str(tmp_path / "b.mp4")]) == 0
+    assert decided(read_mp4_metadata(tmp_path / "b.mp4")["job"]) == decided(first)
+    assert np.array_equal(read_mp4(tmp_path / "a.mp4")[0], read_mp4(tmp_path / "b.mp4")[0])
+    assert main(["generate", "--replay", str(tmp_path / "a.mp4"), "--base_seed", "5", "--frame_num", "9",
+                 "--save_file", str(tmp_path / "c.mp4")]) == 0
+    third = read_mp4_metadata(tmp_path / "c.mp4")["job"]
+    assert third["settings"]["seed"] == 5 and third["settings"]["frames"] == 9
+    assert {k: v for k, v in third["settings"].items() if k not in ("seed", "frames")} == \
+        {k: v for k, v in first["settings"].items() if k not in ("seed", "frames")}
+    assert third["loras"] == first["loras"] and third["step_cache"] == first["step_cache"]
+
+
+def test_replay_of_a_file_without_a_job_says_so(tmp_path, capsys):
+    from wanlite.pipelines.video_io import write_mp4
+
+    write_mp4(np.zeros((2, 16, 16, 3), np.uint8), tmp_path / "other.mp4", fps=8)
+    assert main(["generate", "--replay", str(tmp_path / "other.mp4")]) == 2
+    assert "carries no wanlite job" in capsys.readouterr().err
+    assert main(["generate", "--replay", str(tmp_path / "missing.mp4")]) == 2
+    assert "does not exist" in capsys.readouterr().err

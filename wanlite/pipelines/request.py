@@ -112,6 +112,7 @@ class Settings:
     replace: bool = False
     refert_num: int = 1
     relighting_lora: bool = False
+    preset: str | None = None  # the sampling recipe the steps, shift, guidance, boundary and phases came from
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -272,7 +273,8 @@ def validate(req: Request, seed: int, files: bool = True) -> Settings:
                     pose_video=None if req.pose_video is None else str(req.pose_video),
                     num_clip=req.num_clip, start_from_ref=req.start_from_ref,
                     src_root_path=None if req.src_root_path is None else str(req.src_root_path),
-                    replace=req.replace, refert_num=req.refert_num, relighting_lora=req.relighting_lora)
+                    replace=req.replace, refert_num=req.refert_num, relighting_lora=req.relighting_lora,
+                    preset=req.preset)
 
 
 def cache_settings(req: Request, name=None):
