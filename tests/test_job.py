@@ -111,6 +111,9 @@ def test_plan_before_download_takes_the_generate_flags(capsys):
     job = json.loads(capsys.readouterr().out)["job"]
     assert job["device"] == "cuda" and job["weights"]["ckpt_dir"] is None
     assert job["step_cache"]["policy"] == "taylorseer" and job["predicted"]["peak_vram_gb"] < 8
+    for task in ("i2v-A14B", "s2v-14B", "animate-14B"):  # their inputs are not needed to plan: --size stands in
+        assert main(["plan", "--task", task, "--size", "832*480", "--profile", "12gb", "--json"]) == 0, task
+        assert json.loads(capsys.readouterr().out)["job"]["settings"]["size"] == [832, 480]
     assert main(["plan", "--task", "t2v-A14B", "--lora", "x.safetensors", "--vram", "12"]) == 2
     assert "needs the checkpoint" in capsys.readouterr().err
 
@@ -175,6 +178,13 @@ def test_replay_regenerates_the_same_frames_and_takes_overrides(files, tmp_path)
     assert {k: v for k, v in third["settings"].items() if k not in ("seed", "frames")} == \
         {k: v for k, v in first["settings"].items() if k not in ("seed", "frames")}
     assert third["loras"] == first["loras"] and third["step_cache"] == first["step_cache"]
+
+
+def test_generate_without_task_or_prompt_says_which(capsys):
+    assert main(["generate", "--prompt", "a cat"]) == 2
+    assert "pass --task TASK (or --replay FILE.mp4)" in capsys.readouterr().err
+    assert main(["generate", "--task", "t2v-A14B"]) == 2
+    assert "pass --prompt TEXT" in capsys.readouterr().err
 
 
 def test_replay_of_a_file_without_a_job_says_so(tmp_path, capsys):

@@ -163,7 +163,7 @@ def check_clip_frames(frames: int) -> None:
                            f"values: {low} or {low + 4}")
 
 
-def check_speech_flags(task: TaskSpec, req: Request) -> None:
+def check_speech_flags(task: TaskSpec, req: Request, files: bool = True) -> None:
     speech = task.conditioning == "speech"
     if not speech:
         given = [f"--{flag}" for flag in ("audio", "pose_video", "num_clip") if getattr(req, flag) is not None]
@@ -172,7 +172,7 @@ def check_speech_flags(task: TaskSpec, req: Request) -> None:
         if given:
             raise WanliteError(f"{', '.join(given)}: only the speech-to-video task (s2v-14B) uses them")
         return
-    if req.audio is None:
+    if req.audio is None and files:
         raise WanliteError(f"{task.name} is driven by speech: pass --audio FILE (wav, mp3, m4a or a video with sound)")
     if req.num_clip is not None and req.num_clip < 1:
         raise WanliteError(f"--num_clip {req.num_clip} must be at least 1")
@@ -184,7 +184,7 @@ def check_animate_flags(task: TaskSpec, req: Request, files: bool = True) -> Non
             raise WanliteError("--src_root_path / --replace / --use_relighting_lora: only the character-animation "
                                "task (animate-14B) uses them")
         return
-    if req.src_root_path is None:
+    if req.src_root_path is None and files:
         raise WanliteError(f"{task.name} animates a preprocessed folder: pass --src_root_path DIR (src_pose.mp4, "
                            "src_face.mp4, src_ref.png; with --replace also src_bg.mp4 and src_mask.mp4)")
     if req.refert_num not in (1, 5):
@@ -212,16 +212,16 @@ def check_component_flags(task: TaskSpec, req: Request, files: bool = True) -> N
 
 def validate(req: Request, seed: int, files: bool = True) -> Settings:
     """Validate a request against its task and fill the official defaults; `files=False` plans a request
-    without checkpoint files (`wanlite plan` before a download)."""
+    without checkpoint files or inputs (`wanlite plan` before a download: `--size` is the video's size)."""
     task = task_spec(req.task)
     if task.image == "forbidden" and req.image is not None:
         raise WanliteError(f"--image is not used by {task.name} (text-to-video); use i2v-A14B or ti2v-5B")
-    if task.image == "required" and req.image is None:
+    if task.image == "required" and req.image is None and files:  # planning before a download: --size stands in
         raise WanliteError(f"{task.name} animates an image: pass --image PATH")
     if req.image is not None and not Path(req.image).is_file():
         raise WanliteError(f"--image {req.image} does not exist")
     check_component_flags(task, req, files)
-    check_speech_flags(task, req)
+    check_speech_flags(task, req, files)
     check_animate_flags(task, req, files)
     size = req.size or task.size
     frames = task.frames if req.frames is None else req.frames

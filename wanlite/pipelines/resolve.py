@@ -55,7 +55,7 @@ def resolve(request: Request, machine: Hardware | None = None, without_files: bo
             raise WanliteError("planning LoRAs needs the checkpoint they apply to: pass --ckpt_dir")
         experts, spec, sources = {}, DIT_SPECS[task.dit], []
     else:
-        ckpt = checkpoint_set(req)
+        ckpt = checkpoint_set(req.ckpt_dir, req.component_files())
         found = check_checkpoint(ckpt, task.name)  # every component present and the right shape before any work
         experts = expert_components(ckpt, task.name)
         spec = next(prepared for label, _, prepared in found if label.startswith("transformer")).model.spec
@@ -126,9 +126,9 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def checkpoint_set(req) -> CheckpointSet:
-    """The request's checkpoint folder with any component files given on their own put in."""
-    return with_components(None if req.ckpt_dir is None else discover(req.ckpt_dir), req.component_files())
+def checkpoint_set(ckpt_dir, files: dict[str, Path]) -> CheckpointSet:
+    """A checkpoint folder (or none) with the component files given on their own put in."""
+    return with_components(None if ckpt_dir is None else discover(ckpt_dir), files)
 
 
 def speech_encoder_folder(req: Request) -> Path:

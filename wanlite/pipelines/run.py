@@ -76,7 +76,7 @@ def execute(job: Job, path: Path, progress: Progress | None = None, preview: boo
     emit({"event": "plan", "summary": job.summary(), "reasons": list(job.reasons)})
     settings, task = job.settings, TASKS[job.settings.task]
     device, dtype = torch.device(job.device), DTYPES[job.dtype]
-    ckpt = checkpoint_set_of(job)
+    ckpt = checkpoint_set(job.weights.ckpt_dir, {flag: Path(file) for flag, file in job.weights.files})
     experts = expert_components(ckpt, task.name)
     quant = parse_quant(job.weights.quant, job.weights.quant_backend)
     loras = {p.role: lora_set(p.files, experts[p.role], p.role, task.name, p.mode,
@@ -187,11 +187,6 @@ def step_cache_stats(step_cache: StepCache | None, telemetry: Telemetry) -> dict
         return None
     return {**describe_cache(step_cache.config), **step_cache.stats.to_dict(),
             "bytes_not_moved_gb": telemetry.to_dict()["bytes_not_moved_gb"]}
-
-
-def checkpoint_set_of(job: Job) -> CheckpointSet:
-    return checkpoint_set(Request(task=job.settings.task, prompt="", ckpt_dir=job.weights.ckpt_dir,
-                                  **{flag: Path(path) for flag, path in job.weights.files}))
 
 
 def encode_text(ckpt: CheckpointSet, prompts: list[str], device: torch.device, dtype: torch.dtype,

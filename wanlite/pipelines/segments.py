@@ -203,8 +203,11 @@ def speech_size(task: TaskSpec, settings: Settings, spec) -> tuple[int, int]:
     from wanlite.pipelines.conditioning import load_image
     from wanlite.pipelines.speech import read_speech, s2v_size
 
+    if settings.image is None:  # planned before there are inputs
+        return settings.size
     image = load_image(Path(settings.image))
-    read_speech(Path(settings.audio), task.fps)
+    if settings.audio is not None:
+        read_speech(Path(settings.audio), task.fps)
     h, w = s2v_size(image.height, image.width, settings.size[0] * settings.size[1])
     return w, h
 
@@ -213,6 +216,8 @@ def animate_size(task: TaskSpec, settings: Settings, spec) -> tuple[int, int]:
     """Animate: the preprocessed videos' size (the folder read and checked before any model loads)."""
     from wanlite.pipelines.animate import read_sources
 
+    if settings.src_root_path is None:  # planned before there are inputs
+        return settings.size
     return read_sources(Path(settings.src_root_path), settings.replace, spec.animate.face_size).size
 
 
