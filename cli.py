@@ -156,6 +156,7 @@ def request_from_args(args, explicit: set[str] = frozenset(), needs_prompt: bool
     from dataclasses import fields, replace
 
     from wanlite.errors import WanliteError
+    from wanlite.pipelines.request import OFFICIAL_NAMES
 
     if args.replay is None:
         if args.task is None:
@@ -167,14 +168,8 @@ def request_from_args(args, explicit: set[str] = frozenset(), needs_prompt: bool
 
     typed = _flags_request(args, task=args.task or "t2v-A14B")
     names = {f.name for f in fields(typed)}
-    given = {REQUEST_FIELD.get(dest, dest) for dest in explicit} & names
+    given = {OFFICIAL_NAMES.get(dest, dest) for dest in explicit} & names
     return replace(recorded_request(args.replay), **{name: getattr(typed, name) for name in given})
-
-
-# flag destinations whose Request field has another name (the official generate.py spellings)
-REQUEST_FIELD = {"frame_num": "frames", "sample_steps": "steps", "sample_shift": "shift",
-                 "sample_guide_scale": "guide_scale", "sample_solver": "solver", "base_seed": "seed",
-                 "use_relighting_lora": "relighting_lora"}
 
 
 def _flags_request(args, task: str | None = None):
@@ -204,17 +199,53 @@ def _flags_request(args, task: str | None = None):
 
 
 def cmd_generate(args) -> int:
-    from wanlite.pipelines.progress import ProgressPrinter
-    from wanlite.pipelines.run import generate
+    from wanlite.errors import WanliteError
+    from wanlite.pipelines.pipeline import Pipeline, display, generate
 
-    request = request_from_args(args, args.explicit)
-    with ProgressPrinter() as progress:
-        result = generate(request, progress=progress)
+    queued = args.prompt_file is not None or args.num_videos != 1
+    request = request_from_args(args, args.explicit, needs_prompt=args.prompt_file is None)
+    if not queued:
+        with display(True) as progress:
+            result = generate(request, progress=progress)
+        _print_result(result)
+        return 0
+    from wanlite.pipelines.queue import Item, read_queue, run_queue, with_seeds
+
+    if request.save_file is not None:
+        raise WanliteError("--save_file names one video; a queue writes one mp4 per item into --output_dir")
+    items = read_queue(args.prompt_file) if args.prompt_file is not None else [Item("--prompt")]
+    items = with_seeds(items, args.num_videos, request.seed)
+    def report(n: int, outcome) -> None:
+        status = f"wrote {outcome.path}" if outcome.error is None else f"error: {outcome.error}"
+        print(f"[{n}/{len(items)}] {outcome.item.label}: {status}", flush=True)
+
+    with Pipeline(request, progress=True) as pipe:
+        outcomes = run_queue(pipe, items, report)
+    _print_queue(outcomes, pipe.loads)
+    return max((o.exit_code for o in outcomes), default=0)
+
+
+def _print_result(result) -> None:
     print(f"wrote {result.path}" + (f" and {result.preview}" if result.preview else ""))
     print(_telemetry_line(result.telemetry.to_dict()))
     if result.cache is not None:
         print(_cache_line(result.cache))
-    return 0
+
+
+def _print_queue(outcomes, loads) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    failed = [o for o in outcomes if o.error is not None]
+    table = Table(title=f"{len(outcomes) - len(failed)} of {len(outcomes)} videos made "
+                        f"(models loaded: {', '.join(f'{k} x{v}' for k, v in sorted(loads.items())) or 'none'})")
+    for col in ("item", "prompt", "seed", "result", "time"):
+        table.add_column(col)
+    for o in outcomes:
+        prompt = o.prompt if len(o.prompt) <= 40 else o.prompt[:39] + "…"
+        table.add_row(o.item.label, prompt, "" if o.seed is None else str(o.seed),
+                      str(o.path) if o.error is None else f"error: {o.error}", f"{o.seconds:.1f} s")
+    Console(width=160).print(table)
 
 
 def _cache_line(c: dict) -> str:
@@ -353,17 +384,17 @@ def cmd_convert(args) -> int:
 def cmd_demo(args) -> int:
     from pathlib import Path
 
-    from wanlite.pipelines.progress import ProgressPrinter
-    from wanlite.pipelines.request import Request
-    from wanlite.pipelines.run import generate
+    from wanlite.pipelines.pipeline import display, generate
+    from wanlite.pipelines.request import Request, parse_size
     from wanlite.pipelines.video_io import unique_path
     from wanlite.tiny import checkpoint_dir
 
-    out = unique_path(Path(args.output_dir), "demo")
+    out = Path(args.save_file) if args.save_file else unique_path(Path(args.output_dir), "demo")
     request = Request(task=args.task, prompt=args.prompt, ckpt_dir=checkpoint_dir(args.task),
                       image=None if args.image is None else Path(args.image), seed=args.seed, device=args.device,
-                      dtype="fp32", save_file=out, preview=True)
-    with ProgressPrinter() as progress:
+                      dtype="fp32", size=None if args.size is None else parse_size(args.size),
+                      frames=args.frames, steps=args.steps, save_file=out, preview=True)
+    with display(True) as progress:
         result = generate(request, progress=progress)
     s = result.settings
     print(f"wrote {result.path} and {result.preview}")
@@ -388,7 +419,7 @@ def job_flags(parser, for_plan: bool) -> None:
     parser.add_argument("--prompt", default=None, help="what the video shows")
     parser.add_argument("--quant", default="auto", help=f"weights: auto (as the files store them), "
                         f"{', '.join(QUANT_CHOICES[1:])}; quantized while loading")
-    parser.add_argument("--quant-backend", dest="quant_backend", default="torchao",
+    parser.add_argument("--quant_backend", "--quant-backend", dest="quant_backend", default="torchao",
                         help="int8 only: torchao (default), bnb or quanto")
     dit_files = "safetensors (bf16/fp16/fp32/fp8-scaled), GGUF or .pth"
     for flag, what in (("high_noise_model", f"the high-noise expert (A14B tasks): {dit_files}"),
@@ -404,7 +435,8 @@ def job_flags(parser, for_plan: bool) -> None:
     parser.add_argument("--size", default=None,
                         help="WIDTH*HEIGHT, e.g. 1280*720 (default: the task's); s2v-14B: the area to fit, the "
                           "reference image sets the aspect")
-    parser.add_argument("--frame_num", type=int, default=None, help="frames, 4k+1 (default: the task's)")
+    parser.add_argument("--frames", "--frame_num", dest="frame_num", type=int, default=None,
+                        help="frames, 4k+1 (default: the task's)")
     parser.add_argument("--infer_frames", dest="frame_num", type=int, default=None,
                         help="s2v-14B: frames per clip, a multiple of 4 (default 80)")
     parser.add_argument("--audio", default=None, metavar="FILE",
@@ -425,12 +457,15 @@ def job_flags(parser, for_plan: bool) -> None:
                         help="animate-14B: frames each segment overlaps the previous one, 1 or 5 (default 1)")
     parser.add_argument("--wav2vec", default=None, metavar="DIR",
                         help="s2v-14B: the wav2vec2-large-xlsr-53-english folder (default: inside --ckpt_dir)")
-    parser.add_argument("--sample_solver", default=None, choices=["unipc", "dpm++", "euler"])
-    parser.add_argument("--sample_steps", type=int, default=None)
-    parser.add_argument("--sample_shift", type=float, default=None)
-    parser.add_argument("--sample_guide_scale", default=None, help="one value, or LOW,HIGH for the two A14B experts")
-    parser.add_argument("--base_seed", type=int, default=-1, help="-1 picks a random seed (stored in the mp4)")
-    parser.add_argument("--vae-tile", dest="vae_tile", type=int, default=None, metavar="N",
+    parser.add_argument("--solver", "--sample_solver", dest="sample_solver", default=None,
+                        choices=["unipc", "dpm++", "euler"])
+    parser.add_argument("--steps", "--sample_steps", dest="sample_steps", type=int, default=None)
+    parser.add_argument("--shift", "--sample_shift", dest="sample_shift", type=float, default=None)
+    parser.add_argument("--guide_scale", "--sample_guide_scale", dest="sample_guide_scale", default=None,
+                        help="one value, or LOW,HIGH for the two A14B experts")
+    parser.add_argument("--seed", "--base_seed", dest="base_seed", type=int, default=-1,
+                        help="-1 picks a random seed (stored in the mp4)")
+    parser.add_argument("--vae_tile", "--vae-tile", dest="vae_tile", type=int, default=None, metavar="N",
                         help="VAE decode in spatial tiles of N latent pixels (0: one piece; default: 256-pixel tiles "
                           "when the frame is larger)")
     parser.add_argument("--vae_dtype", default="fp32", choices=["fp32", "bf16"],
@@ -478,8 +513,8 @@ def job_flags(parser, for_plan: bool) -> None:
                           "motion); pair them with the Lightning / lightx2v LoRAs")
     parser.add_argument("--cache_force", action="store_true",
                         help="cache even schedules of 8 steps or fewer (distilled; off by default)")
-    parser.add_argument("--save_file", default=None, help="output .mp4 path (default: a new name in --output-dir)")
-    parser.add_argument("--output-dir", default="outputs")
+    parser.add_argument("--save_file", default=None, help="output .mp4 path (default: a new name in --output_dir)")
+    parser.add_argument("--output_dir", "--output-dir", dest="output_dir", default="outputs")
     parser.add_argument("--preview", action="store_true", help="also write a contact-sheet PNG beside the mp4")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
@@ -505,14 +540,24 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
     gen = sub.add_parser("generate", help="generate a video (official generate.py flags are accepted)")
     job_flags(gen, for_plan=False)
+    gen.add_argument("--prompt_file", default=None, metavar="FILE",
+                     help="a queue: one prompt per line, or JSONL with per-item options ({\"prompt\": ..., "
+                          "\"seed\": 3, \"size\": \"832*480\"}); models load once, each item writes its mp4")
+    gen.add_argument("--num_videos", type=int, default=1, metavar="N",
+                     help="N videos of each prompt, seeds SEED, SEED+1, ... (random ones with the default -1)")
     gen.set_defaults(func=cmd_generate)
     demo = sub.add_parser("demo", help="generate a clip with the bundled tiny model (no download, CPU is fine)")
     demo.add_argument("--prompt", default="a red square moving right on a black background")
     demo.add_argument("--task", default="tiny-t2v", choices=[t for t in TASKS if t.startswith("tiny-")])
     demo.add_argument("--image", default=None, help="first frame for tiny-ti2v (image-to-video)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", "--base_seed", dest="seed", type=int, default=0)
+    demo.add_argument("--size", default=None, help="WIDTH*HEIGHT (default: the model's)")
+    demo.add_argument("--frames", "--frame_num", dest="frames", type=int, default=None)
+    demo.add_argument("--steps", "--sample_steps", dest="steps", type=int, default=None)
     demo.add_argument("--device", default="auto")
-    demo.add_argument("--output-dir", default=".", help="demo.mp4 (or demo_N.mp4) and its PNG go here")
+    demo.add_argument("--save_file", default=None, help="output .mp4 path (default: demo.mp4 in --output_dir)")
+    demo.add_argument("--output_dir", "--output-dir", dest="output_dir", default=".",
+                      help="demo.mp4 (or demo_N.mp4) and its PNG go here")
     demo.set_defaults(func=cmd_demo)
     plan = sub.add_parser("plan", help="resolve and explain how a generation would run on this (or a described) "
                           "machine: the same flags as generate; --ckpt_dir and the files are optional")

@@ -241,10 +241,11 @@ def test_partial_pinning_stops_at_the_cap(monkeypatch):
 
 def test_not_enough_ram_for_pinned_falls_back_to_mmap(ckpt, inputs, monkeypatch):
     """Decided by resolve (the job says mmap and why), not by the engine."""
+    import wanlite.offload.memory
     import wanlite.pipelines.resolve as resolve_module
     from wanlite.pipelines.request import Request
 
-    monkeypatch.setattr(resolve_module, "available_ram", lambda: 1000)
+    monkeypatch.setattr(wanlite.offload.memory, "available_ram", lambda: 1000)  # the machine as resolve measures it
     job = resolve_module.resolve(Request(task=TASK, prompt="a", ckpt_dir=ckpt.root, size=(64, 32), frames=5,
                                          steps=2, offload="block", ram_mode="pinned", device="cpu"))
     assert job.offload.ram_mode == "mmap"

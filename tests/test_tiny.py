@@ -346,7 +346,7 @@ def test_run_suite_draws_the_first_frame_as_placed(monkeypatch, placement):
         seen.append((kwargs["prompt"], image))
         return types.SimpleNamespace(frames=np.stack([image, image]), cache=None)
 
-    monkeypatch.setattr(wanlite.pipelines.run, "generate", fake_generate)
+    monkeypatch.setattr(wanlite.pipelines.pipeline, "generate", fake_generate)
     prompts = (("red", "left"), ("blue", "up"))
     clips = run_suite({"fp32": {}}, prompts=prompts, seeds=(0, 1), task="tiny-ti2v", image=True, placement=placement)
     assert all(c.first_frame_psnr == float("inf") for c in clips)  # the fake keeps frame 0 exactly

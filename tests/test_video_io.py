@@ -42,5 +42,9 @@ def test_contact_sheet(tmp_path):
 
 
 def test_plain_progress_line():
-    line = step_line({"i": 12, "total": 40, "role": "high_noise", "role_i": 12, "role_total": 26, "elapsed": 24.0})
+    line = step_line({"i": 12, "total": 40, "role": "high_noise", "role_i": 12, "role_total": 26, "elapsed": 24.0},
+                     rate=2.0, eta=56.0)
     assert line == "step 12/40  high noise 12/26  2.00 s/step  ETA 0:56"
+    clip = step_line({"i": 3, "total": 20, "role": "main", "role_i": 3, "role_total": 20, "unit": "clip", "part": 2,
+                      "parts": 4}, rate=1.5, eta=3725)
+    assert clip == "clip 2/4 step 3/20  denoise 3/20  1.50 s/step  ETA 1:02:05"

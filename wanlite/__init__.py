@@ -21,16 +21,17 @@ _checkout = Path(__file__).resolve().parent.parent
 if (_checkout / "pyproject.toml").is_file() and (_checkout / "cli.py").is_file():
     __path__.append(str(_checkout))
 
-__all__ = ["__version__", "generate", "resolve", "execute", "Request", "Job", "TASKS"]
+__all__ = ["__version__", "load", "Pipeline", "generate", "resolve", "execute", "Request", "Job", "TASKS"]
 
 
 def __getattr__(name: str):
     # the public API, imported on first use so `import wanlite` stays light
-    if name in ("generate", "resolve", "execute", "Request", "Job"):
-        from wanlite.pipelines import job, request, resolve, run
+    if name in ("load", "Pipeline", "generate", "resolve", "execute", "Request", "Job"):
+        from wanlite.pipelines import job, pipeline, request, resolve, run
 
-        return {"generate": run.generate, "resolve": resolve.resolve, "execute": run.execute,
-                "Request": request.Request, "Job": job.Job}[name]
+        return {"load": pipeline.load, "Pipeline": pipeline.Pipeline, "generate": pipeline.generate,
+                "resolve": resolve.resolve, "execute": run.execute, "Request": request.Request,
+                "Job": job.Job}[name]
     if name == "TASKS":
         from wanlite.specs import TASKS
 

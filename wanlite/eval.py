@@ -171,7 +171,7 @@ def run_suite(variants: dict[str, dict], prompts=DEFAULT_PROMPTS, seeds=(0, 1), 
     `image`: image-to-video from `write_first_frame(..., placement)` of each prompt and seed (tiny-ti2v)."""
     import tempfile
 
-    from wanlite.pipelines.run import generate
+    from wanlite.pipelines.pipeline import generate
     from wanlite.tiny import checkpoint_dir
 
     reference = reference or next(iter(variants))

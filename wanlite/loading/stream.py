@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from wanlite.errors import CheckpointError
+from wanlite.loading.progress import tensor_read
 from wanlite.loading.safetensors_file import SafetensorsFile
 from wanlite.quant.base import DenseConfig, QuantConfig, build_linear, set_submodule, targets_linear
 
@@ -310,12 +311,16 @@ def load_pairs(model: nn.Module, source, pairs: list[tuple[str, str]], aliases: 
     destinations = []
     for key, name in pairs:
         if key in prequantized and name.rpartition(".")[0] in targets:
-            place(name, source.read_quantized(key))
+            value = source.read_quantized(key)
+            tensor_read(value.qdata.nbytes)
+            place(name, value)
             continue
         meta_t = meta[name]
         dtype = dtype_for(name, stored_dtypes[key]) if meta_t.dtype.is_floating_point else meta_t.dtype
         destinations.append((key, meta_t.shape, dtype))
     for key, tensor in source.fill(destinations):
+        stored = stored_dtypes[key]
+        tensor_read(tensor.numel() * (stored.itemsize if isinstance(stored, torch.dtype) else tensor.element_size()))
         place(names[key], tensor)
         del tensor  # a quantized weight's source copy goes now, not at the end of the load
     for alias, name in aliases.items():

@@ -377,8 +377,9 @@ class OffloadEngine:
         self.in_forward = False
         self.forward += 1
 
-    def finish(self) -> Telemetry:
-        """Release every device buffer and fold the timed stalls into the telemetry (one stream sync)."""
+    def park(self) -> Telemetry:
+        """Release every device buffer and fold the timed stalls and reads into the telemetry (one stream
+        sync); the host copies stay, so the next generation (`set_schedule`, `activate`) starts from them."""
         if self.active is not None:
             self._release(self.active)
             self.active = None
@@ -389,16 +390,24 @@ class OffloadEngine:
             self.telemetry.copy_wait_s += sum(stalls)
             self.telemetry.switch_stall_s += sum(b.elapsed_time(a) / 1000 for b, a in self.switch_events)
         self.telemetry.sample(self.device)
-        for role, expert in self.experts.items():
-            expert.model.runner = self.plain_runners[role]  # detached: the model runs as it did before
-            read_wait = getattr(expert.store, "read_wait_s", 0.0)
-            self.telemetry.read_wait_s += read_wait
-            expert.store.close()
+        for expert in self.experts.values():
+            if hasattr(expert.store, "read_wait_s"):
+                self.telemetry.read_wait_s += expert.store.read_wait_s
+                expert.store.read_wait_s = 0.0
         self.queue.clear()
+        self.preloaded.clear()
         for buf in (self.pre, self.head, *self.resident_bufs, *self.ring):
             buf.data, buf.loaded, buf.free = torch.empty(0, dtype=torch.uint8), None, None
             buf.cached_views.clear()
         self.stall_events.clear()
         self.switch_events.clear()
         self.places.clear()
+        return self.telemetry
+
+    def finish(self) -> Telemetry:
+        """`park`, then close the host copies and give the models back their plain runners."""
+        self.park()
+        for role, expert in self.experts.items():
+            expert.model.runner = self.plain_runners[role]  # detached: the model runs as it did before
+            expert.store.close()
         return self.telemetry

@@ -55,6 +55,20 @@ class VaePlan:
     overlap: int | None  # latent pixels neighbouring tiles share
 
 
+KEEP_PLACES = ("device", "host", "none")
+
+
+@dataclass(frozen=True)
+class KeepPlan:
+    """Where each component waits between the generations of a `Pipeline` (`wanlite.load`): on the device,
+    in host RAM (moved to the device when used), or nowhere (loaded again when next needed). A one-shot
+    generation keeps nothing, so its memory is the plan's."""
+
+    text_encoder: str = "none"
+    transformer: str = "none"
+    vae: str = "none"
+
+
 @dataclass(frozen=True)
 class Job:
     """What `execute` runs. Everything a later stage needs to know is here; nothing is decided after it."""
@@ -75,6 +89,7 @@ class Job:
     predicted: Prediction | None = None  # the planner's peak VRAM / RAM and s/step (None: the tiny tasks)
     reasons: tuple[str, ...] = ()  # why the planner chose what it chose
     warnings: tuple[str, ...] = field(default=())  # fallbacks resolve took; shown when the job runs
+    keep: KeepPlan = KeepPlan()
 
     def to_dict(self) -> dict:
         """JSON-ready: the same dict in `plan --json` and in the mp4's metadata."""

@@ -84,6 +84,50 @@ class Request:
                 if getattr(self, flag) is not None}
 
 
+# the official generate.py names of Request fields, accepted by the Python API as by the command line
+OFFICIAL_NAMES = {"frame_num": "frames", "sample_steps": "steps", "sample_shift": "shift",
+                  "sample_guide_scale": "guide_scale", "sample_solver": "solver", "base_seed": "seed",
+                  "use_relighting_lora": "relighting_lora", "replace_flag": "replace"}
+
+
+def request_with(base: Request, **options) -> Request:
+    """`base` with `options` put over it, in the forms a person types them: `size="1280*720"` or (1280, 720),
+    `guide_scale=3.5` or (3, 4) or "3,4", a path as str or Path, `lora="a.safetensors:0.8"` or a list; the
+    official names (`base_seed`, `frame_num`, ...) as aliases. An unknown name is an error (exit code 2)."""
+    from dataclasses import fields, replace
+
+    known = {f.name: f for f in fields(Request)}
+    changes = {}
+    for name, value in options.items():
+        field_name = OFFICIAL_NAMES.get(name, name)
+        if field_name not in known:
+            close = sorted(n for n in known if n.startswith(field_name[:3]))
+            raise WanliteError(f"unknown option {name!r}" + (f"; did you mean {', '.join(close)}?" if close else
+                                                            "; see help(wanlite.Request) for the options"))
+        changes[field_name] = _typed(field_name, str(known[field_name].type), value)
+    return replace(base, **changes)
+
+
+def _typed(name: str, annotation: str, value):
+    if value is None:
+        return None
+    if name == "size" and isinstance(value, str):
+        return parse_size(value)
+    if name == "guide_scale":
+        values = [float(v) for v in value.split(",")] if isinstance(value, str) else (
+            list(value) if isinstance(value, (tuple, list)) else [float(value)])
+        if len(values) not in (1, 2):
+            raise WanliteError(f"guide_scale {value!r} must be a number or (low, high)")
+        return (float(values[0]), float(values[-1]))
+    if annotation.startswith("tuple[str"):
+        return (str(value),) if isinstance(value, (str, Path)) else tuple(str(v) for v in value)
+    if annotation.startswith("tuple[int"):
+        return tuple(int(v) for v in value)
+    if annotation.startswith("Path"):
+        return Path(value)
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Resolved generation settings: written into the mp4 and enough to reproduce the video."""

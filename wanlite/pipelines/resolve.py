@@ -21,12 +21,12 @@ from wanlite.models.attention import active_backend
 from wanlite.models.clip import find_clip
 from wanlite.models.vae import Tiling
 from wanlite.offload import OffloadConfig, converts_on_load, default_cache_dir, host_bytes
-from wanlite.offload.memory import available_ram
 from wanlite.pipelines.conditioning import load_image
-from wanlite.pipelines.job import DTYPES, Job, LoraPlan, TextEncoderPlan, VaePlan, Weights
+from wanlite.pipelines.job import DTYPES, Job, KeepPlan, LoraPlan, TextEncoderPlan, VaePlan, Weights
 from wanlite.pipelines.request import RELIGHTING_LORA, Request, Settings, cache_settings, validate
 from wanlite.pipelines.segments import KINDS
 from wanlite.planner import Hardware, Placement, Workload, hardware_for, load_profile, plan_for_request
+from wanlite.planner.probe import GB
 from wanlite.quant import parse_quant
 from wanlite.quant.fp8 import Fp8WeightConfig
 from wanlite.specs import DIT_SPECS, TASKS, VAE_SPECS
@@ -34,11 +34,14 @@ from wanlite.specs import DIT_SPECS, TASKS, VAE_SPECS
 DEFAULT_TILE_PX = 256  # VAE tile side in pixels when nothing else is asked (diffusers' and ComfyUI's default too)
 
 
-def resolve(request: Request, machine: Hardware | None = None, without_files: bool = False) -> Job:
-    """The Job for `request` on `machine` (None: this machine, measured; a `Hardware` describes another one,
-    as `wanlite plan --vram N` does). Raises WanliteError (exit code 2) for anything wrong with the request,
-    its files or the fit, before anything is loaded. `without_files`: no checkpoint yet (`wanlite plan` before
-    a download): the task's full-size transformer, stored dense, no LoRAs; such a job is for reading only."""
+def resolve(request: Request, machine: Hardware | None = None, without_files: bool = False,
+            reuse: bool = False) -> Job:
+    """The Job for `request` on `machine` (None: this machine, measured now; a `Hardware` describes another
+    one, as `wanlite plan --vram N` does, or this one as a `Pipeline` measured it when it started). Raises
+    WanliteError (exit code 2) for anything wrong with the request, its files or the fit, before anything is
+    loaded. `without_files`: no checkpoint yet (`wanlite plan` before a download): the task's full-size
+    transformer, stored dense, no LoRAs; such a job is for reading only. `reuse`: the job of a `Pipeline`,
+    which keeps components between generations where the memory allows (`Job.keep`)."""
     req = request
     settings = validate(req, req.seed if req.seed >= 0 else secrets.randbelow(2**31), files=not without_files)
     task = TASKS[settings.task]
@@ -47,8 +50,8 @@ def resolve(request: Request, machine: Hardware | None = None, without_files: bo
     if settings.image is not None:  # an unreadable image is named before any checkpoint file is read
         load_image(Path(settings.image))
     choices = {} if req.profile == "auto" else load_profile(req.profile)[0]
-    device = pick_device(req.device) if machine is None else torch.device("cuda" if machine.gpu else "cpu")
-    hw = machine if machine is not None else hardware_for(choices, device)
+    hw = machine if machine is not None else machine_for(req)
+    device = pick_device(req.device) if hw.measured else torch.device("cuda" if hw.gpu else "cpu")
     parse_quant(req.quant, req.quant_backend)  # a bad --quant fails before anything is read
     if without_files:
         if req.lora or req.lora_high or req.lora_low:
@@ -98,6 +101,14 @@ def resolve(request: Request, machine: Hardware | None = None, without_files: bo
     w, h = settings.size
     tiling = vae_tiling(placement.vae_tile, stride, (h // stride, w // stride))
     plan = placement.plan
+    predicted = None if plan is None else plan.predicted
+    reasons = [] if plan is None else list(plan.reasons)
+    keep = KeepPlan()
+    if reuse and not without_files:
+        keep = keep_plan(device, hw, offload, host_bytes(experts, task.name, quant), ckpt, predicted,
+                         placement.t5_cpu)
+        reasons.append(f"between generations the transformer waits {WHERE[keep.transformer]}, the text encoder "
+                       f"{WHERE[keep.text_encoder]}, the VAE {WHERE[keep.vae]}")
     return Job(
         settings=settings, device=str(device), dtype=req.dtype,
         weights=Weights(None if req.ckpt_dir is None else str(req.ckpt_dir),
@@ -109,8 +120,45 @@ def resolve(request: Request, machine: Hardware | None = None, without_files: bo
         text_encoder=TextEncoderPlan("cpu" if placement.t5_cpu else str(device), placement.quant),
         vae=VaePlan(req.vae_dtype, None if tiling is None else tiling.tile, None if tiling is None else tiling.overlap),
         attention=active_backend(), wav2vec=None if wav2vec is None else str(wav2vec), machine=hw.describe(),
-        predicted=None if plan is None else plan.predicted, reasons=() if plan is None else plan.reasons,
-        warnings=tuple(warnings))
+        predicted=predicted, reasons=tuple(reasons), warnings=tuple(warnings), keep=keep)
+
+
+WHERE = {"device": "on the device", "host": "in RAM", "none": "nowhere (loaded again)"}
+
+
+def keep_plan(device: torch.device, hw: Hardware, offload: OffloadConfig, weights: int, ckpt: CheckpointSet,
+              predicted, t5_cpu: bool) -> KeepPlan:
+    """What a Pipeline keeps loaded between generations, within the RAM (and VRAM) the machine had free when
+    it started. Block offload keeps its engine (its host copies are the plan's own memory; the device buffers
+    go back after each run). Whole experts stay where they ran when the VAE decode and the next text encoding
+    fit beside them, else wait in RAM, or are loaded again when RAM is short; the text encoder waits in RAM
+    beside what stays. Every wait on the CPU is on the device."""
+    host = "device" if device.type == "cpu" else "host"
+    room = 0.9 * hw.ram_available
+    text_encoder = sum(f.stat().st_size for f in ckpt.t5.files)
+    if offload.mode == "block":
+        transformer, in_ram = "host", weights if offload.ram_mode == "pinned" else 0
+    elif weights + text_encoder > room:
+        transformer, in_ram = "none", 0
+    else:
+        transformer, in_ram = host, weights
+        if host == "host" and offload.mode == "none" and (predicted is None or fits_beside_weights(
+                predicted, hw, t5_cpu)):
+            transformer, in_ram = "device", 0
+    return KeepPlan(text_encoder=host if in_ram + text_encoder <= room else "none", transformer=transformer,
+                    vae=host)
+
+
+def fits_beside_weights(predicted, hw: Hardware, t5_cpu: bool) -> bool:
+    """The VAE decode and (on the GPU) the text encoding fit in the VRAM the resident transformer leaves."""
+    beside = max(predicted.vram_vae_gb, 0.0 if t5_cpu else predicted.vram_text_encoder_gb)
+    return (predicted.vram_weights_gb + predicted.vram_buffers_gb + beside) * GB <= 0.92 * hw.vram_free
+
+
+def machine_for(req: Request) -> Hardware:
+    """This machine as the request's profile sees it, with the memory free now."""
+    choices = {} if req.profile == "auto" else load_profile(req.profile)[0]
+    return hardware_for(choices, pick_device(req.device))
 
 
 def pick_device(name: str) -> torch.device:
@@ -150,12 +198,12 @@ def offload_config(placement: Placement, req: Request, device: torch.device, hw:
     if mode == "auto":
         mode = "model"
         if device.type == "cuda":
-            free = torch.cuda.mem_get_info(device)[0] if hw.measured else hw.vram_free
+            free = hw.vram_free
             largest = max(sum(Path(p).stat().st_size for p in comp.files) for comp in experts.values())
             mode = "block" if largest > 0.7 * free else "model"
     if mode == "block" and ram_mode == "pinned" and experts:
         need = host_bytes(experts, task, quant)
-        free = available_ram() if hw.measured else hw.ram_available
+        free = hw.ram_available
         if need > 0.9 * free:
             warnings.append(f"--ram_mode pinned needs {need / 1e9:.1f} GB of RAM for the transformer weights but "
                             f"{free / 1e9:.1f} GB are free; using --ram_mode mmap instead")

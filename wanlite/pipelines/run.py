@@ -1,13 +1,15 @@
-"""execute(job) -> mp4: the one generation loop every task shares; generate(request) = execute(resolve(request)).
+"""execute(job) -> mp4: the one generation loop every task shares (`Pipeline.generate` resolves, then executes).
 
 Read top to bottom: encode the text, build the task's runs (segments.py), denoise each run, decode it, write
-the frames and one metadata record holding the job. Every choice was made by `resolve`.
+the frames and one metadata record holding the job. Every choice was made by `resolve`; the components come
+from a `Components` that keeps them between a pipeline's generations as the job says.
 """
 from __future__ import annotations
 
 import re
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,18 +18,16 @@ import torch
 
 from wanlite._version import __version__
 from wanlite.errors import WanliteError
-from wanlite.loading.checkpoints import CheckpointSet, Component
-from wanlite.loading.models import expert_components, load_t5
-from wanlite.lora import lora_set
+from wanlite.loading.checkpoints import Component
+from wanlite.loading.models import expert_components
 from wanlite.offload import Telemetry
-from wanlite.offload.experts import PlacedExperts, release
 from wanlite.offload.memory import return_large_frees_to_os
+from wanlite.pipelines.components import Components
 from wanlite.pipelines.denoise import Conditioning, Denoiser
-from wanlite.pipelines.job import DTYPES, Job
+from wanlite.pipelines.job import Job
 from wanlite.pipelines.request import Request, Settings
-from wanlite.pipelines.resolve import checkpoint_set, magcache_file, resolve
+from wanlite.pipelines.resolve import checkpoint_set, magcache_file
 from wanlite.pipelines.segments import KINDS
-from wanlite.quant import QuantConfig, parse_quant
 from wanlite.specs import TASKS, VAE_SPECS
 from wanlite.cache import StepCache
 from wanlite.cache.config import describe as describe_cache
@@ -38,65 +38,56 @@ Progress = Callable[[dict], None]
 
 @dataclass
 class GenerationResult:
-    path: Path
+    path: Path | None  # None: not written (save=False)
     frames: np.ndarray  # uint8 [F, H, W, 3]
     settings: Settings  # as generated (S2V: the number of clips the audio gave)
     job: Job
     preview: Path | None = None
     telemetry: Telemetry | None = None
     cache: dict | None = None  # step-cache statistics (block evaluations skipped, ...), None when off
+    seconds: float = 0.0  # wall time of the generation
 
 
-def generate(request: Request | None = None, progress: Progress | None = None, **kwargs) -> GenerationResult:
-    """Generate one video and write it as mp4: `execute(resolve(request))`.
-
-    Args:
-        request: a `Request`, or pass its fields as keyword arguments (task, prompt, ckpt_dir, ...).
-        progress: optional callback receiving event dicts (stages, steps with expert phase and timing).
-
-    Example:
-        >>> from wanlite import generate
-        >>> result = generate(task="ti2v-5B", prompt="a red square moving right", ckpt_dir="Wan2.2-TI2V-5B")
-        >>> result.path, result.frames.shape
-    """
-    req = request if request is not None else Request(**kwargs)
-    job = resolve(req)
-    return execute(job, output_path(req, job.settings), progress, preview=req.preview)
-
-
-def execute(job: Job, path: Path, progress: Progress | None = None, preview: bool = False) -> GenerationResult:
-    """Run `job` and write the video to `path` (a temp file renamed when complete)."""
+def execute(job: Job, path: Path | None, progress: Progress | None = None, preview: bool = False,
+            components: Components | None = None) -> GenerationResult:
+    """Run `job` and write the video to `path` (a temp file renamed when complete; None: frames only).
+    `components`: what a `Pipeline` keeps loaded between generations (None: load and release here)."""
     from wanlite.pipelines.samplers import SAMPLERS, make_sigmas, model_timesteps
     from wanlite.pipelines.video_io import Mp4Writer, contact_sheet
 
+    started = time.perf_counter()
+    if components is None:
+        with closing(Components()) as once:
+            return execute(job, path, progress, preview, once)
     return_large_frees_to_os()  # loading streams tensor by tensor; keep freed ones from piling up in the heap
     emit = progress or (lambda event: None)
     for message in job.warnings:
         emit({"event": "warning", "message": message})
     emit({"event": "plan", "summary": job.summary(), "reasons": list(job.reasons)})
     settings, task = job.settings, TASKS[job.settings.task]
-    device, dtype = torch.device(job.device), DTYPES[job.dtype]
+    device = torch.device(job.device)
     ckpt = checkpoint_set(job.weights.ckpt_dir, {flag: Path(file) for flag, file in job.weights.files})
     experts = expert_components(ckpt, task.name)
-    quant = parse_quant(job.weights.quant, job.weights.quant_backend)
-    loras = {p.role: lora_set(p.files, experts[p.role], p.role, task.name, p.mode,
-                              merge_outside_blocks=p.merge_outside_blocks) for p in job.loras}
     step_cache = None if job.step_cache is None else StepCache(job.step_cache)
     telemetry = Telemetry()
 
     emit({"event": "stage", "name": "encode text"})
-    context = encode_text(ckpt, [settings.prompt, settings.negative_prompt], torch.device(job.text_encoder.device),
-                          dtype, load_text_len(experts), emit, parse_quant(job.text_encoder.quant,
-                                                                            job.weights.quant_backend))
-    runs = KINDS[task.conditioning].runs(job, task, ckpt, device, emit)
+    with components.text_encoder(job, ckpt, load_text_len(experts), emit) as encoder:
+        context = encode_text(encoder, [settings.prompt, settings.negative_prompt],
+                              torch.device(job.text_encoder.device), emit)
+    runs = KINDS[task.conditioning].runs(
+        job, task, ckpt, device, emit,
+        lambda dtype: components.vae(job, ckpt, task.name, dtype, device, emit))
     settings = runs.generated(settings)
     w, h = settings.size
     vae_spec = VAE_SPECS[task.vae]
     latent_shape = (1, vae_spec.z_dim, runs.latent_frames, h // vae_spec.stride[1], w // vae_spec.stride[1])
     sigmas = make_sigmas(settings.solver, settings.steps, settings.shift)
     timesteps = model_timesteps(settings.solver, settings.steps, settings.shift).tolist()
-    dits = PlacedExperts(experts, task.name, dtype, device, quant, job.offload, telemetry, emit, job.chunk_tokens,
-                         step_cache, loras)
+    dits = components.transformer(job, ckpt, task.name, emit)
+    dits.start(telemetry, emit, step_cache, job.chunk_tokens)
+    loras = dits.loras
+    shape = (job.settings.task, settings.size, runs.output_frames, job.vae.dtype, job.vae.tile)
     writer, pieces, cache_stats = None, [], None
     try:
         for r in range(runs.count):
@@ -108,34 +99,44 @@ def execute(job: Job, path: Path, progress: Progress | None = None, preview: boo
                                 on_lora_gain=lambda gain: [setattr(s, "gain", gain) for s in loras.values()])
             schedule = denoiser.schedule()
             dits.set_schedule(schedule)
-            emit({"event": "stage", "name": f"denoise{part}", "schedule": schedule})
+            dits(schedule[0])  # the first expert loads before the clock starts
+            emit({"event": "stage", "name": f"denoise{part}", "schedule": schedule,
+                  "decode_steps": components.decode_steps.get(shape) or decode_steps(job, task, runs),
+                  "switch_loads": dits.loads_at_switch(schedule)})
             noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(settings.seed + r),
                                 dtype=torch.float32)
+            denoise_started = time.perf_counter()
             with torch.no_grad():
                 x = sample(SAMPLERS[settings.solver], denoiser, noise.to(device), sigmas, cond.first_frame,
                            step_events(emit, schedule, telemetry, device, r, runs))
+            step_s = (time.perf_counter() - denoise_started) / len(schedule)
             if r == runs.count - 1:  # the transformer's memory goes back before the last decode
-                dits.close()
+                dits.park()
                 cache_stats = step_cache_stats(step_cache, telemetry)
             emit({"event": "stage", "name": f"decode{part}"})
             telemetry.sample(device)
+            decode_started = time.perf_counter()
             with torch.no_grad():
                 for pixels in runs.decode(r, x):
-                    if writer is None:  # opened at the first frames, so its record carries what denoising cost
-                        writer = Mp4Writer(path, (w, h), settings.fps,
+                    if writer is None and path is not None:  # opened at the first frames: its record carries
+                        writer = Mp4Writer(path, (w, h), settings.fps,  # what denoising cost
                                            metadata_record(job, runs.count, telemetry, cache_stats, loras),
                                            audio=runs.audio, duration=None if runs.audio is None
                                            else runs.output_frames / settings.fps)
                     room = runs.output_frames - sum(len(p) for p in pieces)
                     if room > 0:
                         pieces.append(to_uint8(pixels[0, :, :room]))
-                        writer.append(pieces[-1])
+                        if writer is not None:
+                            writer.append(pieces[-1])
+            components.decode_steps[shape] = (time.perf_counter() - decode_started) / max(step_s, 1e-9)
         if writer is not None:
             writer.close()
+    except BaseException:
+        components.drop_transformer()  # a generation cut short leaves no half-run engine to reuse
+        raise
     finally:
         if writer is not None and not writer.closed:
             writer.abort()
-        dits.close()
         runs.close()
     if step_cache is not None and isinstance(step_cache.policy, CalibratePolicy):
         cache_stats["calibration"] = str(write_curve(magcache_file(task.name, experts), task.name, settings.steps,
@@ -144,9 +145,24 @@ def execute(job: Job, path: Path, progress: Progress | None = None, preview: boo
         emit({"event": "cache", **cache_stats})
     frames = np.concatenate(pieces)
     telemetry.sample(device)
-    shown = contact_sheet(frames, path.with_suffix(".png")) if preview else None
-    emit({"event": "done", "path": str(path), "telemetry": telemetry.to_dict()})
-    return GenerationResult(path, frames, settings, job, shown, telemetry, cache_stats)
+    shown = contact_sheet(frames, path.with_suffix(".png")) if preview and path is not None else None
+    seconds = time.perf_counter() - started
+    emit({"event": "done", "path": None if path is None else str(path), "telemetry": telemetry.to_dict(),
+          "seconds": seconds})
+    return GenerationResult(path, frames, settings, job, shown, telemetry, cache_stats, seconds)
+
+
+def decode_steps(job: Job, task, runs) -> float:
+    """A VAE decode's time in denoising steps, from their FLOPs, until one has been measured: the decode's
+    fp32 convolutions run at about half the rate of the DiT's bf16 matmuls (TF32 on a GPU)."""
+    from wanlite.planner.estimate import Workload, dit_flops, vae_decode_flops
+
+    s = job.settings
+    w, h = s.size
+    passes = 2 if any(abs(g - 1.0) > 1e-6 for g in s.guide_scale) else 1
+    step = dit_flops(Workload(task.name, w, h, s.frames, s.steps).spec,
+                     Workload(task.name, w, h, s.frames, s.steps).tokens, passes)
+    return 2 * vae_decode_flops(task.name, h, w, runs.output_frames / runs.count) / step
 
 
 def sample(sampler, denoiser: Denoiser, x: torch.Tensor, sigmas, first_frame: torch.Tensor | None, callback):
@@ -170,7 +186,7 @@ def step_events(emit: Progress, schedule: list[str], telemetry: Telemetry, devic
         emit({"event": "step", "i": i + 1, "total": len(schedule), "role": role,
               "role_i": schedule[: i + 1].count(role), "role_total": schedule.count(role),
               "elapsed": time.perf_counter() - started,
-              **({} if runs.unit is None else {"part": r + 1, "parts": runs.count})})
+              **({} if runs.unit is None else {"unit": runs.unit, "part": r + 1, "parts": runs.count})})
 
     return on_step
 
@@ -189,23 +205,15 @@ def step_cache_stats(step_cache: StepCache | None, telemetry: Telemetry) -> dict
             "bytes_not_moved_gb": telemetry.to_dict()["bytes_not_moved_gb"]}
 
 
-def encode_text(ckpt: CheckpointSet, prompts: list[str], device: torch.device, dtype: torch.dtype,
-                text_len: int, emit: Progress, quant: QuantConfig | None = None) -> list[torch.Tensor]:
-    """Run umT5 once for [prompt, negative prompt], then free it before the DiT needs the memory."""
-    from wanlite.models.t5 import TextEncoder, load_tokenizer
-
-    tokenizer = load_tokenizer(ckpt.tokenizer)
-    model = load_t5(ckpt.t5, dtype, quant).to(device)
-    encoder = TextEncoder(tokenizer, model, text_len=text_len)
+def encode_text(encoder, prompts: list[str], device: torch.device, emit: Progress) -> list[torch.Tensor]:
+    """Run umT5 once for [prompt, negative prompt]; the embeddings wait on the host for the DiT."""
     for which, prompt in zip(("prompt", "negative prompt"), prompts):
         n = encoder.count_tokens(prompt)
-        if n > text_len:
+        if n > encoder.text_len:
             emit({"event": "warning",
-                  "message": f"the {which} has {n} tokens; only the first {text_len} are used"})
+                  "message": f"the {which} has {n} tokens; only the first {encoder.text_len} are used"})
     with torch.no_grad():
-        context = [c.float().cpu() for c in encoder.encode(prompts, device=device)]
-    release(model)
-    return context
+        return [c.float().cpu() for c in encoder.encode(prompts, device=device)]
 
 
 def output_path(req: Request, settings: Settings) -> Path:

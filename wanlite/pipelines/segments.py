@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,7 +16,6 @@ import numpy as np
 import torch
 
 from wanlite.loading.checkpoints import CheckpointSet
-from wanlite.loading.models import load_vae
 from wanlite.models.vae import Tiling
 from wanlite.offload.experts import release
 from wanlite.pipelines.job import DTYPES, Job
@@ -23,6 +23,7 @@ from wanlite.pipelines.request import Settings
 from wanlite.specs import DIT_SPECS, VAE_SPECS, TaskSpec
 
 Progress = Callable[[dict], None]
+Vaes = Callable[[torch.dtype], AbstractContextManager]  # the VAE in a dtype, on the device for a `with` block
 
 
 def tiling_of(job: Job) -> Tiling | None:
@@ -30,16 +31,17 @@ def tiling_of(job: Job) -> Tiling | None:
 
 
 class OneClip:
-    """One run. The image conditioning (I2V's concatenated channels, TI2V's clean frame 0) is encoded by a VAE
-    loaded for it and released (the DiT needs the memory next); the decode loads the VAE again after the
-    transformer is gone and streams frames to the writer as each latent frame is decoded."""
+    """One run. The image conditioning (I2V's concatenated channels, TI2V's clean frame 0) is encoded by the VAE
+    before the DiT needs the memory; the decode takes the VAE again after the transformer is parked and
+    streams frames to the writer as each latent frame is decoded."""
 
     unit = None
     count = 1
     audio = None
 
-    def __init__(self, job: Job, task: TaskSpec, ckpt: CheckpointSet, device: torch.device, emit: Progress):
-        self.job, self.task, self.ckpt, self.device = job, task, ckpt, device
+    def __init__(self, job: Job, task: TaskSpec, ckpt: CheckpointSet, device: torch.device, emit: Progress,
+                 vaes: Vaes):
+        self.job, self.vaes = job, vaes
         self.y = self.first_frame = None
         settings = job.settings
         vt = VAE_SPECS[task.vae].stride[0]
@@ -50,14 +52,12 @@ class OneClip:
         from wanlite.pipelines.conditioning import first_frame_latent, i2v_condition, load_image
 
         image = load_image(Path(settings.image))
-        vae = load_vae(ckpt.vae, task.name).to(device)
         emit({"event": "stage", "name": "encode image"})
-        with torch.no_grad():
+        with vaes(torch.float32) as vae, torch.no_grad():
             if task.conditioning == "image_concat":
                 self.y = i2v_condition(vae, image, settings.size, settings.frames, tiling_of(job))
             else:
                 self.first_frame = first_frame_latent(vae, image, settings.size, tiling_of(job))
-        release(vae)
 
     def generated(self, settings: Settings) -> Settings:
         return settings
@@ -70,13 +70,12 @@ class OneClip:
         """Untiled, each latent frame's video as soon as it is decoded; tiles are blended on the host first (each
         tile runs through all frames, so only one tile's causal cache exists at a time)."""
         dtype = DTYPES[self.job.vae.dtype]
-        vae = load_vae(self.ckpt.vae, self.task.name, dtype).to(self.device)
         tiling = tiling_of(self.job)
-        if tiling is None:
-            yield from vae.decode_chunks(x.to(dtype))
-        else:
-            yield vae.decode_tiled(x.to(dtype), tiling, out_device="cpu")
-        release(vae)
+        with self.vaes(dtype) as vae:
+            if tiling is None:
+                yield from vae.decode_chunks(x.to(dtype))
+            else:
+                yield vae.decode_tiled(x.to(dtype), tiling, out_device="cpu")
 
     def close(self) -> None:
         pass
@@ -86,8 +85,8 @@ class Parts:
     """Several runs (S2V clips, Animate segments) around a `parts` object of the protocol `speech.SpeechClips`
     defines, with the VAE kept between runs: each part encodes its history and decodes."""
 
-    def __init__(self, parts, vae: torch.nn.Module, job: Job, audio: Path | None = None):
-        self.parts, self.vae, self.job = parts, vae, job
+    def __init__(self, parts, vae: torch.nn.Module, holding: ExitStack, job: Job, audio: Path | None = None):
+        self.parts, self.vae, self.holding, self.job = parts, vae, holding, job
         self.audio = audio  # S2V: muxed into the mp4, which is cut to the speech's length
         self.unit, self.count = parts.unit, parts.count
         self.latent_frames, self.output_frames = parts.latent_frames, parts.output_frames
@@ -110,13 +109,15 @@ class Parts:
         yield self.parts.keep(r, pixels)
 
     def close(self) -> None:
-        release(self.vae)
+        self.holding.close()
 
 
-def _vae_encoder(job: Job, task: TaskSpec, ckpt: CheckpointSet, device: torch.device):
-    """The VAE, kept for a multi-part task's whole run, and encode(video in [-1, 1]) -> fp32 latents."""
+def _vae_encoder(job: Job, device: torch.device, vaes: Vaes):
+    """The VAE, held for a multi-part task's whole run (until the `ExitStack` closes), and
+    encode(video in [-1, 1]) -> fp32 latents."""
     dtype = DTYPES[job.vae.dtype]
-    vae = load_vae(ckpt.vae, task.name, dtype).to(device)
+    holding = ExitStack()
+    vae = holding.enter_context(vaes(dtype))
     tiling = tiling_of(job)
 
     def encode(video: torch.Tensor) -> torch.Tensor:
@@ -124,10 +125,11 @@ def _vae_encoder(job: Job, task: TaskSpec, ckpt: CheckpointSet, device: torch.de
         with torch.no_grad():
             return (vae.encode(video) if tiling is None else vae.encode_tiled(video, tiling)).float()
 
-    return vae, encode
+    return vae, holding, encode
 
 
-def speech_clips(job: Job, task: TaskSpec, ckpt: CheckpointSet, device: torch.device, emit: Progress) -> Parts:
+def speech_clips(job: Job, task: TaskSpec, ckpt: CheckpointSet, device: torch.device, emit: Progress,
+                 vaes: Vaes) -> Parts:
     """S2V: wav2vec2 features (wav2vec2 loaded and released), the VAE, the reference latent and the first
     motion history."""
     from wanlite.pipelines.conditioning import load_image
@@ -144,16 +146,17 @@ def speech_clips(job: Job, task: TaskSpec, ckpt: CheckpointSet, device: torch.de
     features, count = speech_features(speech, Path(job.wav2vec), task.fps, settings.frames, device)
     if settings.num_clip is not None:
         count = min(count, settings.num_clip)
-    vae, encode = _vae_encoder(job, task, ckpt, device)
+    vae, holding, encode = _vae_encoder(job, device, vaes)
     emit({"event": "stage", "name": "encode reference and motion history"})
     spec = DIT_SPECS[task.dit].s2v
     clips = SpeechClips(encode, cover_crop(np.asarray(image)[None], settings.size), features, count, settings.frames,
                         spec.motion_frames, pose, settings.start_from_ref, settings.size,
                         max_frames=math.ceil(speech.seconds * settings.fps))
-    return Parts(clips, vae, job, audio=speech.path)
+    return Parts(clips, vae, holding, job, audio=speech.path)
 
 
-def animate_segments(job: Job, task: TaskSpec, ckpt: CheckpointSet, device: torch.device, emit: Progress) -> Parts:
+def animate_segments(job: Job, task: TaskSpec, ckpt: CheckpointSet, device: torch.device, emit: Progress,
+                     vaes: Vaes) -> Parts:
     """Animate: CLIP features of the reference (the image encoder loaded, run and released), the VAE, the
     segment plan."""
     from wanlite.loading.models import expert_components, prepare_dit
@@ -169,14 +172,15 @@ def animate_segments(job: Job, task: TaskSpec, ckpt: CheckpointSet, device: torc
     ref = torch.tensor(sources.ref).permute(2, 0, 1)[None].float() / 127.5 - 1
     features = encode_images(clip, ref.to(device)).cpu()
     release(clip)
-    vae, encode = _vae_encoder(job, task, ckpt, device)
+    vae, holding, encode = _vae_encoder(job, device, vaes)
     emit({"event": "stage", "name": "encode reference latent"})
     return Parts(AnimateSegments(sources, encode, features, settings.frames, settings.refert_num, settings.replace),
-                 vae, job)
+                 vae, holding, job)
 
 
-def one_clip(job: Job, task: TaskSpec, ckpt: CheckpointSet, device: torch.device, emit: Progress) -> OneClip:
-    return OneClip(job, task, ckpt, device, emit)
+def one_clip(job: Job, task: TaskSpec, ckpt: CheckpointSet, device: torch.device, emit: Progress,
+             vaes: Vaes) -> OneClip:
+    return OneClip(job, task, ckpt, device, emit, vaes)
 
 
 def text_size(task: TaskSpec, settings: Settings, spec) -> tuple[int, int]:
@@ -226,7 +230,7 @@ class TaskKind:
     """What a kind of task (`TaskSpec.conditioning`) does differently: the size of its video and its runs."""
 
     output_size: Callable  # (task, settings, dit spec) -> (width, height)
-    runs: Callable  # (job, task, checkpoint, device, emit) -> OneClip | Parts
+    runs: Callable  # (job, task, checkpoint, device, emit, vaes) -> OneClip | Parts
 
 
 KINDS = {"text": TaskKind(text_size, one_clip), "image_concat": TaskKind(image_size, one_clip),

@@ -130,7 +130,7 @@ def speech_features(speech: SpeechInput, folder: Path, fps: int, clip_frames: in
 
 
 class SpeechClips:
-    """The clip loop's parts (the protocol `run.generate` drives for multi-part tasks): `count`, `latent_frames`,
+    """The clip loop's parts (the protocol `run.execute` drives for multi-part tasks): `count`, `latent_frames`,
     `output_frames`, `conditioning(r)` for the DiT, `latents_to_decode(r, x)` (the history's latents in front of
     the clip's, so the causal decoder continues it), `keep(r, pixels)` -> the clip's new frames, which also become
     the motion history (re-encoded) for the next clip."""

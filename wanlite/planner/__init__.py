@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,13 +33,14 @@ def load_profile(name: str) -> tuple[dict, str]:
 
 
 def hardware_for(choices: dict, device: torch.device) -> Hardware:
-    """The profile's [hardware] when it has one, else this machine (measured once and cached on a GPU)."""
+    """The profile's [hardware] when it has one, else this machine (measured once and cached on a GPU), with
+    the memory free now."""
     if "vram_gb" in choices or "ram_gb" in choices:
         return hypothetical(choices.get("vram_gb"), choices.get("ram_gb", 32), choices.get("disk_gbps", 2.0))
-    if device.type == "cuda":
-        return load_or_probe()
     from wanlite.offload.memory import available_ram, total_ram
 
+    if device.type == "cuda":  # the measurement is cached; the free memory is read now
+        return replace(load_or_probe(), vram_free=torch.cuda.mem_get_info(device)[0], ram_available=available_ram())
     return Hardware(None, ram_total=total_ram(), ram_available=available_ram(), measured=True)
 
 
