@@ -195,3 +195,20 @@ def test_replay_of_a_file_without_a_job_says_so(tmp_path, capsys):
     assert "carries no wanlite job" in capsys.readouterr().err
     assert main(["generate", "--replay", str(tmp_path / "missing.mp4")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task,extra", [GRID[6], GRID[9], GRID[10]], ids=["i2v", "s2v", "animate"])
+def test_a_pipeline_makes_each_task_kind_again_as_one_shot_does(files, tmp_path, task, extra):
+    """The image encoded per call, S2V's clips and Animate's segments with the VAE held for the job, the
+    models kept between the calls: the frames of a one-shot run, twice."""
+    import wanlite
+    from wanlite.cli import build_parser, request_from_args
+
+    args = build_parser().parse_args(["generate", *_flags(files, task, extra), "--save_file",
+                                      str(tmp_path / "one.mp4")])
+    request = request_from_args(args)
+    one_shot = wanlite.generate(request, progress=False)
+    with wanlite.Pipeline(request, progress=False) as pipe:
+        frames = [pipe.generate(save=False).frames for _ in range(2)]
+        assert max(pipe.loads.values()) == 1
+    assert all(np.array_equal(f, one_shot.frames) for f in frames)

@@ -52,6 +52,21 @@ def test_an_option_that_changes_the_plan_reloads_only_that_component_and_says_so
     assert np.array_equal(with_lora.frames, one_shot.frames) and np.array_equal(again.frames, one_shot.frames)
 
 
+@pytest.mark.parametrize("ram_mode", ["pinned", "mmap", "disk"])
+def test_block_offload_stays_open_between_generations(tmp_path, ram_mode):
+    """The engine parks (device buffers freed, host copies kept) and the next generation streams from them; the
+    step cache starts fresh each time."""
+    kw = dict(TINY, steps=12, offload="block", ram_mode=ram_mode, resident_blocks=1, prefetch=1, cache="turbo",
+              offload_cache=tmp_path / "cache")
+    one_shot = wanlite.generate(prompt="a red square", seed=2, save_file=tmp_path / "one.mp4", progress=False, **kw)
+    with wanlite.load(progress=False, **kw) as pipe:
+        first = pipe.generate("a red square", seed=2, save=False)
+        second = pipe.generate("a red square", seed=2, save=False)
+        assert pipe.job.keep.transformer == "host" and pipe.loads["transformer (low_noise)"] == 1
+    assert np.array_equal(first.frames, one_shot.frames) and np.array_equal(second.frames, one_shot.frames)
+    assert first.cache == second.cache == one_shot.cache and first.cache["skipped_fraction"] > 0
+
+
 def test_memory_stays_flat_over_five_generations():
     with wanlite.load(progress=False, **TINY) as pipe:
         sizes = []
