@@ -13,7 +13,7 @@ from pathlib import Path
 
 from wanlite.errors import WanliteError
 from wanlite.lora.apply import MODES, LoraSet
-from wanlite.lora.keys import LoraFile, LowRank, map_lora, read_tensors
+from wanlite.lora.keys import LoraFile, LowRank, expert_half, map_lora, read_tensors
 
 __all__ = ["LoraSet", "LoraFile", "LowRank", "map_lora", "read_tensors", "parse_lora_arg", "lora_sets", "MODES",
            "PRESETS", "fingerprint", "lora_set"]
@@ -75,7 +75,7 @@ def lora_set(items: list[tuple[Path, float]], component, role: str, task: str, m
     mapped = []
     for path, strength in items:
         path = Path(path)
-        tensors = files.setdefault(path, read_tensors(path))
+        tensors = expert_half(files.setdefault(path, read_tensors(path)), role, path)
         lora = map_lora(path, tensors, model)
         if lora.unmatched:
             emit({"event": "warning", "message": (

@@ -7,7 +7,9 @@ Runtime (`attach`): each remaining targeted Linear (fp8/GGUF `QLinear` stored pr
 or everything with mode "runtime") gets two buffers, `lora_down` [R, in] and `lora_up` [out, R] — every LoRA on
 that layer stacked along the rank, its scale folded into its up rows — and a forward hook adding
 `(x @ down.T) @ up.T`: never a full-size delta per forward, and the buffers travel with their block when it is
-offloaded. Full-weight deltas (`.diff`, `.diff_b`, `.diff_m`: norms, biases, modulation) are added in place.
+offloaded. A LoKr adds `w1 X w2^T` (X: x viewed as [.., b1, b2]) from its own buffers, so its Kronecker product
+is never formed either. Full-weight deltas (`.diff`, `.diff_b`, `.diff_m`: norms, biases, modulation) are added
+in place. The fp32 layers (embeddings, head) run their hooks too (`models.blocks.linear_fp32`).
 """
 from __future__ import annotations
 
@@ -27,8 +29,23 @@ def lora_branch_hook(lora: "LoraSet", module: nn.Module, args, output: torch.Ten
     if lora.gain == 0.0:
         return output
     x = args[0]
-    branch = F.linear(F.linear(x, module.lora_down.to(x.dtype)), module.lora_up.to(x.dtype))
+    branch = 0
+    if hasattr(module, "lora_down"):
+        branch = F.linear(F.linear(x, module.lora_down.to(x.dtype)), module.lora_up.to(x.dtype))
+    for i in range(getattr(module, "lokr_count", 0)):
+        branch = branch + kron_apply(x, *(getattr(module, f"lokr_{i}_{part}", None) for part in ("w1", "w2_a", "w2_b")))
     return output + (branch if lora.gain == 1.0 else lora.gain * branch).to(output.dtype)
+
+
+def kron_apply(x: torch.Tensor, w1: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor | None) -> torch.Tensor:
+    """x @ kron(w1, w2).T with w2 = w2_a @ w2_b (w2_b None: w2_a is w2), the scale folded into w1."""
+    a1, b1 = w1.shape
+    xs = x.reshape(*x.shape[:-1], b1, -1)  # [.., b1, b2]
+    if w2_b is None:
+        xs = xs @ w2_a.to(x.dtype).T
+    else:
+        xs = (xs @ w2_b.to(x.dtype).T) @ w2_a.to(x.dtype).T  # [.., b1, a2]
+    return (w1.to(x.dtype) @ xs).reshape(*x.shape[:-1], -1)  # [.., a1, a2] -> out
 
 
 @dataclass
@@ -46,19 +63,22 @@ class LoraSet:
     counts: dict = field(default_factory=lambda: {"merged": 0, "runtime": 0, "deltas": 0})
 
     def targets(self) -> set[str]:
-        return {name for lora, _ in self.loras for name in lora.low_rank}
+        return {name for lora, _ in self.loras for name in (*lora.low_rank, *lora.kron)}
 
     def merged(self, module_name: str, weight: torch.Tensor) -> torch.Tensor:
         """`weight` (dense, as the loader holds it) plus every LoRA's update for `module_name`."""
         if self.mode == "runtime" and (module_name.startswith("blocks.") or not self.merge_outside_blocks):
             return weight
         pairs = [(lora.low_rank[module_name], s) for lora, s in self.loras if module_name in lora.low_rank]
-        if not pairs:
+        krons = [(lora.kron[module_name], s) for lora, s in self.loras if module_name in lora.kron]
+        if not pairs and not krons:
             return weight
         with torch.no_grad():
             total = weight.float()
             for pair, strength in pairs:
                 total = total + (pair.up.float() * (strength * pair.scale)) @ pair.down.float()
+            for kron, strength in krons:
+                total = total + strength * kron.delta()
         if module_name not in self.merged_names:  # a piece read again (offload) merges again, counted once
             self.merged_names.add(module_name)
             self.counts["merged"] += 1
@@ -70,6 +90,7 @@ class LoraSet:
         modules = dict(model.named_modules())
         params = dict(model.named_parameters())
         stacks: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        krons: dict[str, list] = {}
         with torch.no_grad():
             for lora, strength in self.loras:
                 for name, pair in lora.low_rank.items():
@@ -78,6 +99,10 @@ class LoraSet:
                         continue
                     stacks.setdefault(local, []).append((pair.down.float(),
                                                          pair.up.float() * (strength * pair.scale)))
+                for name, kron in lora.kron.items():
+                    local = _local(name, prefix)
+                    if local is not None and local in modules and name not in self.merged_names:
+                        krons.setdefault(local, []).append((kron, strength))
                 for name, delta in lora.deltas.items():
                     local = _local(name, prefix)
                     if local is not None and local in params:
@@ -91,7 +116,17 @@ class LoraSet:
                 dtype = _compute_dtype(module)
                 module.register_buffer("lora_down", torch.cat([d for d, _ in pairs]).to(dtype))
                 module.register_buffer("lora_up", torch.cat([u for _, u in pairs], dim=1).to(dtype))
-                module.register_forward_hook(functools.partial(lora_branch_hook, self))
+            for local, updates in krons.items():
+                module = modules[local]
+                dtype = _compute_dtype(module)
+                for i, (kron, strength) in enumerate(updates):
+                    module.register_buffer(f"lokr_{i}_w1", (kron.w1.float() * (strength * kron.scale)).to(dtype))
+                    module.register_buffer(f"lokr_{i}_w2_a", kron.w2_a.to(dtype))
+                    if kron.w2_b is not None:
+                        module.register_buffer(f"lokr_{i}_w2_b", kron.w2_b.to(dtype))
+                module.lokr_count = len(updates)
+            for local in {*stacks, *krons}:
+                modules[local].register_forward_hook(functools.partial(lora_branch_hook, self))
                 self.counts["runtime"] += 1
 
 

@@ -25,16 +25,20 @@ def keeps_fp32(name: str) -> bool:
 
 def linear_fp32(linear: nn.Linear, x: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tensor:
     """`linear(x)` computed in fp32 (the reference's autocast-fp32 islands) without an fp32 copy of a big
-    low-precision weight: the weight is upcast a slab of output rows at a time."""
+    low-precision weight: the weight is upcast a slab of output rows at a time. The layer's forward hooks run
+    as they would on `linear(x)`, so a runtime LoRA branch applies here as everywhere."""
     x = x.float()
     w, b = linear.weight, linear.bias
     if w.dtype == torch.float32:
-        return F.linear(x, w, b if b is None else b.float())
-    outs = []
-    for start in range(0, w.shape[0], rows_per_chunk):
-        sl = slice(start, start + rows_per_chunk)
-        outs.append(F.linear(x, w[sl].float(), None if b is None else b[sl].float()))
-    return torch.cat(outs, dim=-1)
+        out = F.linear(x, w, b if b is None else b.float())
+    else:
+        out = torch.cat([F.linear(x, w[sl].float(), None if b is None else b[sl].float())
+                         for sl in (slice(i, i + rows_per_chunk) for i in range(0, w.shape[0], rows_per_chunk))],
+                        dim=-1)
+    for hook in linear._forward_hooks.values():  # what `linear(x)` would run after forward (a LoRA branch)
+        result = hook(linear, (x,), out)
+        out = out if result is None else result
+    return out
 
 
 class WanRMSNorm(nn.Module):
