@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
 from collections.abc import Callable
@@ -202,35 +203,116 @@ class DiTPieces:
         return holder.blocks[str(piece)] if isinstance(piece, int) else holder
 
 
-def vae_spec_from_shapes(shapes: dict[str, tuple[int, ...]], where) -> VAESpec:
+def _ints(n: int):
+    return lambda v: isinstance(v, list) and len(v) == n and all(type(x) is int and x > 0 for x in v)
+
+
+def _numbers(positive: bool):
+    return lambda v: isinstance(v, list) and all(
+        type(x) in (int, float) and math.isfinite(x) and (x > 0 or not positive) for x in v)
+
+
+# diffusers `AutoencoderKLWan` config.json fields that WanVAE follows: field -> (VAESpec field, accepts, what
+# wanlite supports). Four stages keep the 8x (Wan2.1) / 16x (Wan2.2) spatial stride the task's latent grid is
+# built on; two temporal downsamples keep the 4x temporal stride of wanlite's causal chunks of 4 frames.
+VAE_CONFIG_FIELDS = {
+    "dim_mult": ("dim_mult", _ints(4), "4 positive integers (four stages), e.g. [1, 2, 4, 4]"),
+    "num_res_blocks": ("num_res_blocks", lambda v: type(v) is int and v > 0, "a positive integer, e.g. 2"),
+    "temperal_downsample": ("temporal_downsample", lambda v: isinstance(v, list) and len(v) == 3 and all(
+        type(x) is bool for x in v) and sum(v) == 2, "3 booleans, two of them true, e.g. [false, true, true]"),
+    "attn_scales": (None, lambda v: v == [], "[] (no attention inside the stages, as in every released Wan VAE)"),
+    "latents_mean": ("latent_mean", _numbers(False), "a list of numbers, one per latent channel"),
+    "latents_std": ("latent_std", _numbers(True), "a list of positive numbers, one per latent channel"),
+}
+
+
+def vae_config_fields(config: dict, where) -> dict:
+    """The VAESpec fields a diffusers VAE's config.json sets (absent ones keep the released values); one error
+    naming the first field WanVAE cannot build."""
+    fields = {}
+    for key, (field, accepts, supported) in VAE_CONFIG_FIELDS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if not accepts(value):
+            shown = f"({len(value)} values)" if key.startswith("latents_") and isinstance(value, list) else \
+                json.dumps(value)
+            raise CheckpointError(f"{where}: {key} {shown} is not supported; wanlite builds Wan VAEs with "
+                                  f"{key} {supported}")
+        if field is not None:
+            fields[field] = tuple(value) if isinstance(value, list) else value
+    return fields
+
+
+def _check_vae_widths(spec: VAESpec, where) -> None:
+    """Wan2.2's parameter-free stage shortcuts fold 2x2 (x2 in time) into channels and average or repeat them,
+    so each stage's widths must divide evenly (diffusers refuses to build the model otherwise)."""
+    if spec.version != "2.2":
+        return
+    enc = [spec.dim * m for m in (1, *spec.dim_mult)]
+    dec = [spec.dec_dim * m for m in (spec.dim_mult[-1], *spec.dim_mult[::-1])]
+    last = len(spec.dim_mult) - 1
+    for i in range(last + 1):
+        down = 1 if i == last else 4 * (2 if spec.temporal_downsample[i] else 1)
+        up = 1 if i == last else 4 * (2 if spec.temporal_downsample[::-1][i] else 1)
+        if enc[i] * down % enc[i + 1] or (i < last and dec[i + 1] * up % dec[i]):
+            raise CheckpointError(
+                f"{where}: dim_mult {list(spec.dim_mult)} at widths {spec.dim} / {spec.dec_dim} does not fit the "
+                "Wan2.2 VAE's stage shortcuts; wanlite supports stages whose widths divide evenly, e.g. [1, 2, 4, 4]")
+
+
+def vae_spec_from_shapes(shapes: dict[str, tuple[int, ...]], where, fields: dict | None = None) -> VAESpec:
+    """Read a VAE's widths and blocks per stage off its (official-named) shapes; `fields` (from a diffusers
+    config.json, `vae_config_fields`) replaces the released stage layout and latent statistics."""
     enc_dim, in_ch = _need(shapes, "encoder.conv1.weight", where)[:2]
     version = {3: "2.1", 12: "2.2"}.get(in_ch)
     if version is None:
         raise CheckpointError(f"{where}: a VAE taking {in_ch} input channels is neither the Wan2.1 nor the Wan2.2 VAE")
+    fields = dict(fields or {})
+    config_blocks = fields.pop("num_res_blocks", None)
     base = VAE_SPECS["vae" + version]
-    dec_dim = _need(shapes, "decoder.conv1.weight", where)[0] // base.dim_mult[-1]
     z_dim = _need(shapes, "conv2.weight", where)[0]
     if z_dim != base.z_dim:
         raise CheckpointError(f"{where}: latent width {z_dim} does not match the Wan{version} VAE ({base.z_dim})")
+    for field in ("latent_mean", "latent_std"):
+        if field in fields and len(fields[field]) != z_dim:
+            raise CheckpointError(f"{where}: config.json's latents_{field[7:]} has {len(fields[field])} values but "
+                                  f"the Wan{version} VAE has {z_dim} latent channels; fix or drop the field")
+    base = replace(base, **fields)
+    dec_width = _need(shapes, "decoder.conv1.weight", where)[0]
+    if dec_width % base.dim_mult[-1] or dec_width < base.dim_mult[-1]:
+        fix = ("the config.json's dim_mult does not match the weights" if "dim_mult" in fields else
+               "a VAE with other stage widths needs its diffusers config.json (dim_mult) beside the weights")
+        raise CheckpointError(f"{where}: the decoder's first conv gives {dec_width} channels, which do not fit "
+                              f"dim_mult {list(base.dim_mult)}; {fix}")
     # every encoder stage holds num_res_blocks residual blocks (the real VAEs 2, the bundled tiny ones fewer)
     blocks = sum(1 for k in shapes if k.startswith("encoder.downsamples.") and k.endswith("residual.0.gamma"))
     num_res_blocks, rest = divmod(blocks, len(base.dim_mult))
     if rest or not num_res_blocks:
         raise CheckpointError(f"{where}: {blocks} encoder residual blocks do not fit a Wan{version} VAE")
-    return replace(base, dim=enc_dim, dec_dim=dec_dim, num_res_blocks=num_res_blocks)
+    if config_blocks is not None and config_blocks != num_res_blocks:
+        raise CheckpointError(f"{where}: config.json says num_res_blocks {config_blocks} but the weights hold "
+                              f"{num_res_blocks} residual blocks per encoder stage; fix the config")
+    spec = replace(base, dim=enc_dim, dec_dim=dec_width // base.dim_mult[-1], num_res_blocks=num_res_blocks)
+    _check_vae_widths(spec, where)
+    return spec
 
 
 def prepare_vae(comp: Component, task: str) -> Prepared:
-    """Read the VAE's shapes, check it is the version the task decodes with, build it on meta."""
-    from wanlite.loading.vae_keymap import is_wan22_diffusers, vae_key_from_diffusers
+    """Read the VAE's shapes (and a diffusers config.json's stage layout), check it is the version the task
+    decodes with, build it on meta."""
+    from wanlite.loading.vae_keymap import RES_BLOCKS, is_wan22_diffusers, vae_key_from_diffusers
     from wanlite.models.vae import WanVAE
 
     source = open_source(list(comp.files))
     rename = strip_comfy_prefix
+    fields = {}
     if comp.naming == "diffusers":
-        wan22 = is_wan22_diffusers(source.shapes())
-        rename = lambda key: vae_key_from_diffusers(key, wan22)  # noqa: E731
-    spec = vae_spec_from_shapes({rename(k): s for k, s in source.shapes().items()}, comp.where)
+        config = comp.config if comp.config.get("_class_name", "AutoencoderKLWan") == "AutoencoderKLWan" else {}
+        fields = vae_config_fields(config, comp.files[0].parent / "config.json")
+        wan22, res_blocks = is_wan22_diffusers(source.shapes()), fields.get("num_res_blocks", RES_BLOCKS)
+        rename = lambda key: vae_key_from_diffusers(key, wan22, res_blocks)  # noqa: E731
+    spec = vae_spec_from_shapes({rename(k): s for k, s in source.shapes().items()}, comp.where, fields)
     want = VAE_SPECS[TASKS[task].vae]
     if spec.version != want.version:
         raise CheckpointError(f"{comp.where}: is the Wan{spec.version} VAE but --task {task} decodes with the "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-RES_BLOCKS = 2  # num_res_blocks of every released Wan VAE; sets the official flat stage indices
+RES_BLOCKS = 2  # num_res_blocks of every released Wan VAE (diffusers' default); sets the official flat indices
 
 _RESNET_PARTS = {"norm1.gamma": "residual.0.gamma", "conv1": "residual.2", "norm2.gamma": "residual.3.gamma",
                  "conv2": "residual.6", "conv_shortcut": "shortcut"}
@@ -24,8 +24,9 @@ def _resnet(rest: str) -> str:
     return rest
 
 
-def vae_key_from_diffusers(key: str, wan22: bool) -> str:
-    """Official name of a diffusers VAE key; `wan22` picks the stage layout."""
+def vae_key_from_diffusers(key: str, wan22: bool, res_blocks: int = RES_BLOCKS) -> str:
+    """Official name of a diffusers VAE key; `wan22` picks the stage layout, `res_blocks` is the VAE's
+    num_res_blocks (the official names number a stage's blocks and resample in one list)."""
     top, _, rest = key.partition(".")
     if top in _TOP:
         return f"{_TOP[top]}.{rest}"
@@ -41,10 +42,10 @@ def vae_key_from_diffusers(key: str, wan22: bool) -> str:
             return f"encoder.downsamples.{i}.{_resnet(tail)}"
         if r := re.match(r"resnets\.(\d+)\.(.*)", tail):
             return f"encoder.downsamples.{i}.downsamples.{r[1]}.{_resnet(r[2])}"
-        return f"encoder.downsamples.{i}.downsamples.{RES_BLOCKS}.{tail.removeprefix('downsampler.')}"
+        return f"encoder.downsamples.{i}.downsamples.{res_blocks}.{tail.removeprefix('downsampler.')}"
     if m := re.match(r"up_blocks\.(\d+)\.(.*)", rest):
         i, tail = int(m[1]), m[2]
-        per_stage = RES_BLOCKS + 1
+        per_stage = res_blocks + 1
         if r := re.match(r"resnets\.(\d+)\.(.*)", tail):
             j, inner = int(r[1]), _resnet(r[2])
             return (f"decoder.upsamples.{i}.upsamples.{j}.{inner}" if wan22
@@ -62,7 +63,7 @@ def _resnet_to_diffusers(rest: str) -> str:
     return rest
 
 
-def vae_key_to_diffusers(key: str, wan22: bool) -> str:
+def vae_key_to_diffusers(key: str, wan22: bool, res_blocks: int = RES_BLOCKS) -> str:
     """diffusers name of an official VAE key (for writing diffusers-layout files); inverse of the above."""
     top, _, rest = key.partition(".")
     for diffusers_top, official in _TOP.items():
@@ -75,10 +76,10 @@ def vae_key_to_diffusers(key: str, wan22: bool) -> str:
         mid = {v: k for k, v in _MID.items()}[f"middle.{m[1]}"]
         inner = m[2] if mid.startswith("attentions") else _resnet_to_diffusers(m[2])
         return f"{top}.mid_block.{mid}.{inner}"
-    per_stage = RES_BLOCKS + 1
+    per_stage = res_blocks + 1
     if wan22 and (m := re.match(r"(down|up)samples\.(\d+)\.(?:down|up)samples\.(\d+)\.(.*)", rest)):
         kind, i, j, inner = m[1], int(m[2]), int(m[3]), m[4]
-        resamp = RES_BLOCKS if kind == "down" else per_stage
+        resamp = res_blocks if kind == "down" else per_stage
         if j == resamp:
             return f"{top}.{kind}_blocks.{i}.{kind}sampler.{inner}"
         return f"{top}.{kind}_blocks.{i}.resnets.{j}.{_resnet_to_diffusers(inner)}"

@@ -176,9 +176,11 @@ def write_fixture(task: str, layout: str, out: Path, seed: int = 0) -> Path:
         save_safetensors(_t5_hf_tensors(t5), out / "text_encoder" / "model.safetensors")
         write_json(umt5_config(TINY_T5).to_dict(), out / "text_encoder" / "config.json")
         write_tiny_tokenizer(out / "tokenizer", TINY_T5.vocab_size)
-        save_safetensors({vae_key_to_diffusers(k, version == "2.2"): v for k, v in vae.state_dict().items()},
-              out / "vae" / "diffusion_pytorch_model.safetensors")
-        write_json({"_class_name": "AutoencoderKLWan", "z_dim": vae.spec.z_dim}, out / "vae" / "config.json")
+        blocks = vae.spec.num_res_blocks
+        save_safetensors({vae_key_to_diffusers(k, version == "2.2", blocks): v for k, v in vae.state_dict().items()},
+                         out / "vae" / "diffusion_pytorch_model.safetensors")
+        write_json({"_class_name": "AutoencoderKLWan", "z_dim": vae.spec.z_dim, "num_res_blocks": blocks},
+                   out / "vae" / "config.json")
     else:
         kind = task.split("-")[0]
         for role, dit in dits.items():
