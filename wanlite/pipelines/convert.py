@@ -1,13 +1,14 @@
 """`wanlite convert`: quantize a task's transformer(s) once into a file wanlite (and ComfyUI) loads fast.
 
-Outputs: fp8 as ComfyUI scaled-fp8 safetensors (`model.diffusion_model.` keys, `scaled_fp8` sentinel, one
-fp32 `scale_weight` per layer), int8 in wanlite's layout (`<layer>.weight` int8 + `<layer>.weight_scale`
+Outputs: fp8 as ComfyUI safetensors that both of ComfyUI's loaders read (see `_SafetensorsOut`), int8 in
+wanlite's layout (`<layer>.weight` int8 + `<layer>.weight_scale`
 fp32 per output row), GGUF as city96 lays it out (arch `wan`, original key names, 5-D F32 patch embedding,
 F32 vectors and modulation, bf16 embeddings and head). Tensors are read, quantized and written one at a time;
 each file is written under a temporary name and renamed only when complete.
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,11 @@ from wanlite.quant.int8 import int8_from_hp
 
 TARGETS = ("fp8", "int8", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k", "gguf-q4_k", "gguf-q4_0")
 COMFY_PREFIX = "model.diffusion_model."
+# general.file_type (gguf-py's LlamaFileType name) per GGUF target. wanlite writes every block weight in the one
+# type, which for the K-quants is llama.cpp's "_S" recipe as city96's patch applies it to Wan (its "_M" recipes
+# lift self_attn.v and ffn.2 to Q6_K); llama.cpp's fallback types for odd rows don't change the label.
+GGUF_FILE_TYPES = {"Q8_0": "MOSTLY_Q8_0", "Q6_K": "MOSTLY_Q6_K", "Q5_K": "MOSTLY_Q5_K_S", "Q4_K": "MOSTLY_Q4_K_S",
+                   "Q4_0": "MOSTLY_Q4_0"}
 Progress = Callable[[int, int, str], None]  # (bytes read so far, total bytes, what)
 
 
@@ -92,7 +98,7 @@ class _GGUFOut:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.writer = GGUFWriter(self.tmp, "wan")
         self.writer.add_quantization_version(2)
-        self.writer.add_file_type(getattr(LlamaFileType, f"MOSTLY_{qtype}", LlamaFileType.MOSTLY_BF16))
+        self.writer.add_file_type(LlamaFileType[GGUF_FILE_TYPES[qtype]])
         for name, shape in entries:
             t = self.types[name]
             if t == "F32":
@@ -116,7 +122,28 @@ class _GGUFOut:
             self.tmp.unlink(missing_ok=True)
 
 
+# ComfyUI's per-layer marker, as `comfy/ops.py` writes it: the bytes of json.dumps({"format": ...}) as uint8
+FP8_MARKER = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode("utf-8")), dtype=torch.uint8)
+
+
 class _SafetensorsOut:
+    """fp8: every block matmul as e4m3fn with its per-tensor fp32 scale under both names, plus the per-layer
+    `comfy_quant` marker; every other tensor (the six embedding / time / head Linears included) bf16 or fp32,
+    unmarked. Each reader takes what it knows (ComfyUI code read for this, Comfy-Org/ComfyUI):
+    - current ComfyUI (`comfy/sd.py load_diffusion_model_state_dict` -> `comfy/utils.py convert_old_quants` ->
+      `comfy/ops.py mixed_precision_ops`): a layer with a `comfy_quant` marker becomes a float8 QuantizedTensor
+      scaled by `weight_scale`; an unmarked layer is loaded in the compute dtype, so the six stay bf16.
+      (Without `_quantization_metadata` in the header, convert_old_quants turns the sentinel's `scale_weight`
+      layers into the same markers, so both routes give the same model.)
+    - legacy ComfyUI (before the mixed-precision ops; `model_detection.model_config_from_unet` reads the
+      sentinel dtype, `ops.scaled_fp8_ops` builds *every* Linear with that dtype and `scale_weight` = 1 where
+      the file has none, and `load_state_dict` copies each weight into it): the block layers load exactly; the
+      six Linears are cast to fp8 there whatever the file stores (a `scale_weight` on a bf16 weight would be
+      applied after that cast, and current ComfyUI would then read the unscaled values wrong), so no layout
+      keeps them bf16 in legacy ComfyUI; update ComfyUI for full precision.
+    - kijai's wrapper (`comfy_quant_linear.py is_comfy_quant_state_dict`) takes the markers the same way.
+    """
+
     def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...]]], to: str, stored: dict):
 
         self.to = to
@@ -125,8 +152,10 @@ class _SafetensorsOut:
         for name, shape in entries:
             if name in self.quantized:
                 if to == "fp8":
+                    layer = COMFY_PREFIX + name[: -len("weight")]
                     plan += [(COMFY_PREFIX + name, torch.float8_e4m3fn, shape),
-                             (COMFY_PREFIX + name[: -len("weight")] + "scale_weight", torch.float32, ())]
+                             (layer + "weight_scale", torch.float32, ()), (layer + "scale_weight", torch.float32, ()),
+                             (layer + "comfy_quant", torch.uint8, tuple(FP8_MARKER.shape))]
                 else:
                     plan += [(name, torch.int8, shape), (name[: -len("weight")] + "weight_scale", torch.float32,
                                                          (shape[0],))]
@@ -144,8 +173,11 @@ class _SafetensorsOut:
         if name in self.quantized:
             if self.to == "fp8":
                 q = fp8_from_hp(tensor, "e4m3fn", granularity="tensor")
+                layer = prefix + name[: -len("weight")]
                 self.file.write(prefix + name, q.qdata)
-                self.file.write(prefix + name[: -len("weight")] + "scale_weight", q.scale.reshape(()))
+                self.file.write(layer + "weight_scale", q.scale.reshape(()))
+                self.file.write(layer + "scale_weight", q.scale.reshape(()))
+                self.file.write(layer + "comfy_quant", FP8_MARKER)
             else:
                 q = int8_from_hp(tensor)
                 self.file.write(name, q.qdata)
