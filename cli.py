@@ -194,7 +194,7 @@ def _flags_request(args, task: str | None = None):
         lora_mode=args.lora_mode, preset=args.preset, audio=path(args.audio), pose_video=path(args.pose_video),
         num_clip=args.num_clip, start_from_ref=args.start_from_ref, wav2vec=path(args.wav2vec),
         src_root_path=path(args.src_root_path), replace=args.replace, refert_num=args.refert_num,
-        relighting_lora=args.use_relighting_lora,
+        relighting_lora=args.use_relighting_lora, attention=args.attention, cfg=args.cfg,
         **{flag: Path(getattr(args, flag)) for flag in COMPONENT_FLAGS if getattr(args, flag) is not None})
 
 
@@ -266,10 +266,11 @@ def cmd_plan(args) -> int:
         raise WanliteError(f"{request.task} is the bundled tiny model: it needs no plan (it fits anywhere)")
     choices = {} if args.profile == "auto" else load_profile(args.profile)[0]
     machine = None  # this machine, measured, as `generate` sees it
-    if args.vram is not None or args.ram is not None:
-        machine = hypothetical(args.vram, args.ram if args.ram is not None else 32, args.disk)
-    elif "vram_gb" in choices or "ram_gb" in choices:
-        machine = hypothetical(choices.get("vram_gb"), choices.get("ram_gb", 32), choices.get("disk_gbps", 2.0))
+    if args.gpu is not None or args.vram is not None or args.ram is not None:
+        machine = hypothetical(args.vram, args.ram if args.ram is not None else 32, args.disk, args.gpu)
+    elif "gpu" in choices or "vram_gb" in choices or "ram_gb" in choices:
+        machine = hypothetical(choices.get("vram_gb"), choices.get("ram_gb", 32), choices.get("disk_gbps", 2.0),
+                               choices.get("gpu"))
     job = resolve(request, machine, without_files=request.ckpt_dir is None and not request.component_files())
     if args.save:
         out = Path(args.save)
@@ -296,6 +297,7 @@ def _print_job(job) -> None:
     placement = o.mode if o.mode != "block" else (
         f"block: {o.resident_blocks} resident, prefetch {o.prefetch}, host RAM {o.ram_mode}")
     chunks = f"; blocks in chunks of {job.chunk_tokens} tokens" if job.chunk_tokens else ""
+    chunks += "; CFG per block" if job.cfg == "per_block" else ""
     show = lambda text: "" if p is None else text  # noqa: E731
     table.add_row("transformer", f"{job.weights.quant} ({job.dtype})", f"{job.device}, {placement}{chunks}",
                   show(f"weights {p and p.vram_weights_gb} GB + activations {p and p.vram_activations_gb} GB + "
@@ -314,8 +316,11 @@ def _print_job(job) -> None:
     for lora in job.loras:
         table.add_row(f"LoRA ({lora.role})", lora.mode, ", ".join(f"{Path(f).name}:{w:g}" for f, w in lora.files), "")
     if p is not None:
+        from wanlite.pipelines.progress import clock
+
         table.add_row("total", "", "", f"peak VRAM {p.peak_vram_gb} GB, peak RAM {p.peak_ram_gb} GB, "
-                                       f"{p.bytes_moved_per_step_gb} GB moved/step, ~{p.s_per_step} s/step")
+                                       f"{p.bytes_moved_per_step_gb} GB moved/step, ~{p.s_per_step} s/step, "
+                                       f"~{clock(p.total_s)} for the clip (loading and decode included)")
     console = Console()
     console.print(table)
     for reason in job.reasons:
@@ -474,7 +479,7 @@ def job_flags(parser, for_plan: bool) -> None:
                         help="transformer placement: none (all on the device), model (one expert at a time), block "
                           "(stream blocks; for cards the expert does not fit); auto decides")
     parser.add_argument("--profile", default="auto",
-                        help="auto (measure this machine and plan), a preset (8gb, 12gb, 16gb, 24gb, notebook, cpu) "
+                        help="auto (measure this machine and plan), a preset (8gb, 12gb, 16gb, 24gb, colab-t4, kaggle-t4, notebook, cpu) "
                           "or a .toml file; the flags below override its choices")
     parser.add_argument("--resident_blocks", type=int, default=None, metavar="K",
                         help="block offload: blocks kept on the device (default: the plan's)")
@@ -517,8 +522,17 @@ def job_flags(parser, for_plan: bool) -> None:
     parser.add_argument("--output_dir", "--output-dir", dest="output_dir", default="outputs")
     parser.add_argument("--preview", action="store_true", help="also write a contact-sheet PNG beside the mp4")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                        help="compute precision: auto = bf16, or fp16 on GPUs without bf16 (T4, RTX 20xx, GTX 10xx, "
+                             "P100); a step whose output overflows stops with the precision to use")
     parser.add_argument("--t5_cpu", action="store_true", help="run the text encoder on the CPU")
+    parser.add_argument("--cfg", default="auto", choices=["auto", "batched", "per_block"],
+                        help="classifier-free guidance: batched (cond + uncond as one batch) or per_block (one after "
+                             "the other through each block: half the activations, same weights traffic); auto: the "
+                             "plan's")
+    parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash", "sage"],
+                        help="attention kernel: auto = PyTorch SDPA (its own flash kernels where the GPU has them); "
+                             "flash (flash-attn) and sage (SageAttention) when installed, on a CUDA GPU")
     # Official flags accepted for muscle memory; wanlite's own memory handling decides what they mean.
     parser.add_argument("--offload_model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--convert_model_dtype", action="store_true", help=argparse.SUPPRESS)
@@ -562,6 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="resolve and explain how a generation would run on this (or a described) "
                           "machine: the same flags as generate; --ckpt_dir and the files are optional")
     job_flags(plan, for_plan=True)
+    plan.add_argument("--gpu", default=None, metavar="NAME",
+                      help='plan for this card: "RTX 3060", 2080 Ti, T4, P100, 4090, "RTX 4060 Laptop", ... '
+                           "(wanlite.planner.gpus; --vram overrides its memory)")
     plan.add_argument("--vram", type=float, default=None, help="plan for a GPU with this many GB (0: no GPU)")
     plan.add_argument("--ram", type=float, default=None, help="plan for this many GB of RAM")
     plan.add_argument("--disk", type=float, default=2.0, help="disk read speed in GB/s for --vram/--ram")

@@ -1,9 +1,9 @@
-"""The planner's table: for every task x {480p, 720p} x {8, 12, 16, 24 GB VRAM} x {16, 32, 64 GB RAM}, the plan
-it chooses for that (assumed) machine and its predictions: peak VRAM, peak RAM, s/step.
+"""The planner's table: for every task x {480p, 720p} x the cards in GPUS x {16, 32, 64 GB RAM}, the plan it
+chooses for that (described) machine and its predictions: peak VRAM, peak RAM, s/step.
 
 Writes bench/results/plans.json and rewrites the hardware table in README.md between its markers.
 Predicted, not measured: the memory figures come from formulas validated against traced allocations
-(tests/test_planner.py); the times from assumed GPU FLOP rates (wanlite/planner/probe.py: ASSUMED_GPUS).
+(tests/test_planner.py); the times from the cards' published FLOP rates (wanlite/planner/gpus.py).
 Usage: python bench/plans.py
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ SIZES = {"480p": {"t2v-A14B": (832, 480), "i2v-A14B": (832, 480), "ti2v-5B": (83
          "720p": {"t2v-A14B": (1280, 720), "i2v-A14B": (1280, 720), "ti2v-5B": (1280, 704), "s2v-14B": (1280, 704),
                   "animate-14B": (1280, 720)}}
 TASK_ORDER = ("t2v-A14B", "i2v-A14B", "ti2v-5B", "s2v-14B", "animate-14B")  # frames: per clip / segment for the last two
-VRAMS, RAMS = (8, 12, 16, 24), (16, 32, 64)
+GPUS, RAMS = ("RTX 4060", "RTX 3060", "T4", "RTX 4080", "RTX 4090"), (16, 32, 64)
 BEGIN, END = "<!-- plans table: begin (python bench/plans.py) -->", "<!-- plans table: end -->"
 
 
@@ -35,13 +35,13 @@ def main() -> int:
         passes = 2 if any(abs(g - 1.0) > 1e-6 for g in spec.guide_scale) else 1
         for res, sizes in SIZES.items():
             w, h = sizes[task]
-            for vram in VRAMS:
+            for gpu in GPUS:
                 for ram in RAMS:
-                    row = {"task": task, "resolution": res, "size": [w, h], "frames": spec.frames,
-                           "vram_gb": vram, "ram_gb": ram}
+                    machine = hypothetical(None, ram, gpu=gpu)
+                    row = {"task": task, "resolution": res, "size": [w, h], "frames": spec.frames, "gpu": gpu,
+                           "vram_gb": round(machine.vram_total / 1e9), "ram_gb": ram}
                     try:
-                        plan = make_plan(Workload(task, w, h, spec.frames, spec.steps, passes=passes),
-                                         hypothetical(vram, ram))
+                        plan = make_plan(Workload(task, w, h, spec.frames, spec.steps, passes=passes), machine)
                         row.update(fits=True, plan=plan.summary(), quant=plan.quant, offload=plan.offload,
                                    resident_blocks=plan.resident_blocks, ram_mode=plan.ram_mode,
                                    chunk_tokens=plan.chunk_tokens, vae_tile=plan.vae_tile,
@@ -51,7 +51,7 @@ def main() -> int:
                     rows.append(row)
     out = {"command": "python bench/plans.py", "machine": f"{platform.machine()} (planning only, no measurement)",
            "date": datetime.date.today().isoformat(),
-           "note": "predictions for assumed machines (RTX 40xx of each VRAM size, PCIe 4.0, 2 GB/s disk)",
+           "note": "predictions for described machines (the cards' published figures, 2 GB/s disk)",
            "rows": rows}
     (ROOT / "bench" / "results" / "plans.json").write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     table = markdown(rows)
@@ -70,13 +70,14 @@ def main() -> int:
 def markdown(rows: list[dict]) -> str:
     """One line per task and resolution, one cell per VRAM size (RAM 32 GB; 16 and 64 GB noted where the
     plan changes): format, placement and predicted peak VRAM / s per step, or 'no'."""
-    lines = ["| task | res | " + " | ".join(f"{v} GB VRAM" for v in VRAMS) + " |",
-             "|---|---|" + "---|" * len(VRAMS)]
+    lines = ["| task | res | " + " | ".join(f"{g} ({next(r['vram_gb'] for r in rows if r['gpu'] == g)} GB)"
+                                        for g in GPUS) + " |",
+             "|---|---|" + "---|" * len(GPUS)]
     for task in TASK_ORDER:
         for res in SIZES:
             cells = []
-            for vram in VRAMS:
-                r = next(x for x in rows if x["task"] == task and x["resolution"] == res and x["vram_gb"] == vram
+            for gpu in GPUS:
+                r = next(x for x in rows if x["task"] == task and x["resolution"] == res and x["gpu"] == gpu
                          and x["ram_gb"] == 32)
                 if not r["fits"]:
                     cells.append("does not fit")
@@ -84,7 +85,7 @@ def markdown(rows: list[dict]) -> str:
                 p = r["predicted"]
                 where = r["offload"] if r["offload"] != "block" else f"block k={r['resident_blocks']}"
                 low_ram = next(x for x in rows if x["task"] == task and x["resolution"] == res
-                               and x["vram_gb"] == vram and x["ram_gb"] == 16)
+                               and x["gpu"] == gpu and x["ram_gb"] == 16)
                 note = "" if low_ram["fits"] else "; 16 GB RAM: no"
                 cells.append(f"{r['quant']}, {where}, {p['peak_vram_gb']:.1f} GB, ~{p['s_per_step']:.0f} s/step{note}")
             lines.append(f"| {task} | {res} | " + " | ".join(cells) + " |")

@@ -41,16 +41,17 @@ def bf16_dit(spec):
                                           text_dim=TINY_DIT_SPECS["t2v-A14B"].text_dim)],
                          ids=["tiny", "mid"])
 @pytest.mark.parametrize("chunk", [None, 512])
-def test_dit_activation_formula_matches_traced_allocations(spec, chunk):
+@pytest.mark.parametrize("rows_apart", [False, True], ids=["batched", "per-block-cfg"])
+def test_dit_activation_formula_matches_traced_allocations(spec, chunk, rows_apart):
     """predicted / measured within 0.9-1.1 for a CFG batch at 2,400 tokens (the regime plans are made for)."""
     model = bf16_dit(spec)
-    model.chunk_tokens = chunk
+    model.chunk_tokens, model.rows_apart = chunk, rows_apart
     x = torch.randn(2, spec.in_dim, 6, 40, 40)  # 6 * 20 * 20 = 2,400 tokens
     t = torch.full((2,), 900.0)
     context = [torch.randn(20, spec.text_dim), torch.randn(30, spec.text_dim)]
     with torch.no_grad(), LiveBytes() as traced:
         model(x, t, context)
-    predicted = dit_activation_bytes(spec, 6 * 20 * 20, chunk)
+    predicted = dit_activation_bytes(spec, 6 * 20 * 20, chunk, rows_apart=rows_apart)
     assert 0.9 <= predicted / traced.peak <= 1.1, (predicted, traced.peak)
 
 
@@ -197,7 +198,7 @@ def test_shipped_profiles_load_and_plan():
     assert {"8gb", "12gb", "16gb", "24gb", "notebook", "cpu"} <= set(names)
     for name in names:
         choices, _ = load_profile(name)
-        hw = hypothetical(choices.get("vram_gb"), choices["ram_gb"], choices.get("disk_gbps", 2.0))
+        hw = hypothetical(choices.get("vram_gb"), choices["ram_gb"], choices.get("disk_gbps", 2.0), choices.get("gpu"))
         plan = make_plan(Workload("ti2v-5B", 1280, 704, 121, 50), hw)
         assert plan.predicted.peak_ram_gb <= choices["ram_gb"]
 

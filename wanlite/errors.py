@@ -9,3 +9,10 @@ class WanliteError(Exception):
 
 class CheckpointError(WanliteError):
     """A checkpoint file or folder that is missing, damaged, unsafe or for another model."""
+
+
+class NumericalOverflow(WanliteError):
+    """The computation left the range of its number format (fp16 above 65504): stopped before any frame is
+    written, with the precision that avoids it."""
+
+    exit_code = 1

@@ -42,8 +42,11 @@ def active_backend() -> str:
     return _active
 
 
+PACKAGES = {"flash": "flash-attn", "sage": "sageattention"}  # what to pip install for each optional kernel
+
+
 def set_backend(name: str) -> None:
-    """Select the attention kernel; unavailable ones are refused with the list of what works here."""
+    """Select the attention kernel (`resolve` checked it is available: the job names it)."""
     global _active
     if name not in available_backends():
         raise ValueError(f"attention backend {name!r} is not available here; choose one of {available_backends()}")

@@ -80,13 +80,14 @@ class BlockInputs:
     audio: object | None = None  # wanlite.models.s2v.AudioTokens for the blocks followed by an audio injector
     image_context: torch.Tensor | None = None  # Animate: [B, 257, d] CLIP image tokens for the cross-attention
     face: object | None = None  # Animate: wanlite.models.animate.FaceTokens for the face adapters
+    rows_apart: bool = False  # per-block CFG: each batch row (CFG branch) through a block on its own
 
     def rows(self, index: torch.Tensor) -> "BlockInputs":
         """The inputs of some batch rows only (a step cache running the middle blocks for one CFG branch)."""
         pick = lambda t: None if t is None else t[index]  # noqa: E731
         return BlockInputs(self.e0[index], self.context[index], self.rope, self.chunk, self.split,
                            None if self.audio is None else self.audio.rows(index), pick(self.image_context),
-                           None if self.face is None else self.face.rows(index))
+                           None if self.face is None else self.face.rows(index), self.rows_apart)
 
 
 def modulate(t: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split) -> torch.Tensor:
@@ -168,11 +169,18 @@ class WanBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inputs: BlockInputs, out: torch.Tensor | None = None) -> torch.Tensor:
         # x: [B, L, d] in the compute dtype; rebound as soon as each stage is done, so this frame never keeps
-        # the block's input alive (the runner dropped its own reference)
+        # the block's input alive (the runner dropped its own reference). `out`: where a chunked block writes.
+        if inputs.rows_apart and x.shape[0] > 1:  # one branch's temporaries at a time; the weights stay put
+            out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            for i in range(x.shape[0]):
+                row = self.forward(x[i:i + 1], inputs.rows(slice(i, i + 1)), out[i:i + 1])
+                if row.data_ptr() != out[i:i + 1].data_ptr():
+                    out[i:i + 1] = row
+            return out
         if inputs.chunk and inputs.chunk < x.shape[1]:
-            x = self.forward_chunked(x, inputs, inputs.chunk)
+            x = self.forward_chunked(x, inputs, inputs.chunk, out)
         else:
             split = inputs.split
             mod = self.modulation.float().unsqueeze(0) + inputs.e0  # [B, R, 6, d]
@@ -196,7 +204,8 @@ class WanBlock(nn.Module):
             x = self.face_adapter(x, inputs.face, per_chunk)
         return x
 
-    def forward_chunked(self, x: torch.Tensor, inputs: BlockInputs, chunk: int) -> torch.Tensor:
+    def forward_chunked(self, x: torch.Tensor, inputs: BlockInputs, chunk: int,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
         """`forward` with every per-token step done `chunk` tokens at a time (whole latent frames when each
         frame has its own timestep). Only the self-attention keys/values, the output and the input live at
         full length: ~8 x B*L*d bytes in bf16 instead of ~28 (planner/estimate.py), the same numbers up to
@@ -224,7 +233,7 @@ class WanBlock(nn.Module):
             keys[:, s:e] = apply_rope(sa._heads(sa.norm_k(sa.k(h))), cos[s:e], sin[s:e]).flatten(2)
             values[:, s:e] = sa.v(h)
         keys, values = sa._heads(keys), sa._heads(values)
-        out = full_length()
+        out = full_length() if out is None else out
         for s, e, rows in spans:
             h = modulated(x[:, s:e], rows, shift_msa, scale_msa).to(x.dtype)
             q = apply_rope(sa._heads(sa.norm_q(sa.q(h))), cos[s:e], sin[s:e])

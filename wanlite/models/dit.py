@@ -80,6 +80,7 @@ class WanDiT(nn.Module):
                 self.blocks[layer].face_adapter = FaceAdapter(d, spec.num_heads)
         self.runner: Runner = run_blocks
         self.chunk_tokens: int | None = None  # blocks work this many tokens at a time (the plan sets it)
+        self.rows_apart = False  # per-block CFG: cond and uncond through each block one after the other (the plan)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -137,7 +138,8 @@ class WanDiT(nn.Module):
 
         e, e0 = self.embed_time(t)
         inputs = BlockInputs(e0=e0, context=self.embed_text(context),
-                             rope=rope_cos_sin(grid, self.spec.head_dim, device=x.device), chunk=self.chunk_tokens)
+                             rope=rope_cos_sin(grid, self.spec.head_dim, device=x.device), chunk=self.chunk_tokens,
+                             rows_apart=self.rows_apart)
         if animate is not None:
             tokens = self.runner(self.blocks, self._animate_sequence(x, animate, inputs), inputs)
             return self.unpatchify(self.head(tokens, e), grid)

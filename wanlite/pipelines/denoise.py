@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from wanlite.errors import NumericalOverflow
 from wanlite.specs import TaskSpec
 
 
@@ -98,6 +99,10 @@ class Denoiser:
         extra = {name: getattr(self.cond, name).rows(slice(0, passes)) for name in ("s2v", "animate")
                  if getattr(self.cond, name) is not None}
         out = model(torch.cat([x, x]) if cfg else x, timestep, context, y=y, **extra).float()
+        if not torch.isfinite(out).all():  # a NaN / inf video must never be written: stop at the step
+            raise NumericalOverflow(f"the {role.replace('_', '-')} transformer's output is not finite at step "
+                                    f"{step + 1} (an overflow: fp16 ends at 65504); rerun with --dtype bf16 (RTX 30xx "
+                                    "or newer) or --dtype fp32")
         if cfg:
             v_cond, v_uncond = out.chunk(2)
             v = v_uncond + guide * (v_cond - v_uncond)

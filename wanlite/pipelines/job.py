@@ -90,6 +90,7 @@ class Job:
     reasons: tuple[str, ...] = ()  # why the planner chose what it chose
     warnings: tuple[str, ...] = field(default=())  # fallbacks resolve took; shown when the job runs
     keep: KeepPlan = KeepPlan()
+    cfg: str = "batched"  # batched: cond + uncond as one batch; per_block: through each block one after the other
 
     def to_dict(self) -> dict:
         """JSON-ready: the same dict in `plan --json` and in the mp4's metadata."""
@@ -110,7 +111,7 @@ class Job:
         choices = {"quant": self.weights.quant, "offload": o.mode, "resident_blocks": o.resident_blocks,
                    "prefetch": o.prefetch, "ram_mode": o.ram_mode, "chunk_tokens": self.chunk_tokens or 0,
                    "t5_device": "cpu" if self.text_encoder.device == "cpu" else "cuda",
-                   "vae_tile": self.vae.tile or 0, "cache": cache}
+                   "vae_tile": self.vae.tile or 0, "cache": cache, "cfg": self.cfg}
         return profile_toml(choices, [f"wanlite profile saved from the job for {s.task} {s.size[0]}*{s.size[1]}, "
                                       f"{s.frames} frames on {self.machine}", self.summary(),
                                       *(f"why: {r}" for r in self.reasons)])
@@ -121,6 +122,7 @@ class Job:
         placement = o.mode if o.mode != "block" else (
             f"block k={o.resident_blocks} d={o.prefetch} ram={o.ram_mode}")
         chunks = f", blocks in chunks of {self.chunk_tokens} tokens" if self.chunk_tokens else ""
+        chunks += ", CFG per block" if self.cfg == "per_block" else ""
         vae = "whole frames" if self.vae.tile is None else f"tiles of {self.vae.tile}"
         line = (f"job: {self.weights.quant} weights in {self.dtype} on {self.device}, offload {placement}{chunks}, "
                 f"text encoder on {self.text_encoder.device}, VAE {self.vae.dtype} {vae}, step cache "
@@ -128,7 +130,7 @@ class Job:
         p = self.predicted
         if p is not None:
             line += (f"; predicted peak VRAM {p.peak_vram_gb:.1f} GB, RAM {p.peak_ram_gb:.1f} GB, "
-                     f"{p.s_per_step:.1f} s/step")
+                     f"{p.s_per_step:.1f} s/step, {p.total_s / 60:.0f} min for the clip")
         return line
 
 

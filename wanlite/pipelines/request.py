@@ -29,7 +29,7 @@ class Request:
     solver: str | None = None
     seed: int = -1
     device: str = "auto"
-    dtype: str = "bf16"
+    dtype: str = "auto"  # the transformer's compute dtype: auto (bf16; fp16 on GPUs without bf16) | bf16 | fp16 | fp32
     save_file: Path | None = None
     output_dir: Path = Path("outputs")
     preview: bool = False
@@ -72,6 +72,8 @@ class Request:
     replace: bool = False
     refert_num: int = 1
     relighting_lora: bool = False  # Animate: apply the checkpoint's relighting_lora.ckpt (for replacement)
+    attention: str = "auto"  # auto (PyTorch SDPA) | sdpa | flash (flash-attn) | sage (SageAttention)
+    cfg: str = "auto"  # auto (the plan's) | batched (cond + uncond as a batch of 2) | per_block (one after the other)
     # component files overriding what ckpt_dir provides (ComfyUI-style folders of separate files)
     high_noise_model: Path | None = None
     low_noise_model: Path | None = None
@@ -296,6 +298,8 @@ def validate(req: Request, seed: int, files: bool = True) -> Settings:
         raise WanliteError(f"--sample_solver {solver!r} is unknown; choose one of {', '.join(SOLVERS)}")
     if req.vae_tile is not None and req.vae_tile != 0 and req.vae_tile < 4:
         raise WanliteError(f"--vae-tile {req.vae_tile}: give a tile of at least 4 latent pixels, or 0 for no tiling")
+    if req.cfg not in ("auto", "batched", "per_block"):
+        raise WanliteError(f"--cfg {req.cfg!r} is unknown; choose auto, batched or per_block")
     if req.vae_dtype not in ("fp32", "bf16"):
         raise WanliteError(f"--vae_dtype {req.vae_dtype!r} is unknown; choose fp32 or bf16")
     if req.offload not in ("auto", "none", "model", "block"):

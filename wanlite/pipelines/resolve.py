@@ -17,7 +17,7 @@ from wanlite.errors import WanliteError
 from wanlite.loading.checkpoints import CheckpointSet, Component, discover, with_components
 from wanlite.loading.models import check_checkpoint, expert_components
 from wanlite.lora import lora_sets
-from wanlite.models.attention import active_backend
+from wanlite.models.attention import BACKENDS, PACKAGES, available_backends
 from wanlite.models.clip import find_clip
 from wanlite.models.vae import Tiling
 from wanlite.offload import OffloadConfig, converts_on_load, default_cache_dir, host_bytes
@@ -45,13 +45,12 @@ def resolve(request: Request, machine: Hardware | None = None, without_files: bo
     req = request
     settings = validate(req, req.seed if req.seed >= 0 else secrets.randbelow(2**31), files=not without_files)
     task = TASKS[settings.task]
-    if req.dtype not in DTYPES:
-        raise WanliteError(f"--dtype {req.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
     if settings.image is not None:  # an unreadable image is named before any checkpoint file is read
         load_image(Path(settings.image))
     choices = {} if req.profile == "auto" else load_profile(req.profile)[0]
     hw = machine if machine is not None else machine_for(req)
     device = pick_device(req.device) if hw.measured else torch.device("cuda" if hw.gpu else "cpu")
+    dtype = compute_dtype(req.dtype, device, hw)
     parse_quant(req.quant, req.quant_backend)  # a bad --quant fails before anything is read
     if without_files:
         if req.lora or req.lora_high or req.lora_low:
@@ -103,6 +102,14 @@ def resolve(request: Request, machine: Hardware | None = None, without_files: bo
     plan = placement.plan
     predicted = None if plan is None else plan.predicted
     reasons = [] if plan is None else list(plan.reasons)
+    if predicted is not None and predicted.total_s > 3600:
+        from wanlite.pipelines.progress import clock
+
+        cheaper = ["a smaller --size or fewer --frame_num", "--cache fast"]
+        if settings.steps > 8:
+            cheaper.insert(1, "--preset lightning with the Lightning LoRAs (4 steps)")
+        warnings.append(f"this clip is predicted to take about {clock(predicted.total_s)} here; cheaper: "
+                        + ", ".join(cheaper))
     keep = KeepPlan()
     if reuse and not without_files:
         keep = keep_plan(device, hw, offload, host_bytes(experts, task.name, quant), ckpt, predicted,
@@ -110,17 +117,19 @@ def resolve(request: Request, machine: Hardware | None = None, without_files: bo
         reasons.append(f"between generations the transformer waits {WHERE[keep.transformer]}, the text encoder "
                        f"{WHERE[keep.text_encoder]}, the VAE {WHERE[keep.vae]}")
     return Job(
-        settings=settings, device=str(device), dtype=req.dtype,
+        settings=settings, device=str(device), dtype=dtype,
         weights=Weights(None if req.ckpt_dir is None else str(req.ckpt_dir),
                         tuple((flag, str(path)) for flag, path in req.component_files().items()),
                         placement.quant, req.quant_backend, prequantized),
         offload=offload, chunk_tokens=placement.chunk_tokens,
         step_cache=step_cache_config(req, cache, settings, experts, spec.num_layers, warnings),
         loras=loras,
-        text_encoder=TextEncoderPlan("cpu" if placement.t5_cpu else str(device), placement.quant),
+        text_encoder=TextEncoderPlan("cpu" if placement.t5_cpu else str(device),
+                                     placement.t5_quant or placement.quant),
         vae=VaePlan(req.vae_dtype, None if tiling is None else tiling.tile, None if tiling is None else tiling.overlap),
-        attention=active_backend(), wav2vec=None if wav2vec is None else str(wav2vec), machine=hw.describe(),
-        predicted=predicted, reasons=tuple(reasons), warnings=tuple(warnings), keep=keep)
+        attention=attention_backend(req.attention, device), wav2vec=None if wav2vec is None else str(wav2vec), machine=hw.describe(),
+        predicted=predicted, reasons=tuple(reasons), warnings=tuple(warnings), keep=keep,
+        cfg=placement.cfg if passes > 1 else "batched")
 
 
 WHERE = {"device": "on the device", "host": "in RAM", "none": "nowhere (loaded again)"}
@@ -159,6 +168,33 @@ def machine_for(req: Request) -> Hardware:
     """This machine as the request's profile sees it, with the memory free now."""
     choices = {} if req.profile == "auto" else load_profile(req.profile)[0]
     return hardware_for(choices, pick_device(req.device))
+
+
+def compute_dtype(name: str, device: torch.device, hw: Hardware) -> str:
+    """`auto`: bf16, except on a GPU without bf16 units (compute capability below 8.0: T4, RTX 20xx, GTX 10xx,
+    P100), which computes in fp16 (its norms, modulation and residual stream stay fp32 as in bf16)."""
+    if name == "auto":
+        old_gpu = device.type == "cuda" and hw.compute_capability is not None and hw.compute_capability < (8, 0)
+        return "fp16" if old_gpu else "bf16"
+    if name not in DTYPES:
+        raise WanliteError(f"--dtype {name!r} is unknown; choose auto or one of {', '.join(DTYPES)}")
+    return name
+
+
+def attention_backend(name: str, device: torch.device) -> str:
+    """The attention kernel: `auto` is PyTorch's SDPA (it picks its flash / memory-efficient kernels itself);
+    flash-attn and SageAttention when asked for, installed, and the job runs on a CUDA GPU."""
+    if name == "auto":
+        return "sdpa"
+    if name not in BACKENDS:
+        raise WanliteError(f"--attention {name!r} is unknown; choose auto, {', '.join(BACKENDS)}")
+    if name not in available_backends():
+        raise WanliteError(f"--attention {name} needs the {PACKAGES[name]} package, which is not installed here "
+                           f"(pip install {PACKAGES[name]}); --attention sdpa works everywhere")
+    if BACKENDS[name][2] and device.type != "cuda":
+        raise WanliteError(f"--attention {name} runs on a CUDA GPU only; this job runs on {device.type}: use "
+                           "--attention sdpa")
+    return name
 
 
 def pick_device(name: str) -> torch.device:
@@ -276,6 +312,9 @@ def vae_tiling(tile: int | None, stride: int, latent_hw) -> Tiling | None:
 
 def stored_quantized(sources) -> bool:
     """True when the transformer files already hold quantized block weights (fp8, int8, GGUF): they run as
-    stored, the planner does not pick another format for them. Reads headers only."""
-    dense = ("float32", "float16", "bfloat16", "F32", "F16", "BF16")
+    stored, the planner does not pick another format for them. Reads headers only. ComfyUI's mxfp8 / nvfp4 /
+    ConvRot int8 count as dense: no kernel here runs them, they are dequantized on load into the plan's format."""
+    from wanlite.loading.scaled_file import DECODED_FORMATS
+
+    dense = ("float32", "float16", "bfloat16", "F32", "F16", "BF16", *DECODED_FORMATS)
     return any(fmt not in dense for source in sources for key, fmt in source.formats().items() if "blocks." in key)

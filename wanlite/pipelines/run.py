@@ -20,6 +20,7 @@ from wanlite._version import __version__
 from wanlite.errors import WanliteError
 from wanlite.loading.checkpoints import Component
 from wanlite.loading.models import expert_components
+from wanlite.models.attention import set_backend
 from wanlite.offload import Telemetry
 from wanlite.offload.memory import return_large_frees_to_os
 from wanlite.pipelines.components import Components
@@ -64,6 +65,7 @@ def execute(job: Job, path: Path | None, progress: Progress | None = None, previ
     for message in job.warnings:
         emit({"event": "warning", "message": message})
     emit({"event": "plan", "summary": job.summary(), "reasons": list(job.reasons)})
+    set_backend(job.attention)
     settings, task = job.settings, TASKS[job.settings.task]
     device = torch.device(job.device)
     ckpt = checkpoint_set(job.weights.ckpt_dir, {flag: Path(file) for flag, file in job.weights.files})
@@ -85,7 +87,7 @@ def execute(job: Job, path: Path | None, progress: Progress | None = None, previ
     sigmas = make_sigmas(settings.solver, settings.steps, settings.shift)
     timesteps = model_timesteps(settings.solver, settings.steps, settings.shift).tolist()
     dits = components.transformer(job, ckpt, task.name, emit)
-    dits.start(telemetry, emit, step_cache, job.chunk_tokens)
+    dits.start(telemetry, emit, step_cache, job.chunk_tokens, job.cfg == "per_block")
     loras = dits.loras
     shape = (job.settings.task, settings.size, runs.output_frames, job.vae.dtype, job.vae.tile)
     writer, pieces, cache_stats = None, [], None

@@ -35,8 +35,9 @@ def load_profile(name: str) -> tuple[dict, str]:
 def hardware_for(choices: dict, device: torch.device) -> Hardware:
     """The profile's [hardware] when it has one, else this machine (measured once and cached on a GPU), with
     the memory free now."""
-    if "vram_gb" in choices or "ram_gb" in choices:
-        return hypothetical(choices.get("vram_gb"), choices.get("ram_gb", 32), choices.get("disk_gbps", 2.0))
+    if "gpu" in choices or "vram_gb" in choices or "ram_gb" in choices:
+        return hypothetical(choices.get("vram_gb"), choices.get("ram_gb", 32), choices.get("disk_gbps", 2.0),
+                            choices.get("gpu"))
     from wanlite.offload.memory import available_ram, total_ram
 
     if device.type == "cuda":  # the measurement is cached; the free memory is read now
@@ -57,6 +58,8 @@ class Placement:
     chunk_tokens: int | None
     vae_tile: int | None
     t5_cpu: bool
+    cfg: str = "batched"  # batched | per_block
+    t5_quant: str = ""  # the text encoder's format when the plan sets it apart from the transformer's
 
 
 def plan_for_request(req, choices: dict, hw: Hardware, work: Workload, stored_quantized: bool) -> Placement:
@@ -84,4 +87,6 @@ def plan_for_request(req, choices: dict, hw: Hardware, work: Workload, stored_qu
         (req.chunk_tokens if req.chunk_tokens is not None else given("chunk_tokens", 0)) or None,
         req.vae_tile if req.vae_tile is not None else (
             given("vae_tile", 0) if "vae_tile" in choices or (plan is not None and plan.device == "cuda") else None),
-        req.t5_cpu or given("t5_device", "") == "cpu")
+        req.t5_cpu or given("t5_device", "") == "cpu",
+        req.cfg if req.cfg != "auto" else given("cfg", "batched"),
+        plan.t5_quant if plan is not None else "")

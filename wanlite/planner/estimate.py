@@ -114,14 +114,19 @@ def vae_bytes(version: str) -> int:
 
 
 def dit_activation_bytes(spec: DiTSpec, tokens: int, chunk: int | None = None, quantized: bool = False,
-                         batch: int = CFG_BATCH) -> int:
-    """Peak activation bytes of one bf16 DiT forward of `batch` rows (CFG: 2; module docstring)."""
+                         batch: int = CFG_BATCH, rows_apart: bool = False) -> int:
+    """Peak activation bytes of one bf16 DiT forward of `batch` rows (CFG: 2; module docstring). `rows_apart`
+    (per-block CFG): the rows go through each block one at a time, so the block's temporaries are one row's,
+    next to the block's output that the rows fill (B*L*d more held)."""
     b, d = batch, spec.dim
+    rows = 1 if rows_apart else b
     if chunk is None or chunk >= tokens:
-        block = WHOLE_BLOCK * b * tokens * d
+        block = WHOLE_BLOCK * rows * tokens * d
     else:
-        block = CHUNKED_BLOCK * b * tokens * d + CHUNK_TEMPS * b * chunk * d
+        block = CHUNKED_BLOCK * rows * tokens * d + CHUNK_TEMPS * rows * chunk * d
     held = 2 * b * tokens * d + 2 * b * TEXT_LEN * d + 4 * tokens * spec.head_dim + 4 * b * 6 * d
+    if rows_apart and b > 1:
+        held += 2 * b * tokens * d
     dequant = 2 * spec.dim * spec.ffn_dim if quantized else 0
     return int(block + held + dequant)
 

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 from wanlite.errors import WanliteError
 from wanlite.planner.estimate import (GB, Workload, cache_state_bytes, dit_activation_bytes, dit_bytes, dit_flops,
-                                      lora_block_bytes, t5_activation_bytes, t5_bytes, vae_bytes, vae_decode_bytes)
+                                      lora_block_bytes, t5_activation_bytes, t5_bytes, vae_bytes, vae_decode_bytes,
+                                      vae_decode_flops)
 from wanlite.planner.probe import Hardware
 from wanlite.specs import TASKS, VAE_SPECS
 
@@ -59,6 +60,9 @@ class Prediction:
     # peak is their maximum, not their sum): the text encoder's, and the transformer's (denoising)
     ram_text_encoder_gb: float = 0.0
     ram_transformer_gb: float = 0.0
+    # the whole clip: every step at s_per_step, reading the weights from disk once, the VAE decode (one denoising
+    # run: S2V clips and Animate segments each add their steps and decode)
+    total_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,8 @@ class Plan:
     predicted: Prediction
     reasons: tuple[str, ...] = field(default_factory=tuple)
     cache: str = "off"  # the step cache (--cache) the memory was planned with
+    cfg: str = "batched"  # batched | per_block: CFG's two branches through each block together or one by one
+    t5_quant: str = ""  # the text encoder's --quant when it differs from the transformer's ("": the same)
 
     @property
     def weight_format(self) -> str:
@@ -121,17 +127,19 @@ class _Option:
     weights: float
     activations: float
     buffers: float
+    rows_apart: bool = False  # per-block CFG
 
 
 def _dit_options(work: Workload, hw: Hardware, fmt: str, budget: float, prefetch: int,
-                 chunk: int | None) -> list[_Option]:
+                 chunk: int | None, rows_apart: bool = False) -> list[_Option]:
     task = TASKS[work.task]
     spec = work.spec
     experts = len(task.experts)
     nonblock, block = dit_bytes(work.spec, fmt)
     block += lora_block_bytes(spec, work.lora_rank or (work.fp8_lora_rank if fmt == "fp8" else 0))
     expert = nonblock + spec.num_layers * block
-    act = dit_activation_bytes(work.spec, work.tokens, chunk, quantized=fmt != "bf16", batch=work.passes)
+    act = dit_activation_bytes(work.spec, work.tokens, chunk, quantized=fmt != "bf16", batch=work.passes,
+                               rows_apart=rows_apart)
     act += cache_state_bytes(work.spec, work.tokens, work.cache, work.passes)
     compute = (dit_flops(work.spec, work.tokens, work.passes) / (hw.bf16_flops * MATMUL_EFFICIENCY)
                * compute_factor(fmt, hw))
@@ -140,11 +148,11 @@ def _dit_options(work: Workload, hw: Hardware, fmt: str, budget: float, prefetch
     options = []
     if experts * expert + act <= budget:
         options.append(_Option(fmt, chunk, "none", spec.num_layers, "pinned", experts * expert + act, RAM_RESERVE,
-                               compute, 0.0, experts * expert, act, 0.0))
+                               compute, 0.0, experts * expert, act, 0.0, rows_apart))
     if expert + act <= budget:
         # one expert resident: the other is loaded from disk at the switch (once per run, not per step)
         options.append(_Option(fmt, chunk, "model", spec.num_layers, "pinned", expert + act, expert + RAM_RESERVE,
-                               compute, 0.0, expert, act, 0.0))
+                               compute, 0.0, expert, act, 0.0, rows_apart))
     buffers = nonblock + (prefetch + 1) * block
     resident = math.floor((budget - act - buffers) / block) if block else 0
     if resident >= 0:
@@ -156,7 +164,8 @@ def _dit_options(work: Workload, hw: Hardware, fmt: str, budget: float, prefetch
         transfer = streamed / rate if rate else float("inf")
         ram = host_all if pinned_fits else nonblock + (prefetch + 3) * block + RAM_RESERVE
         options.append(_Option(fmt, chunk, "block", resident, ram_mode, act + buffers + resident * block, ram,
-                               max(compute, transfer), streamed, nonblock + resident * block, act, buffers))
+                               max(compute, transfer), streamed, nonblock + resident * block, act, buffers,
+                               rows_apart))
     return options
 
 
@@ -195,6 +204,11 @@ def make_plan(work: Workload, hw: Hardware, quant: str = "auto", prefetch: int =
         if vae_reason:
             reasons.append(vae_reason)
     options = _candidates(work, hw, formats, budget, prefetch)
+    if not options and work.passes > 1:  # per-block CFG: one branch's activations at a time, same weights traffic
+        options = _candidates(work, hw, formats, budget, prefetch, rows_apart=True)
+        if options:
+            reasons.append("CFG per block: cond and uncond go through each block one after the other (the "
+                           "batched pair's activations do not fit)")
     if not options:
         raise WanliteError(_nothing_fits(work, hw, quant, budget, prefetch))
     best_time = min(o.s_per_step for o in options)
@@ -211,6 +225,10 @@ def make_plan(work: Workload, hw: Hardware, quant: str = "auto", prefetch: int =
         vae_need += best.weights + best.buffers
     # the text encoder runs alone before the DiT loads, in the DiT's format (bf16 / fp8 / int8; GGUF: bf16)
     t5_fmt = best.fmt if best.fmt in ("fp8", "int8") else "bf16"
+    if t5_fmt == "bf16" and t5_bytes("bf16") + RAM_RESERVE > hw.ram_available:
+        t5_fmt = "fp8"  # stored fp8 and upcast per layer: any GPU runs it, and it loads in half the RAM
+        reasons.append(f"text encoder in fp8: in bf16 it needs {(t5_bytes('bf16') + RAM_RESERVE) / GB:.1f} GB of "
+                       f"RAM, {hw.ram_available / GB:.1f} GB are free")
     t5_vram = t5_bytes(t5_fmt) + t5_activation_bytes()
     t5_device = "cuda" if t5_vram <= budget else "cpu"
     if t5_device == "cpu":
@@ -225,12 +243,14 @@ def make_plan(work: Workload, hw: Hardware, quant: str = "auto", prefetch: int =
         peak_ram_gb=round(max(best.ram, t5_ram) / GB, 2), bytes_moved_per_step_gb=round(best.moved / GB, 2),
         s_per_step=round(best.s_per_step, 2),
         vram_cache_gb=round(cache_state_bytes(work.spec, work.tokens, work.cache, work.passes) / GB, 2),
-        ram_text_encoder_gb=round(t5_ram / GB, 2), ram_transformer_gb=round(best.ram / GB, 2))
+        ram_text_encoder_gb=round(t5_ram / GB, 2), ram_transformer_gb=round(best.ram / GB, 2),
+        total_s=clip_seconds(work, hw, best.s_per_step, best.fmt, t5_fmt))
     return Plan(work.task, work.width, work.height, work.frames, work.steps, "cuda", QUANT_FLAG[best.fmt],
                 best.offload, best.resident if best.offload == "block" else 0,
                 prefetch if best.offload == "block" else 0, best.ram_mode, best.chunk or 0, t5_device, tile,
                 hw.describe(),
-                predicted, tuple(reasons), cache_name(work.cache))
+                predicted, tuple(reasons), cache_name(work.cache), "per_block" if best.rows_apart else "batched",
+                "fp8" if t5_fmt == "fp8" and best.fmt != "fp8" else "")
 
 
 def _explain(work: Workload, hw: Hardware, best: _Option, budget: float, formats) -> list[str]:
@@ -251,18 +271,20 @@ def _explain(work: Workload, hw: Hardware, best: _Option, budget: float, formats
     return reasons
 
 
-def _candidates(work: Workload, hw: Hardware, formats, budget: float, prefetch: int) -> list:
+def _candidates(work: Workload, hw: Hardware, formats, budget: float, prefetch: int, rows_apart: bool = False) -> list:
     """Every placement that fits VRAM and RAM (the text encoder's RAM phase comes first and is released, so
     it never adds to the DiT's; it needs at most its bf16 weights, which any candidate machine holds)."""
     chunks = [c for c in CHUNKS if c is None or c < work.tokens]
     t5_ram = t5_bytes("fp8") + RAM_RESERVE
-    return [opt for fmt in formats for chunk in chunks for opt in _dit_options(work, hw, fmt, budget, prefetch, chunk)
+    return [opt for fmt in formats for chunk in chunks
+            for opt in _dit_options(work, hw, fmt, budget, prefetch, chunk, rows_apart)
             if max(opt.ram, t5_ram) <= hw.ram_available]
 
 
 def _nothing_fits(work: Workload, hw: Hardware, quant: str, budget: float, prefetch: int) -> str:
-    act = dit_activation_bytes(work.spec, work.tokens, CHUNKS[-1], quantized=True, batch=work.passes)
-    fitting = [f for f in PRECISION_ORDER if _candidates(work, hw, (f,), budget, prefetch)]
+    act = dit_activation_bytes(work.spec, work.tokens, CHUNKS[-1], quantized=True, batch=work.passes,
+                               rows_apart=work.passes > 1)
+    fitting = [f for f in PRECISION_ORDER if _candidates(work, hw, (f,), budget, prefetch, rows_apart=True)]
     if fitting:
         hint = f"the nearest plan that fits uses --quant {QUANT_FLAG[fitting[0]]}"
     else:
@@ -291,10 +313,22 @@ def _cpu_plan(work: Workload, hw: Hardware, formats) -> Plan:
     t5_fmt = fmt if fmt in ("fp8", "int8") else "bf16"
     t5_ram = t5_bytes(t5_fmt) + t5_activation_bytes() + RAM_RESERVE
     predicted = Prediction(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, round(max(ram, t5_ram) / GB, 2), 0.0, round(seconds, 1),
-                           ram_text_encoder_gb=round(t5_ram / GB, 2), ram_transformer_gb=round(ram / GB, 2))
+                           ram_text_encoder_gb=round(t5_ram / GB, 2), ram_transformer_gb=round(ram / GB, 2),
+                           total_s=clip_seconds(work, hw, seconds, fmt, t5_fmt))
     return Plan(work.task, work.width, work.height, work.frames, work.steps, "cpu",
                 "auto" if len(formats) > 1 else QUANT_FLAG[fmt], offload, 0, 1 if offload == "block" else 0,
                 ram_mode, 0, "cpu", 0, hw.describe(), predicted, tuple(reasons), cache_name(work.cache))
+
+
+def clip_seconds(work: Workload, hw: Hardware, s_per_step: float, fmt: str, t5_fmt: str) -> float:
+    """Steps x s/step, plus reading every expert and the text encoder from disk once (1 GB/s when the drive was
+    not measured), plus the VAE decode (its fp32 convolutions at half the matmul rate)."""
+    nonblock, block = dit_bytes(work.spec, fmt)
+    weights = len(TASKS[work.task].experts) * (nonblock + work.spec.num_layers * block) + t5_bytes(t5_fmt)
+    load = weights / (hw.disk_read or GB)
+    decode = 2 * vae_decode_flops(work.task, work.height, work.width, work.frames) / (
+        max(hw.bf16_flops, 1e9) * MATMUL_EFFICIENCY)
+    return round(work.steps * s_per_step + load + decode, 1)
 
 
 def cache_name(config) -> str:
@@ -307,11 +341,11 @@ def cache_name(config) -> str:
 
 # ---------------------------------------------------------------------------------------------- profiles
 PROFILE_CHOICES = ("quant", "offload", "resident_blocks", "prefetch", "ram_mode", "chunk_tokens", "t5_device",
-                   "vae_tile", "cache")  # what a profile's [plan] can decide, in the order it is written
-PROFILE_TYPES = {"vram_gb": (int, float), "ram_gb": (int, float), "disk_gbps": (int, float), "quant": str,
+                   "vae_tile", "cache", "cfg")  # what a profile's [plan] can decide, in the order it is written
+PROFILE_TYPES = {"gpu": str, "vram_gb": (int, float), "ram_gb": (int, float), "disk_gbps": (int, float), "quant": str,
                  "offload": str, "resident_blocks": int, "prefetch": int, "ram_mode": str, "t5_device": str,
                  "chunk_tokens": int,
-                 "vae_tile": int, "cache": str, "description": str}
+                 "vae_tile": int, "cache": str, "cfg": str, "description": str}
 
 
 def plan_to_toml(plan: Plan) -> str:
@@ -329,7 +363,7 @@ def profile_toml(choices: dict, comments: list[str]) -> str:
 
 
 def read_profile(text: str, where: str) -> dict:
-    """Parse and validate a profile: `[hardware]` (vram_gb, ram_gb, disk_gbps) and/or `[plan]` choices;
+    """Parse and validate a profile: `[hardware]` (gpu, vram_gb, ram_gb, disk_gbps) and/or `[plan]` choices;
     an unknown key or a wrong type is named with its file."""
     try:
         import tomllib

@@ -60,31 +60,34 @@ class Hardware:
                 f"PCIe {self.h2d_pinned / GB:.0f} GB/s pinned ({where})")
 
 
-# Hypothetical GPUs by VRAM size: the usual consumer card of that size, with its dense bf16 tensor rate at
-# fp32 accumulation (what torch's bf16 GEMMs use; GeForce cards run it at half the fp16-accumulate rate) and
-# PCIe 4.0 x16 transfer rates. Used only for --vram without a measured GPU.
-ASSUMED_GPUS = {
-    8: ("RTX 4060", (8, 9), 15.1e12),
-    12: ("RTX 4070", (8, 9), 29.1e12),
-    16: ("RTX 4080", (8, 9), 48.7e12),
-    24: ("RTX 4090", (8, 9), 82.6e12),
-}
+# Hypothetical GPUs by VRAM size (`--vram N` without `--gpu`): the usual consumer card of that size.
+ASSUMED_GPUS = {8: "RTX 4060", 12: "RTX 4070", 16: "RTX 4080", 24: "RTX 4090"}
 
 
-def hypothetical(vram_gb: float | None, ram_gb: float, disk_gbps: float = 2.0) -> Hardware:
-    """A machine described by its sizes (`--vram`, `--ram`); `vram_gb=None` or 0 means no GPU."""
-    if not vram_gb:
-        return Hardware(None, ram_total=int(ram_gb * GB), ram_available=int(ram_gb * 0.85 * GB),
-                        disk_read=disk_gbps * GB, bf16_flops=0.5e12, measured=False)
-    size = min(ASSUMED_GPUS, key=lambda s: abs(s - vram_gb))
-    name, cc, flops = ASSUMED_GPUS[size]
+def hypothetical(vram_gb: float | None, ram_gb: float, disk_gbps: float = 2.0, gpu: str | None = None) -> Hardware:
+    """A machine described by its card (`--gpu NAME`, from `wanlite.planner.gpus`) or its sizes (`--vram`,
+    `--ram`); `vram_gb` given with a card overrides its VRAM; no card and `vram_gb=None` or 0 means no GPU."""
+    from wanlite.planner.gpus import PCIE, card
+
     ram = int(ram_gb * GB)
-    return Hardware(f"{name} (assumed)" if size == vram_gb else f"{vram_gb:g} GB GPU (assumed like the {name})",
-                    vram_total=int(vram_gb * GB), vram_free=int((vram_gb - 0.6) * GB), compute_capability=cc,
+    if gpu is None and not vram_gb:
+        return Hardware(None, ram_total=ram, ram_available=int(ram_gb * 0.85 * GB),
+                        disk_read=disk_gbps * GB, bf16_flops=0.5e12, measured=False)
+    if gpu is not None:
+        found = card(gpu)
+        vram_gb = vram_gb or found.vram_gb
+        name, note = found.name, f"GPU figures from wanlite's table for the {found.name}"
+    else:
+        size = min(ASSUMED_GPUS, key=lambda s: abs(s - vram_gb))
+        found = card(ASSUMED_GPUS[size])
+        name = f"{found.name} (assumed)" if size == vram_gb else f"{vram_gb:g} GB GPU (assumed like the {found.name})"
+        note = "GPU figures assumed from its VRAM size"
+    pinned, pageable = PCIE[found.pcie]
+    return Hardware(name, vram_total=int(vram_gb * GB), vram_free=int((vram_gb - 0.6) * GB), compute_capability=found.cc,
                     ram_total=ram, ram_available=int(ram * 0.85), pin_limit=int(ram * 0.5),
-                    h2d_pinned=24 * GB, h2d_pageable=10 * GB, disk_read=disk_gbps * GB, bf16_flops=flops,
-                    fp8_matmul=cc >= (8, 9), flash_attention=True, measured=False,
-                    notes=("GPU figures assumed from its VRAM size",))
+                    h2d_pinned=pinned, h2d_pageable=pageable, disk_read=disk_gbps * GB,
+                    bf16_flops=found.half_tflops * 1e12, fp8_matmul=found.fp8, flash_attention=found.cc >= (8, 0),
+                    measured=False, notes=(note,))
 
 
 def _bandwidth(src: torch.Tensor, device: torch.device, repeats: int = 3) -> float:
@@ -158,6 +161,14 @@ def probe(disk_folder: Path | None = None) -> Hardware:
         h2d_pinned, pin_limit = 0.0, 0
         notes.append("the OS refused to page-lock 256 MB: transfers use pageable memory")
     h2d_pageable = _bandwidth(pageable, device)
+    from wanlite.planner.gpus import find_card
+
+    known = find_card(props.name)
+    if known is not None:
+        notes.append(f"the {known.name}: {known.half_tflops:g} TFLOPS {'bf16' if known.bf16 else 'fp16'} dense on "
+                     f"paper, {known.mem_gbs:g} GB/s memory")
+    if cc < (8, 0):
+        notes.append(f"compute capability {cc[0]}.{cc[1]} has no bf16 units: wanlite computes in fp16 here")
     return Hardware(props.name, vram_total=total, vram_free=free, compute_capability=cc, ram_total=ram,
                     ram_available=available_ram(), pin_limit=pin_limit, h2d_pinned=h2d_pinned,
                     h2d_pageable=h2d_pageable, disk_read=disk, bf16_flops=_matmul_flops(device),
