@@ -194,7 +194,7 @@ def _flags_request(args, task: str | None = None):
         lora_mode=args.lora_mode, preset=args.preset, audio=path(args.audio), pose_video=path(args.pose_video),
         num_clip=args.num_clip, start_from_ref=args.start_from_ref, wav2vec=path(args.wav2vec),
         src_root_path=path(args.src_root_path), replace=args.replace, refert_num=args.refert_num,
-        relighting_lora=args.use_relighting_lora, attention=args.attention, cfg=args.cfg,
+        relighting_lora=args.use_relighting_lora, attention=args.attention, cfg=args.cfg, compile=args.compile,
         **{flag: Path(getattr(args, flag)) for flag in COMPONENT_FLAGS if getattr(args, flag) is not None})
 
 
@@ -530,6 +530,9 @@ def job_flags(parser, for_plan: bool) -> None:
                         help="classifier-free guidance: batched (cond + uncond as one batch) or per_block (one after "
                              "the other through each block: half the activations, same weights traffic); auto: the "
                              "plan's")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each transformer block (minutes of compiling first; needs a C++ compiler "
+                             "on the CPU, Triton on the GPU)")
     parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash", "sage"],
                         help="attention kernel: auto = PyTorch SDPA (its own flash kernels where the GPU has them); "
                              "flash (flash-attn) and sage (SageAttention) when installed, on a CUDA GPU")

@@ -169,3 +169,25 @@ def test_the_planner_runs_cfg_per_block_where_the_batched_pair_does_not_fit():
     assert plan.cfg == "per_block" and any(r.startswith("CFG per block") for r in plan.reasons)
     assert plan.predicted.peak_vram_gb <= 9
     assert make_plan(work, hypothetical(24, 64)).cfg == "batched"  # when the pair fits, it runs as a batch
+
+
+def test_compiled_blocks_give_the_eager_frames(tmp_path):
+    """torch.compile of each block (Inductor on the CPU): the frames of the eager run, within GEMM rounding."""
+    import numpy as np
+
+    frames = {}
+    for compiled in (False, True):
+        result = wanlite.generate(**TINY, seed=3, steps=3, compile=compiled, save_file=tmp_path / f"{compiled}.mp4",
+                                  progress=False)
+        assert result.job.compile == compiled
+        frames[compiled] = result.frames.astype(int)
+    diff = np.abs(frames[True] - frames[False])
+    assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
+
+
+def test_compile_without_a_compiler_is_one_line(monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(WanliteError, match="--compile on the CPU needs a C\\+\\+ compiler"):
+        wanlite.resolve(Request(**TINY, compile=True, device="cpu"))

@@ -40,15 +40,16 @@ class PlacedExperts:
         self.on_device: set[str] = set()
         self.engine = None
         self.telemetry, self.emit, self.cache, self.chunk_tokens = Telemetry(), (lambda event: None), None, None
-        self.rows_apart = False
+        self.rows_apart = self.compile = False
 
     def start(self, telemetry: Telemetry, emit: Callable[[dict], None], cache=None,
-              chunk_tokens: int | None = None, rows_apart: bool = False) -> None:
+              chunk_tokens: int | None = None, rows_apart: bool = False, compile: bool = False) -> None:
         """A generation begins: what it counts, where its events go, its step cache (put in front of each
-        expert's block loop), the token chunks its blocks work in and whether CFG runs per block."""
+        expert's block loop), the token chunks its blocks work in, whether CFG runs per block and whether the
+        blocks run compiled."""
         telemetry.pinned_bytes, telemetry.pageable_bytes = self.telemetry.pinned_bytes, self.telemetry.pageable_bytes
         self.telemetry, self.emit, self.cache, self.chunk_tokens = telemetry, emit, cache, chunk_tokens
-        self.rows_apart = rows_apart
+        self.rows_apart, self.compile = rows_apart, compile
         for s in self.loras.values():
             s.gain = 1.0  # a preset's phases turn it down and up within a generation
         models = self.models if self.engine is None else {r: e.model for r, e in self.engine.experts.items()}
@@ -59,6 +60,10 @@ class PlacedExperts:
 
     def _prepare(self, model: torch.nn.Module, role: str) -> None:
         model.chunk_tokens, model.rows_apart = self.chunk_tokens, self.rows_apart
+        if self.compile:  # each block alone: the runners (offload, step cache) call them from outside
+            for block in model.blocks:
+                if block._compiled_call_impl is None:  # once: a kept model keeps its compiled blocks
+                    block.compile(dynamic=False)
         if self.cache is not None:
             self.cache.attach(model, role)
 

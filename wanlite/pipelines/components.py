@@ -84,7 +84,7 @@ class Components:
                "quant": job.weights.quant, "quant backend": job.weights.quant_backend, "dtype": job.dtype,
                "device": job.device, "offload": job.offload.describe(), "LoRAs": [
                    (p.role, p.files, p.mode, p.merge_outside_blocks) for p in job.loras],
-               "keep": job.keep.transformer}
+               "keep": job.keep.transformer, "compile": job.compile}
         if self.experts is not None and self.experts[0] != key:
             emit(reload_event("transformer", self.experts[0], key))
             self.drop_transformer()

@@ -91,6 +91,7 @@ class Job:
     warnings: tuple[str, ...] = field(default=())  # fallbacks resolve took; shown when the job runs
     keep: KeepPlan = KeepPlan()
     cfg: str = "batched"  # batched: cond + uncond as one batch; per_block: through each block one after the other
+    compile: bool = False  # each DiT block through torch.compile (the offload and cache runners stay outside)
 
     def to_dict(self) -> dict:
         """JSON-ready: the same dict in `plan --json` and in the mp4's metadata."""

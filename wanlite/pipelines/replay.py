@@ -32,7 +32,8 @@ def recorded_request(path: Path) -> Request:
         task=s["task"], prompt=s["prompt"], negative_prompt=s["negative_prompt"], ckpt_dir=optional(w["ckpt_dir"]),
         image=optional(s["image"]), size=tuple(s["size"]), frames=s["frames"], steps=s["steps"], shift=s["shift"],
         guide_scale=tuple(s["guide_scale"]), solver=s["solver"], seed=s["seed"], device=job["device"],
-        dtype=job["dtype"], attention=job["attention"], cfg=job["cfg"], t5_cpu=job["text_encoder"]["device"] == "cpu", quant=w["quant"],
+        dtype=job["dtype"], attention=job["attention"], cfg=job.get("cfg", "auto"),  # older records lack these two
+        compile=job.get("compile", False), t5_cpu=job["text_encoder"]["device"] == "cpu", quant=w["quant"],
         quant_backend=w["quant_backend"], vae_tile=job["vae"]["tile"] or 0, vae_dtype=job["vae"]["dtype"],
         offload=o["mode"], resident_blocks=o["resident_blocks"], prefetch=o["prefetch"], ram_mode=o["ram_mode"],
         chunk_tokens=job["chunk_tokens"] or 0, offload_cache=optional(o["cache_dir"]),

@@ -74,6 +74,7 @@ class Request:
     relighting_lora: bool = False  # Animate: apply the checkpoint's relighting_lora.ckpt (for replacement)
     attention: str = "auto"  # auto (PyTorch SDPA) | sdpa | flash (flash-attn) | sage (SageAttention)
     cfg: str = "auto"  # auto (the plan's) | batched (cond + uncond as a batch of 2) | per_block (one after the other)
+    compile: bool = False  # torch.compile each DiT block (shapes fixed per run); off by default
     # component files overriding what ckpt_dir provides (ComfyUI-style folders of separate files)
     high_noise_model: Path | None = None
     low_noise_model: Path | None = None

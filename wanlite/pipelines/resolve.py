@@ -129,7 +129,7 @@ def resolve(request: Request, machine: Hardware | None = None, without_files: bo
         vae=VaePlan(req.vae_dtype, None if tiling is None else tiling.tile, None if tiling is None else tiling.overlap),
         attention=attention_backend(req.attention, device), wav2vec=None if wav2vec is None else str(wav2vec), machine=hw.describe(),
         predicted=predicted, reasons=tuple(reasons), warnings=tuple(warnings), keep=keep,
-        cfg=placement.cfg if passes > 1 else "batched")
+        cfg=placement.cfg if passes > 1 else "batched", compile=req.compile and compiler_ready(device))
 
 
 WHERE = {"device": "on the device", "host": "in RAM", "none": "nowhere (loaded again)"}
@@ -179,6 +179,20 @@ def compute_dtype(name: str, device: torch.device, hw: Hardware) -> str:
     if name not in DTYPES:
         raise WanliteError(f"--dtype {name!r} is unknown; choose auto or one of {', '.join(DTYPES)}")
     return name
+
+
+def compiler_ready(device: torch.device) -> bool:
+    """--compile needs what torch.compile's Inductor builds with: Triton on a GPU, a C++ compiler on the CPU."""
+    import importlib.util
+    import shutil
+
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise WanliteError("--compile on a GPU needs Triton (pip install triton; on Windows: triton-windows); "
+                           "drop --compile to run uncompiled")
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "clang++", "cl")):
+        raise WanliteError("--compile on the CPU needs a C++ compiler (g++, clang++ or MSVC's cl) on PATH; drop "
+                           "--compile to run uncompiled")
+    return True
 
 
 def attention_backend(name: str, device: torch.device) -> str:

@@ -87,7 +87,7 @@ def execute(job: Job, path: Path | None, progress: Progress | None = None, previ
     sigmas = make_sigmas(settings.solver, settings.steps, settings.shift)
     timesteps = model_timesteps(settings.solver, settings.steps, settings.shift).tolist()
     dits = components.transformer(job, ckpt, task.name, emit)
-    dits.start(telemetry, emit, step_cache, job.chunk_tokens, job.cfg == "per_block")
+    dits.start(telemetry, emit, step_cache, job.chunk_tokens, job.cfg == "per_block", job.compile)
     loras = dits.loras
     shape = (job.settings.task, settings.size, runs.output_frames, job.vae.dtype, job.vae.tile)
     writer, pieces, cache_stats = None, [], None
