@@ -67,6 +67,13 @@ def test_block_offload_stays_open_between_generations(tmp_path, ram_mode):
     assert first.cache == second.cache == one_shot.cache and first.cache["skipped_fraction"] > 0
 
 
+def test_an_output_that_is_not_an_mp4_is_refused_before_any_work(tmp_path):
+    with wanlite.load(progress=False, **TINY) as pipe:
+        with pytest.raises(WanliteError, match="output='.*clip.avi' must end in .mp4"):
+            pipe.generate("x", output=tmp_path / "clip.avi")
+        assert not pipe.loads and not list(tmp_path.iterdir())
+
+
 def test_memory_stays_flat_over_five_generations():
     with wanlite.load(progress=False, **TINY) as pipe:
         sizes = []

@@ -14,6 +14,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+from wanlite.errors import WanliteError
 from wanlite.pipelines.components import Components
 from wanlite.pipelines.job import Job
 from wanlite.pipelines.request import Request, request_with
@@ -62,6 +63,8 @@ class Pipeline:
         self.job = job
         path = None if not save or output is None else (
             output_path(request, job.settings) if output == NEW_FILE else Path(output))
+        if path is not None and path.suffix.lower() != ".mp4":
+            raise WanliteError(f"output={str(path)!r} must end in .mp4 (or pass save=False for frames only)")
         with display(self.progress if progress is None else progress) as emit:
             return execute(job, path, emit, request.preview, self.components)
 
@@ -112,8 +115,6 @@ def generate(request: Request | None = None, progress: bool | Progress = True, *
 
 
 def base_request(request: Request | None, options: dict) -> Request:
-    from wanlite.errors import WanliteError
-
     if request is None:
         if "task" not in options:
             raise WanliteError("pass task=... (one of wanlite.TASKS)")
