@@ -162,8 +162,8 @@ def decode_steps(job: Job, task, runs) -> float:
     s = job.settings
     w, h = s.size
     passes = 2 if any(abs(g - 1.0) > 1e-6 for g in s.guide_scale) else 1
-    step = dit_flops(Workload(task.name, w, h, s.frames, s.steps).spec,
-                     Workload(task.name, w, h, s.frames, s.steps).tokens, passes)
+    work = Workload(task.name, w, h, s.frames, s.steps)
+    step = dit_flops(work.spec, work.tokens, passes)
     return 2 * vae_decode_flops(task.name, h, w, runs.output_frames / runs.count) / step
 
 
