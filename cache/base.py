@@ -235,7 +235,7 @@ class StepCache:
 
         signal = self.policy.needs_signal
         x_in = x if signal else None
-        h = inner(blocks, x, inputs, 0, front)
+        h = inner(blocks, x, inputs.keeping_input() if signal else inputs, 0, front)
         del x
         front_residual = (h - x_in) if signal else None
         del x_in
@@ -259,7 +259,7 @@ class StepCache:
             sub = len(run_rows) < rows
             index = torch.tensor(run_rows, device=h.device)
             h_in = h[index] if sub else h
-            h_mid = inner(blocks, h_in, inputs.rows(index) if sub else inputs, front, middle_end)
+            h_mid = inner(blocks, h_in, (inputs.rows(index) if sub else inputs).keeping_input(), front, middle_end)
             residual = h_mid - h_in
             for j, r in enumerate(run_rows):
                 states[r].record(self.step, residual[j], self.policy.order)

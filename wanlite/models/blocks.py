@@ -6,7 +6,7 @@ token shares the timestep), never the official per-token `[B, L, 6, d]` tensor.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -81,13 +81,20 @@ class BlockInputs:
     image_context: torch.Tensor | None = None  # Animate: [B, 257, d] CLIP image tokens for the cross-attention
     face: object | None = None  # Animate: wanlite.models.animate.FaceTokens for the face adapters
     rows_apart: bool = False  # per-block CFG: each batch row (CFG branch) through a block on its own
+    # per-block CFG: each row's output is written over its input, so a block holds one [B, L, d] tensor, not
+    # two; only while nobody keeps the blocks' inputs (a step cache turns it off for the ranges it keeps)
+    overwrite: bool = False
 
     def rows(self, index: torch.Tensor) -> "BlockInputs":
         """The inputs of some batch rows only (a step cache running the middle blocks for one CFG branch)."""
         pick = lambda t: None if t is None else t[index]  # noqa: E731
         return BlockInputs(self.e0[index], self.context[index], self.rope, self.chunk, self.split,
                            None if self.audio is None else self.audio.rows(index), pick(self.image_context),
-                           None if self.face is None else self.face.rows(index), self.rows_apart)
+                           None if self.face is None else self.face.rows(index), self.rows_apart, self.overwrite)
+
+    def keeping_input(self) -> "BlockInputs":
+        """These inputs for a block range whose input the caller still needs afterwards."""
+        return replace(self, overwrite=False) if self.overwrite else self
 
 
 def modulate(t: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split) -> torch.Tensor:
@@ -173,7 +180,8 @@ class WanBlock(nn.Module):
         # x: [B, L, d] in the compute dtype; rebound as soon as each stage is done, so this frame never keeps
         # the block's input alive (the runner dropped its own reference). `out`: where a chunked block writes.
         if inputs.rows_apart and x.shape[0] > 1:  # one branch's temporaries at a time; the weights stay put
-            out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            # a row's input is read in full before its output lands (the chunked pass reads each chunk first)
+            out = x if inputs.overwrite else torch.empty(x.shape, dtype=x.dtype, device=x.device)
             for i in range(x.shape[0]):
                 row = self.forward(x[i:i + 1], inputs.rows(slice(i, i + 1)), out[i:i + 1])
                 if row.data_ptr() != out[i:i + 1].data_ptr():
@@ -279,8 +287,16 @@ class Head(nn.Module):
         self.head = nn.Linear(dim, out_features)
         self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        # e: [B, Fe, d] fp32 -> shift, scale: [B, Fe, 1, d]
+    def forward(self, x: torch.Tensor, e: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        # e: [B, Fe, d] fp32 -> shift, scale: [B, Fe, 1, d]. With `chunk`, about that many tokens (whole latent
+        # frames) at a time: the normed and modulated fp32 copies of every token would be 4x the tokens' bytes
         shift, scale = (self.modulation.float().unsqueeze(0) + e.unsqueeze(2)).unsqueeze(2).unbind(3)
-        h = per_frame(layer_norm_fp32(x, self.eps), e.shape[1]) * (1 + scale) + shift
-        return linear_fp32(self.head, h.flatten(1, 2))
+        length, frames = x.shape[1], e.shape[1]
+        per = length // frames
+        step = length if not chunk else per * max(1, chunk // per) if frames > 1 else chunk
+        out = []
+        for s in range(0, length, step):
+            rows = slice(s // per, -(-min(s + step, length) // per))
+            h = per_frame(layer_norm_fp32(x[:, s:s + step], self.eps), rows.stop - rows.start) * (1 + scale[:, rows])
+            out.append(linear_fp32(self.head, (h + shift[:, rows]).flatten(1, 2)))
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)

@@ -139,19 +139,20 @@ class WanDiT(nn.Module):
         e, e0 = self.embed_time(t)
         inputs = BlockInputs(e0=e0, context=self.embed_text(context),
                              rope=rope_cos_sin(grid, self.spec.head_dim, device=x.device), chunk=self.chunk_tokens,
-                             rows_apart=self.rows_apart)
+                             rows_apart=self.rows_apart, overwrite=self.rows_apart)
         if animate is not None:
             tokens = self.runner(self.blocks, self._animate_sequence(x, animate, inputs), inputs)
-            return self.unpatchify(self.head(tokens, e), grid)
+            return self.unpatchify(self.head(tokens, e, self.chunk_tokens), grid)
         if s2v is None:
             # the embedded tokens [B, L, d] go straight into the runner, so no name here keeps them alive while
             # the blocks run (the runner drops each block's input as the next one starts)
-            tokens = self.runner(self.blocks, self.patch_embedding(x.to(self.compute_dtype)).flatten(2).transpose(1, 2),
-                                 inputs)
-            return self.unpatchify(self.head(tokens, e), grid)
+            # contiguous: per-block CFG writes every block's output over these tokens
+            tokens = self.runner(self.blocks, self.patch_embedding(x.to(self.compute_dtype)).flatten(2).transpose(1, 2)
+                                 .contiguous(), inputs)
+            return self.unpatchify(self.head(tokens, e, self.chunk_tokens), grid)
         noisy = math.prod(grid)
         tokens = self.runner(self.blocks, self._s2v_sequence(x, t, s2v, inputs), inputs)
-        return self.unpatchify(self.head(tokens[:, :noisy], e), grid)
+        return self.unpatchify(self.head(tokens[:, :noisy], e, self.chunk_tokens), grid)
 
     def _animate_sequence(self, x: torch.Tensor, animate: AnimateConditions, inputs: BlockInputs) -> torch.Tensor:
         """Animate's tokens: patches with the pose embedding added to every latent frame after the reference
@@ -169,7 +170,7 @@ class WanDiT(nn.Module):
         if inputs.face.tokens.shape[1] != tokens.shape[2]:
             raise ValueError(f"{frames} face crops give {inputs.face.tokens.shape[1] - 1} latent frames after the "
                              f"reference, the clip has {tokens.shape[2] - 1}")
-        return tokens.flatten(2).transpose(1, 2)
+        return tokens.flatten(2).transpose(1, 2).contiguous()
 
     def _s2v_sequence(self, x: torch.Tensor, t: torch.Tensor, s2v: S2VConditions, inputs: BlockInputs):
         """The S2V token sequence [noisy + pose | reference | motion history], each segment tagged by its

@@ -114,18 +114,20 @@ def vae_bytes(version: str) -> int:
 
 
 def dit_activation_bytes(spec: DiTSpec, tokens: int, chunk: int | None = None, quantized: bool = False,
-                         batch: int = CFG_BATCH, rows_apart: bool = False) -> int:
+                         batch: int = CFG_BATCH, rows_apart: bool = False, keeps_inputs: bool = False) -> int:
     """Peak activation bytes of one bf16 DiT forward of `batch` rows (CFG: 2; module docstring). `rows_apart`
-    (per-block CFG): the rows go through each block one at a time, so the block's temporaries are one row's,
-    next to the block's output that the rows fill (B*L*d more held)."""
+    (per-block CFG): the rows go through each block one at a time, so the block's temporaries are one row's and
+    each row's output is written over its input; when a step cache keeps block inputs (`keeps_inputs`) the
+    rows fill a separate output (B*L*d more held)."""
     b, d = batch, spec.dim
     rows = 1 if rows_apart else b
+    overwrite = rows_apart and b > 1 and not keeps_inputs
     if chunk is None or chunk >= tokens:
         block = WHOLE_BLOCK * rows * tokens * d
-    else:
-        block = CHUNKED_BLOCK * rows * tokens * d + CHUNK_TEMPS * rows * chunk * d
+    else:  # a chunked row written over its input allocates no output of its own
+        block = (CHUNKED_BLOCK - 2 * overwrite) * rows * tokens * d + CHUNK_TEMPS * rows * chunk * d
     held = 2 * b * tokens * d + 2 * b * TEXT_LEN * d + 4 * tokens * spec.head_dim + 4 * b * 6 * d
-    if rows_apart and b > 1:
+    if rows_apart and b > 1 and keeps_inputs:
         held += 2 * b * tokens * d
     dequant = 2 * spec.dim * spec.ffn_dim if quantized else 0
     return int(block + held + dequant)

@@ -139,7 +139,7 @@ def _dit_options(work: Workload, hw: Hardware, fmt: str, budget: float, prefetch
     block += lora_block_bytes(spec, work.lora_rank or (work.fp8_lora_rank if fmt == "fp8" else 0))
     expert = nonblock + spec.num_layers * block
     act = dit_activation_bytes(work.spec, work.tokens, chunk, quantized=fmt != "bf16", batch=work.passes,
-                               rows_apart=rows_apart)
+                               rows_apart=rows_apart, keeps_inputs=work.cache is not None)
     act += cache_state_bytes(work.spec, work.tokens, work.cache, work.passes)
     compute = (dit_flops(work.spec, work.tokens, work.passes) / (hw.bf16_flops * MATMUL_EFFICIENCY)
                * compute_factor(fmt, hw))
@@ -283,7 +283,7 @@ def _candidates(work: Workload, hw: Hardware, formats, budget: float, prefetch: 
 
 def _nothing_fits(work: Workload, hw: Hardware, quant: str, budget: float, prefetch: int) -> str:
     act = dit_activation_bytes(work.spec, work.tokens, CHUNKS[-1], quantized=True, batch=work.passes,
-                               rows_apart=work.passes > 1)
+                               rows_apart=work.passes > 1, keeps_inputs=work.cache is not None)
     fitting = [f for f in PRECISION_ORDER if _candidates(work, hw, (f,), budget, prefetch, rows_apart=True)]
     if fitting:
         hint = f"the nearest plan that fits uses --quant {QUANT_FLAG[fitting[0]]}"
