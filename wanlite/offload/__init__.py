@@ -23,6 +23,7 @@ from wanlite.errors import WanliteError
 from wanlite.offload.memory import return_large_frees_to_os, total_ram
 from wanlite.offload.runner import Expert, OffloadEngine, Telemetry
 from wanlite.offload.stores import DiskCache, FileStore, PinBudget, RamStore, pieces, source_fingerprint
+from wanlite.offload.streams import Streams
 
 __all__ = ["OffloadConfig", "OffloadEngine", "Telemetry", "attach_offload", "open_offloaded", "OFFLOAD_MODES",
            "RAM_MODES", "default_cache_dir", "load_merged_cached", "merges_into_quantized", "converts_on_load",
@@ -72,12 +73,14 @@ def _budget(config: OffloadConfig) -> PinBudget:
 
 
 def attach_offload(models: dict[str, nn.Module], config: OffloadConfig, device,
-                   telemetry: Telemetry | None = None, copy_on_host: bool = False) -> OffloadEngine:
+                   telemetry: Telemetry | None = None, copy_on_host: bool = False,
+                   streams: Streams | None = None) -> OffloadEngine:
     """Stream already-loaded DiT(s) (on the host, any weight format) block by block to `device`.
 
     Each model's weights move into per-piece host slabs (page-locked within the cap) and the models' tensors
     are re-pointed at them; `engine.activate(role)` returns a model ready to call. With `device="cpu"` the
     slabs are used in place (nothing to copy) unless `copy_on_host` asks for the device path's copies.
+    `streams`: the stream API the copies run on (default: the device's; tests pass an emulator).
 
     Example:
         >>> engine = attach_offload({"main": dit}, OffloadConfig("block", resident_blocks=4, prefetch=2), "cuda")
@@ -87,7 +90,7 @@ def attach_offload(models: dict[str, nn.Module], config: OffloadConfig, device,
     budget = _budget(config)
     experts = {role: Expert(model, RamStore(model, budget)) for role, model in models.items()}
     engine = OffloadEngine(experts, torch.device(device), config.resident_blocks, config.prefetch, telemetry,
-                           copy_on_host)
+                           copy_on_host, streams)
     engine.telemetry.pinned_bytes, engine.telemetry.pageable_bytes = budget.pinned, budget.pageable
     return engine
 
@@ -95,11 +98,11 @@ def attach_offload(models: dict[str, nn.Module], config: OffloadConfig, device,
 def open_offloaded(components: dict, task: str, dtype: torch.dtype, quant, config: OffloadConfig, device,
                    emit: Callable[[dict], None] = lambda e: None,
                    telemetry: Telemetry | None = None, copy_on_host: bool = False,
-                   loras: dict | None = None) -> OffloadEngine:
+                   loras: dict | None = None, streams: Streams | None = None) -> OffloadEngine:
     """Open the task's expert(s) for block offload in `config.ram_mode`, never holding more of them in RAM
     than the mode allows (`pinned`: all of them; `mmap` / `disk`: a few blocks of one). The mode is taken as
     given (`resolve` chose it, fallbacks included). `loras`: role -> wanlite.lora.LoraSet, their modes as
-    resolved (re-read blocks bind into fixed shells: `merge_outside_blocks`)."""
+    resolved (re-read blocks bind into fixed shells: `merge_outside_blocks`); `streams` as in `attach_offload`."""
 
     from wanlite.loading.models import DiTPieces, load_dit
 
@@ -127,7 +130,7 @@ def open_offloaded(components: dict, task: str, dtype: torch.dtype, quant, confi
             parts.model.blocks[i] = shell
         experts[role] = Expert(parts.model, FileStore(parts.model, parts.load, staging, budget, cache))
     engine = OffloadEngine(experts, torch.device(device), config.resident_blocks, config.prefetch, telemetry,
-                           copy_on_host)
+                           copy_on_host, streams)
     engine.telemetry.pinned_bytes, engine.telemetry.pageable_bytes = budget.pinned, budget.pageable
     return engine
 

@@ -9,8 +9,10 @@ step. The order of all blocks of all forwards is known from the expert schedule,
 "pre" weights and resident blocks are copied into their buffers as soon as the current expert is done with
 them. Only the head (a few hundred KB) is copied at the switch itself.
 
-On CUDA, copies run on their own stream from pinned host memory and are ordered with events (no device-wide
-synchronize). On CPU the same code runs synchronously: every "copy" is a memcpy into the buffer.
+Copies run on their own stream (from pinned host memory on CUDA) and are ordered with events, never a
+device-wide synchronize. The stream API comes from a `Streams` object chosen when the engine is built
+(wanlite.offload.streams): CUDA's, the host's (every "copy" is a memcpy into the buffer, done at once) or a
+test's emulator; the engine's code is the same for all of them.
 
 A step cache (wanlite.cache) runs a forward as block ranges and tells the engine ahead which blocks will run
 (`ExpertRunner.expect`): blocks a cached step skips are never copied, and the prefetcher stops at a block whose
@@ -18,7 +20,6 @@ fate is still undecided instead of spending bandwidth on it.
 """
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from torch import nn
 
 from wanlite.offload.slabs import Layout, layout_of, piece_filter, tables, unbind, views
 from wanlite.offload.stores import Piece, RamStore, shell_of
+from wanlite.offload.streams import Streams, streams_for
 
 
 @dataclass
@@ -119,7 +121,7 @@ class OffloadEngine:
     pre/head/resident pieces bound) and the expert's `runner` streams the rest."""
 
     def __init__(self, experts: dict[str, Expert], device: torch.device, resident: int, prefetch: int,
-                 telemetry: Telemetry | None = None, copy_on_host: bool = False):
+                 telemetry: Telemetry | None = None, copy_on_host: bool = False, streams: Streams | None = None):
         self.experts, self.device = experts, torch.device(device)
         # When the device is the host and the weights are in RAM slabs, the slabs are already where the
         # computation reads: nothing is copied unless asked (tests and the overhead bench force the copies).
@@ -129,8 +131,8 @@ class OffloadEngine:
         self.resident = max(0, min(resident, self.num_blocks))
         self.depth = max(0, prefetch)
         self.telemetry = telemetry or Telemetry()
-        self.cuda = self.device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.streams = streams if streams is not None else streams_for(self.device)
+        self.copy_stream = self.streams.stream()
         self.pre, self.head = Buffer(self.device), Buffer(self.device)
         self.resident_bufs = [Buffer(self.device) for _ in range(self.resident)]
         self.ring = [Buffer(self.device) for _ in range(self.depth + 1)]
@@ -144,7 +146,7 @@ class OffloadEngine:
         self.schedule: list[str] | None = None
         self.active: str | None = None
         self.preloaded: set[tuple[str, Piece]] = set()
-        self.stall_events: list = []  # (before, after) CUDA event pairs around each wait for a copy
+        self.stall_events: list = []  # (before, after) timing event pairs around each wait for a copy
         self.switch_events: list = []
         self.places: dict = {}  # (id(shell), id(layout)) -> where each slot's tensor lives in the shell
         self.plain_runners = {role: expert.model.runner for role, expert in experts.items()}
@@ -186,8 +188,7 @@ class OffloadEngine:
                 return n, i
 
     def _reset_queue(self) -> None:
-        if self.copy_stream is not None:
-            self.copy_stream.synchronize()  # only the copy stream: drop copies no one will read
+        self.copy_stream.synchronize()  # only the copy stream: drop copies no one will read
         for _, buf in self.queue:
             buf.loaded = None
         self.queue.clear()
@@ -217,38 +218,30 @@ class OffloadEngine:
         layout, host, shell = expert.store.fetch(piece)
         if shell is not None:  # first read of a file-backed block: its module structure arrives with it
             expert.model.blocks[piece] = shell
-        started = time.perf_counter()
-        if self.cuda:
-            with torch.cuda.stream(self.copy_stream):
-                if buf.free is not None:
-                    self.copy_stream.wait_event(buf.free)
-                dst = buf.reserve(layout.nbytes)
-                dst[: layout.nbytes].copy_(host[: layout.nbytes], non_blocking=True)
-                buf.loaded = torch.cuda.Event()
-                buf.loaded.record(self.copy_stream)
-            expert.store.release(host, buf.loaded)
-        else:
+        with self.streams.use(self.copy_stream):
+            if buf.free is not None:
+                self.copy_stream.wait_event(buf.free)
             dst = buf.reserve(layout.nbytes)
-            dst[: layout.nbytes].copy_(host[: layout.nbytes])
-            expert.store.release(host)
-            self.telemetry.copy_wait_s += time.perf_counter() - started
+            self.telemetry.copy_wait_s += self.streams.copy(dst[: layout.nbytes], host[: layout.nbytes])
+            buf.loaded = self.streams.event()
+            buf.loaded.record(self.copy_stream)
+        expert.store.release(host, buf.loaded)
         self.telemetry.bytes_moved += layout.nbytes
         return layout
 
     def _wait(self, buf: Buffer) -> None:
         """Make the compute stream wait for `buf`'s copy, timing the stall with a pair of events."""
-        if self.cuda and buf.loaded is not None:
-            stream = torch.cuda.current_stream(self.device)
-            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if buf.loaded is not None:
+            stream = self.streams.current_stream()
+            before, after = self.streams.event(timing=True), self.streams.event(timing=True)
             before.record(stream)
             stream.wait_event(buf.loaded)
             after.record(stream)
             self.stall_events.append((before, after))
 
     def _done(self, buf: Buffer) -> None:
-        if self.cuda:
-            buf.free = torch.cuda.Event()
-            buf.free.record(torch.cuda.current_stream(self.device))
+        buf.free = self.streams.event()
+        buf.free.record(self.streams.current_stream())
 
     def _bind(self, expert: Expert, shell: nn.Module, layout: Layout, buf: Buffer) -> None:
         """Point `shell` at `layout`'s views on `buf`. Its own tensors are saved the first time and put back
@@ -278,7 +271,7 @@ class OffloadEngine:
         if switching:
             self._release(self.active)
         expert = self.experts[role]
-        first_event, started = len(self.stall_events), time.perf_counter()
+        first_event, copying = len(self.stall_events), self.telemetry.copy_wait_s
         pieces = () if self.in_place[role] else (("pre", self.pre), ("head", self.head),
                                                  *((i, self.resident_bufs[i]) for i in range(self.resident)))
         for piece, buf in pieces:
@@ -288,10 +281,8 @@ class OffloadEngine:
             self._bind(expert, shell_of(expert.model, piece), self._layout(role, piece), buf)
         self.preloaded = {p for p in self.preloaded if p[0] != role}
         if switching:
-            if self.cuda:
-                self.switch_events += self.stall_events[first_event:]
-            else:
-                self.telemetry.switch_stall_s += time.perf_counter() - started
+            self.switch_events += self.stall_events[first_event:]
+            self.telemetry.switch_stall_s += self.telemetry.copy_wait_s - copying  # host copies block the caller
         self.active = role
         if self.schedule is None:
             self._reset_queue()
@@ -321,8 +312,11 @@ class OffloadEngine:
                    stop: int | None = None) -> torch.Tensor:
         """`WanDiT.runner` for expert `role`: blocks[start:stop], the resident ones in place, the others through
         the ring. A forward may come as several ranges (a step cache); it ends with the range reaching the last
-        block."""
+        block (an empty range after that, a step cache's back range when it has no back blocks, is no new
+        forward)."""
         stop = self.num_blocks if stop is None else stop
+        if start == stop == self.num_blocks and not self.in_forward:
+            return x
         if role != self.active:
             self.activate(role)
         n = self.forward
@@ -383,12 +377,10 @@ class OffloadEngine:
         if self.active is not None:
             self._release(self.active)
             self.active = None
-        if self.cuda:
-            torch.cuda.current_stream(self.device).synchronize()
-            self.copy_stream.synchronize()
-            stalls = [b.elapsed_time(a) / 1000 for b, a in self.stall_events]
-            self.telemetry.copy_wait_s += sum(stalls)
-            self.telemetry.switch_stall_s += sum(b.elapsed_time(a) / 1000 for b, a in self.switch_events)
+        self.streams.current_stream().synchronize()
+        self.copy_stream.synchronize()
+        self.telemetry.copy_wait_s += sum(b.elapsed_time(a) / 1000 for b, a in self.stall_events)
+        self.telemetry.switch_stall_s += sum(b.elapsed_time(a) / 1000 for b, a in self.switch_events)
         self.telemetry.sample(self.device)
         for expert in self.experts.values():
             if hasattr(expert.store, "read_wait_s"):
