@@ -75,14 +75,18 @@ def cmd_info(args) -> int:
 
 
 def cmd_check(args) -> int:
+    from pathlib import Path
+
     from rich.console import Console
     from rich.table import Table
 
-    from wanlite.loading.checkpoints import discover
+    from wanlite.loading.checkpoints import COMPONENT_FLAGS, discover, with_components
     from wanlite.loading.models import check_checkpoint
     from wanlite.specs import TASKS
 
-    ckpt = discover(args.ckpt_dir)
+    locate_checkpoint(args)
+    files = {flag: Path(getattr(args, flag)) for flag in COMPONENT_FLAGS if getattr(args, flag, None) is not None}
+    ckpt = with_components(discover(args.ckpt_dir), files)
     found = check_checkpoint(ckpt, args.task)
     table = Table(title=f"{args.task} checkpoint in {ckpt.root}")
     for col in ("component", "layout", "files", "stored as", "parameters"):
@@ -111,6 +115,51 @@ def cmd_check(args) -> int:
     Console().print(table)
     print(f"ok: every {args.task} component is present and its tensor names and shapes match")
     return 0
+
+
+def cmd_download(args) -> int:
+    from pathlib import Path
+
+    from wanlite.errors import WanliteError
+    from wanlite.loading import hub
+
+    if args.format != "auto" and (args.vram is not None or args.ram is not None):
+        raise WanliteError("--vram / --ram choose the format with --format auto; drop them or the --format")
+    fmt, why = (hub.planned_format(args.task, args.vram, args.ram) if args.format == "auto" else (args.format, ""))
+    items = hub.wants(args.task, fmt, args.lora)
+    to = Path(args.to) if args.to is not None else hub.destination(args.task, fmt)
+    if to.exists() and not to.is_dir():
+        raise WanliteError(f"--to {to} is a file; name a folder")
+    if not args.dry_run:
+        hub.ensure_online()
+    fetches = hub.resolve_wants(items, args.endpoint, offline=args.dry_run)
+    print("\n".join(hub.describe(args.task, fmt, fetches, why, to)))
+    if args.dry_run:
+        print("dry run: nothing fetched; ~ sizes are estimates (online, the repos' listings give the files and sizes)")
+        return 0
+    hub.check_space(fetches, to)
+    hub.download(fetches, to, args.endpoint)
+    from wanlite.loading.checkpoints import discover
+    from wanlite.loading.models import check_checkpoint
+
+    check_checkpoint(discover(to), args.task)
+    print(f"ok: every {args.task} component arrived and its tensor names and shapes match")
+    loras = " ".join(f"--lora_{'high' if 'high' in f.role else 'low'} {to / f.subdir / f.path}"
+                     for f in fetches if f.subdir)
+    print(f"next: wanlite generate --task {args.task} --ckpt_dir {to} {loras}".rstrip())
+    return 0
+
+
+def locate_checkpoint(args) -> None:
+    """`check` / `convert`: `--ckpt_dir` as a repo id or a ComfyUI models folder (generate and plan locate it in
+    `resolve`), its files for the task becoming the component flags the user did not give."""
+    from wanlite.loading.checkpoints import COMPONENT_FLAGS, locate
+
+    given = {flag for flag in COMPONENT_FLAGS if getattr(args, flag, None) is not None}
+    root, picked = locate(args.ckpt_dir, args.task, given)
+    args.ckpt_dir = str(root)
+    for flag, path in picked.items():
+        setattr(args, flag, str(path))
 
 
 def cmd_animate_prep(args) -> int:
@@ -380,6 +429,7 @@ def cmd_convert(args) -> int:
         def progress(done: int, total: int, role: str) -> None:
             bar.update(job, completed=done, total=total, description=f"{args.task} {role} -> {args.to}")
 
+        locate_checkpoint(args)
         results = convert(Path(args.ckpt_dir), args.task, args.to, Path(args.out), progress)
     for r in results:
         print(f"wrote {r.path} ({r.output_bytes / 1e6:,.1f} MB from {r.source_bytes / 1e6:,.1f} MB)")
@@ -544,6 +594,8 @@ def job_flags(parser, for_plan: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from wanlite import __version__
     from wanlite.archs import ARCHS
+    from wanlite.loading import hub
+    from wanlite.loading.checkpoints import COMPONENT_FLAGS
     from wanlite.pipelines.convert import TARGETS
     from wanlite.specs import TASKS
 
@@ -601,8 +653,29 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=cmd_convert)
     check = sub.add_parser("check", help="find and verify a checkpoint folder for a task (headers and shapes only)")
     check.add_argument("--task", required=True, choices=list(TASKS))
-    check.add_argument("--ckpt_dir", required=True, help="checkpoint folder (official, diffusers or ComfyUI files)")
+    check.add_argument("--ckpt_dir", required=True, help="checkpoint folder (official, diffusers or ComfyUI files, "
+                       "a ComfyUI models/ folder) or a Hugging Face repo id in the local cache")
+    for flag in COMPONENT_FLAGS:
+        check.add_argument(f"--{flag}", default=None, metavar="FILE", help="this file for that component")
     check.set_defaults(func=cmd_check)
+    down = sub.add_parser("download", help="fetch the files a task needs from Hugging Face (only those of one "
+                          "format), then check them")
+    down.add_argument("--task", required=True, choices=list(hub.OFFICIAL))
+    down.add_argument("--format", default="auto", choices=hub.FORMATS, metavar="FORMAT",
+                      help="auto (what the planner runs on this card, or the one --vram describes), official "
+                           "(Wan-AI repos as released: A14B experts in fp32), diffusers, bf16 / fp8 (ComfyUI "
+                           "single files), gguf-q8_0, gguf-q6_k, gguf-q5_k_m, gguf-q4_k_m, ... (community GGUFs)")
+    down.add_argument("--vram", type=float, default=None, help="--format auto: plan for a GPU with this many GB")
+    down.add_argument("--ram", type=float, default=None, help="--format auto: plan for this many GB of RAM")
+    down.add_argument("--lora", default=None, choices=sorted(hub.LORAS),
+                      help="also the 4-step distillation LoRA pair (A14B tasks): lightning or lightx2v")
+    down.add_argument("--to", default=None, metavar="DIR",
+                      help="destination folder (default: the repo's name, plus the format)")
+    down.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                      help="list what would be fetched, offline (sizes estimated)")
+    down.add_argument("--endpoint", default=None, metavar="URL",
+                      help="the Hub's address (default: HF_ENDPOINT, else huggingface.co)")
+    down.set_defaults(func=cmd_download)
     prep = sub.add_parser("animate-prep", help="make the animate-14B input folder from a driving video and a "
                           "character image (pose, face crops; masks for --replace)")
     prep.add_argument("--video", "--video_path", required=True, help="the driving video (one person)")

@@ -3,7 +3,9 @@
 Supported layouts: the official HF repos (`high_noise_model/` + `low_noise_model/` shards, root shards for 5B,
 `models_t5_umt5-xxl-enc-bf16.pth`, `Wan2.x_VAE.pth`, `google/umt5-xxl/`), diffusers repos (`transformer/`,
 `transformer_2/`, `text_encoder/`, `vae/`, `tokenizer/`) and ComfyUI single files (`model.diffusion_model.`
-prefix). Folder and file names only decide which of two identical-looking A14B experts is which.
+prefix). Folder and file names only decide which of two identical-looking A14B experts is which. A ComfyUI
+`models/` folder (diffusion_models/, unet/, text_encoders/, clip/, vae/) holds many models: `comfy_components`
+picks the files that fit a task by their tensors.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ SIGNATURES = [
 EXPERT_DIRS = {"high_noise_model": "high_noise", "low_noise_model": "low_noise",
                "transformer": "high_noise", "transformer_2": "low_noise"}  # diffusers: transformer = high noise
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+COMFY_SUBDIRS = ("diffusion_models", "unet", "text_encoders", "clip", "vae")  # where ComfyUI keeps each part
+COMFY_MARKERS = (*COMFY_SUBDIRS, "loras", "checkpoints", "clip_vision")
 
 
 @dataclass(frozen=True)
@@ -177,7 +181,8 @@ def discover(path: Path) -> CheckpointSet:
     root = Path(path).expanduser()
     if not root.exists():
         raise CheckpointError(f"checkpoint path {root} does not exist; pass the folder you downloaded with --ckpt_dir")
-    files = [root] if root.is_file() else list(_walk(root))
+    comfy = comfy_models_dir(root) == root  # several models: `comfy_components` picks the task's
+    files = _comfy_files(root) if comfy else [root] if root.is_file() else list(_walk(root))
     dits: dict[str, Component] = {}
     found: dict[str, Component] = {}
     for group in _group_files(files):
@@ -198,6 +203,8 @@ def discover(path: Path) -> CheckpointSet:
         comp = Component(kind, naming, layout, group, config=_config(folder))
         if kind == "dit":
             comp = Component(kind, naming, layout, group, _expert_role(group), comp.config)
+            if comp.role in dits and comfy:
+                continue
             if comp.role in dits:
                 raise CheckpointError(
                     f"{root}: two {comp.role.replace('_', '-')} transformers found ({dits[comp.role].where} and "
@@ -260,3 +267,80 @@ def with_components(ckpt: CheckpointSet | None, files: dict[str, Path]) -> Check
     if tokenizer is None and t5 is not None:  # a ComfyUI text_encoders/ folder can hold the tokenizer files
         tokenizer = _find_tokenizer(t5.files[0].parent)
     return CheckpointSet(ckpt.root, dits, t5, comps["vae"] if "vae" in comps else ckpt.vae, tokenizer)
+
+
+def comfy_models_dir(path: Path) -> Path | None:
+    """The ComfyUI `models/` folder at `path` (or inside it, for the ComfyUI folder), known by its subfolders."""
+    root = Path(path).expanduser()
+    for folder in (root, root / "models"):
+        if folder.is_dir() and sum((folder / sub).is_dir() for sub in COMFY_MARKERS) >= 2:
+            return folder
+    return None
+
+
+def _comfy_files(root: Path) -> list[Path]:
+    """The files of the component folders (not loras/, checkpoints/, upscale_models/, ...)."""
+    return [f for sub in COMFY_SUBDIRS if (root / sub).is_dir() for f in _walk(root / sub, 1)]
+
+
+def _fits(kind: str, group: tuple[Path, ...], task: str) -> bool:
+    """Whether a transformer or VAE file is the one `task` runs: input channels and S2V / Animate modules for a
+    transformer, latent channels for a VAE."""
+    from wanlite.loading.stream import open_source
+    from wanlite.specs import DIT_SPECS, TASKS, VAE_SPECS
+
+    shapes = {strip_comfy_prefix(k): v for k, v in open_source(list(group)).shapes().items()}
+    if kind == "vae":
+        conv = shapes.get("decoder.conv1.weight") or shapes.get("decoder.conv_in.weight")
+        return conv is not None and conv[1] == VAE_SPECS[TASKS[task].vae].z_dim
+    spec = DIT_SPECS[TASKS[task].dit]
+    patch = shapes.get("patch_embedding.weight")
+    return (patch is not None and patch[1] == spec.in_dim
+            and ("casual_audio_encoder.weights" in shapes) == (spec.s2v is not None)
+            and ("face_encoder.out_proj.weight" in shapes) == (spec.animate is not None))
+
+
+def comfy_components(root: Path, task: str, given: set[str] = frozenset()) -> dict[str, Path]:
+    """{component flag: file} for the files of a ComfyUI models folder that fit `task`, read by their tensors
+    (flags in `given` are the user's and skipped). Several files fitting one role stop with one line listing
+    them and the flag that names one."""
+    from wanlite.specs import TASKS
+
+    roles = TASKS[task].experts
+    wanted = {flag: (kind, role) for flag, (kind, role) in COMPONENT_FLAGS.items() if flag not in given
+              and (kind != "dit" or role in roles)}
+    if not wanted:
+        return {}
+    found: dict[str, list[Path]] = {flag: [] for flag in wanted}
+    for group in _group_files(_comfy_files(root)):
+        if len(group) != 1:  # ComfyUI components are single files
+            continue
+        kind_naming = _classify(group)
+        if kind_naming is None:
+            continue
+        kind = kind_naming[0]
+        for flag, (want_kind, role) in wanted.items():
+            if want_kind == kind and (role in (None, "main") or _expert_role(group) == role) and (
+                    kind == "t5" or _fits(kind, group, task)):
+                found[flag].append(group[0])
+    for flag, paths in found.items():
+        if len(paths) > 1:
+            kind, role = wanted[flag]
+            what = f"the {role.replace('_', '-')} expert" if kind == "dit" and role != "main" else KIND_NAMES[kind]
+            listed = ", ".join(str(p.relative_to(root)) for p in paths)
+            raise CheckpointError(f"{root}: {len(paths)} files fit {what} of {task} ({listed}); name one with "
+                                  f"--{flag} FILE")
+    return {flag: paths[0] for flag, paths in found.items() if paths}
+
+
+def locate(ckpt_dir, task: str | None, given: set[str] = frozenset()) -> tuple[Path, dict[str, Path]]:
+    """`--ckpt_dir` as a user gives it: a folder, a Hugging Face repo id (its snapshot in the local cache) or
+    a ComfyUI models folder. Returns the folder and, for a ComfyUI folder and a known task, the component files
+    that fit the task (the flags in `given` are the user's own and stay)."""
+    from wanlite.loading.hub import cached_snapshot
+
+    root = cached_snapshot(str(ckpt_dir)) or Path(ckpt_dir).expanduser()
+    comfy = comfy_models_dir(root)
+    if comfy is None or task is None:
+        return root, {}
+    return comfy, comfy_components(comfy, task, given)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from wanlite.errors import WanliteError
-from wanlite.loading.checkpoints import CheckpointSet, Component, discover, with_components
+from wanlite.loading.checkpoints import CheckpointSet, Component, discover, locate, with_components
 from wanlite.loading.models import check_checkpoint, expert_components
 from wanlite.lora import lora_sets
 from wanlite.models.attention import BACKENDS, PACKAGES, available_backends
@@ -43,6 +43,9 @@ def resolve(request: Request, machine: Hardware | None = None, without_files: bo
     transformer, stored dense, no LoRAs; such a job is for reading only. `reuse`: the job of a `Pipeline`,
     which keeps components between generations where the memory allows (`Job.keep`)."""
     req = request
+    if req.ckpt_dir is not None:  # a repo id in the HF cache, a ComfyUI models folder: the files they hold
+        root, picked = locate(req.ckpt_dir, req.task if req.task in TASKS else None, set(req.component_files()))
+        req = replace(req, ckpt_dir=root, **picked)
     settings = validate(req, req.seed if req.seed >= 0 else secrets.randbelow(2**31), files=not without_files)
     task = TASKS[settings.task]
     if settings.image is not None:  # an unreadable image is named before any checkpoint file is read
