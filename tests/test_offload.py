@@ -307,18 +307,23 @@ def test_back_to_back_generations_do_not_grow_memory(ckpt, tmp_path):
     assert Path(tmp_path / "r.mp4").is_file()
 
 
-def test_gpu_bench_dry_run_runs_on_cpu(tmp_path):
+def test_gpu_validation_dry_run_runs_on_cpu(tmp_path):
+    """bench/gpu_validate.py --dry-run: the GPU validation's code at tiny sizes, offload through the emulator."""
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "dry.json"
-    proc = subprocess.run([sys.executable, str(repo / "bench" / "gpu_offload.py"), "--dry-run", "--steps", "2",
-                           "--caps", "8", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(repo / "bench" / "gpu_validate.py"), "--dry-run", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["config"] for r in rows] == ["all resident", "cap 8 GB", "expert switch (k=0)"]
-    assert rows[1]["telemetry"]["bytes_moved_gb"] > 0
+    result = json.loads(out.read_text())
+    assert result["device"].startswith("CPU, dry run")
+    assert [r["plan"]["offload"] for r in result["plans"]] == ["block"] * 4
+    assert any(r["plan"]["cfg"] == "per_block" for r in result["plans"])  # A14B 720p on 8 GB
+    assert all(r["telemetry"]["bytes_moved_gb"] > 0 for r in result["plans"])
+    assert result["offload"][2]["telemetry"]["switch_stall_s"] >= 0 and result["ti2v"]["decode"]["frames_out"] > 1
+    assert {r["ran"].split()[0] for r in result["gguf"]} == {"Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0"}
 
 
 @pytest.mark.parametrize("kind", ["gguf", "comfy-fp8"])
