@@ -146,7 +146,8 @@ def cmd_download(args) -> int:
     print(f"ok: every {args.task} component arrived and its tensor names and shapes match")
     loras = " ".join(f"--lora_{'high' if 'high' in f.role else 'low'} {to / f.subdir / f.path}"
                      for f in fetches if f.subdir)
-    print(f"next: wanlite generate --task {args.task} --ckpt_dir {to} {loras}".rstrip())
+    preset = " --preset lightning" if loras else ""  # the distillation LoRAs run 4 steps without guidance
+    print(f'next: wanlite generate --task {args.task} --ckpt_dir {to}{preset} --prompt "..." {loras}'.rstrip())
     return 0
 
 
@@ -470,7 +471,8 @@ def job_flags(parser, for_plan: bool) -> None:
                         help="the settings and choices a wanlite video records (same weights, same machine: the same "
                              "frames); flags given with it override them")
     parser.add_argument("--ckpt_dir", default=None, help="checkpoint folder (official, diffusers, ComfyUI or GGUF "
-                        "files); optional when every component is given as a file")
+                        "files), a ComfyUI models/ folder, or a Hugging Face repo id in the local cache; optional when "
+                        "every component is given as a file")
     parser.add_argument("--prompt", default=None, help="what the video shows")
     parser.add_argument("--quant", default="auto", help=f"weights: auto (as the files store them), "
                         f"{', '.join(QUANT_CHOICES[1:])}; quantized while loading")
@@ -544,7 +546,7 @@ def job_flags(parser, for_plan: bool) -> None:
                         help="where --ram_mode disk writes its cache (default: the user cache folder)")
     parser.add_argument("--cache", default="auto",
                         choices=["auto", "off", *PRESETS, *POLICY_NAMES],
-                        help="step caching: presets safe/fast/turbo (measured in README), or a policy for experts; "
+                        help="step caching: presets safe/fast/turbo (measured in docs/caching.md), or a policy for experts; "
                           "calibrate records the MagCache curve `--cache mag` needs (default: the profile's, "
                           "else off)")
     parser.add_argument("--cache_threshold", type=float, default=None, metavar="X",

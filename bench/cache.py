@@ -7,7 +7,7 @@ Usage:
     python bench/cache.py --calibrate            # the MagCache curves shipped for the tiny models (cache/curves)
     python bench/cache.py --overhead             # bookkeeping vs one full-size A14B block (random weights, CPU)
     python bench/cache.py --timing               # presets: uncached and cached runs alternated, median ratio
-    python bench/cache.py --readme               # rewrite the README's cache tables from cache.json
+    python bench/cache.py --readme               # rewrite the cache tables in docs/caching.md from cache.json
 Every clip is generated with and without the cache in the same process (same prompts and seeds: the harness of
 wanlite.eval; tiny-t2v from text, tiny-ti2v from a first frame, see FROM_IMAGE); speed-up is the ratio of the
 sampling loop's wall time (the sweep's is indicative: a busy machine skews it; --timing alternates the two runs
@@ -225,13 +225,13 @@ def readme() -> None:
                          f"({r['uncached_direction_accuracy']:.3f}) |")
     table = "\n".join(lines) + "\n"
     print(table)
-    path = Path(__file__).resolve().parents[1] / "README.md"
+    path = Path(__file__).resolve().parents[1] / "docs" / "caching.md"
     text = path.read_text(encoding="utf-8")
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
         path.write_text(head + BEGIN + "\n" + table + END + rest.split(END, 1)[1], encoding="utf-8")
     else:
-        print("README.md has no cache-table markers; not updated", file=sys.stderr)
+        print("docs/caching.md has no cache-table markers; not updated", file=sys.stderr)
 
 
 def _identity_cost(x: torch.Tensor, reps: int = 20) -> float:
