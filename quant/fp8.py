@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from wanlite.quant.base import KERNELS, Kernels, QLinear, QuantConfig, QuantizedWeight, register_quant
+from wanlite.quant.base import (KERNELS, Kernels, QLinear, QuantConfig, QuantizedWeight, on_fastest_device,
+                                register_quant, row_absmax, scaled_cast)
 
-ROWS_PER_CHUNK = 256
 FP8_DTYPES = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 QTYPE_OF = {dtype: name for name, dtype in FP8_DTYPES.items()}
 
@@ -24,6 +24,7 @@ class Fp8WeightConfig(QuantConfig):
 
     dtype: str = "e4m3fn"
     granularity: str = "channel"
+    drops_input = True
 
     def __post_init__(self):
         if self.dtype not in FP8_DTYPES or self.granularity not in ("channel", "tensor"):
@@ -38,24 +39,22 @@ class Fp8WeightConfig(QuantConfig):
         return weight.family == "fp8" and weight.qtype == self.dtype
 
 
-def fp8_from_hp(weight: torch.Tensor, dtype: str = "e4m3fn", granularity: str = "channel") -> QuantizedWeight:
+def fp8_from_hp(weight: torch.Tensor, dtype: str = "e4m3fn", granularity: str = "channel",
+                device: torch.device | str | None = None) -> QuantizedWeight:
     """Scale each output row (or the whole tensor) so its largest magnitude lands on the format's maximum.
 
-    Works through ROWS_PER_CHUNK rows at a time: full-size fp32 temporaries of every weight, freed between
-    tensors, fragment the CPU heap and made quantize-on-load peak at several times the quantized model."""
+    Computed on `device` (default: where the weight lies; `--quant fp8` picks the GPU when there is one) and
+    returned on the weight's device; `scaled_cast` keeps the temporaries to a small scratch per thread."""
     fp8 = FP8_DTYPES[dtype]
     fmax = torch.finfo(fp8).max
-    chunks = [weight[i:i + ROWS_PER_CHUNK] for i in range(0, weight.shape[0], ROWS_PER_CHUNK)]
-    amax = torch.cat([c.abs().amax(dim=1).float() for c in chunks])
+    w = weight if device is None else weight.to(device)
+    amax = row_absmax(w)
     if granularity != "channel":
         amax = amax.amax()
-    scale = (amax / fmax).clamp(min=1e-12)
-    qdata = torch.empty(weight.shape, dtype=fp8, device=weight.device)
-    row_scale = scale.reshape(-1, 1).expand(weight.shape[0], 1)
-    for i, c in enumerate(chunks):
-        rows = slice(i * ROWS_PER_CHUNK, i * ROWS_PER_CHUNK + c.shape[0])
-        qdata[rows] = (c.float() / row_scale[rows]).clamp_(-fmax, fmax).to(fp8)
-    return QuantizedWeight("fp8", dtype, tuple(weight.shape), qdata, scale.reshape(-1).float())
+    scale = (amax / fmax).clamp(min=1e-12).reshape(-1, 1)
+    qdata = scaled_cast(w, scale, torch.empty(w.shape, dtype=fp8, device=w.device), fmax)
+    return QuantizedWeight("fp8", dtype, tuple(weight.shape), qdata.to(weight.device),
+                           scale.reshape(-1).to(weight.device))
 
 
 def _scale_for(scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | float:
@@ -116,4 +115,5 @@ KERNELS["fp8"] = Fp8Kernels()
 @register_quant(Fp8WeightConfig)
 def _fp8_linear(linear, config: Fp8WeightConfig) -> QLinear:
     bias = None if linear.bias is None else linear.bias.detach()
-    return QLinear(fp8_from_hp(linear.weight.detach(), config.dtype, config.granularity), bias)
+    weight = linear.weight.detach()
+    return QLinear(on_fastest_device(fp8_from_hp, weight, config.dtype, config.granularity), bias)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from wanlite.errors import CheckpointError
-from wanlite.quant.base import KERNELS, Kernels, QLinear, QuantConfig, QuantizedWeight, register_quant
+from wanlite.quant.base import KERNELS, Kernels, QLinear, QuantConfig, QuantizedWeight, linear_from, register_quant
 from wanlite.quant.gguf_dequant import dequantize
 from wanlite.quant.gguf_file import read_gguf
 from wanlite.quant.gguf_quantize import QUANTIZABLE, quantize, type_for_row
@@ -23,6 +23,7 @@ class GGUFWeightConfig(QuantConfig):
     """Quantize to one GGML type (`--quant gguf-q4_k`); the bytes are the ones a GGUF file would hold."""
 
     qtype: str = "Q8_0"
+    drops_input = True
 
     def __post_init__(self):
         if self.qtype not in QUANTIZABLE or self.qtype in FLOAT_TYPES:
@@ -52,9 +53,9 @@ KERNELS["gguf"] = GGUFKernels()
 @register_quant(GGUFWeightConfig)
 def _gguf_linear(linear, config: GGUFWeightConfig):
     qtype = type_for_row(config.qtype, linear.in_features)
-    if qtype is None:
-        return linear  # rows that split into no block size stay dense, as llama.cpp's converter keeps them
     bias = None if linear.bias is None else linear.bias.detach()
+    if qtype is None:  # rows that split into no block size stay dense, as llama.cpp's converter keeps them
+        return linear_from(linear.weight.detach().clone(), bias)  # a copy: the loader reuses what it was given
     return QLinear(gguf_from_hp(linear.weight.detach(), qtype), bias)
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from wanlite.errors import WanliteError
-from wanlite.quant.base import KERNELS, Kernels, QuantConfig, QuantizedWeight, register_quant
+from wanlite.quant.base import KERNELS, Kernels, QuantConfig, QuantizedWeight, register_quant, row_absmax, scaled_cast
 
 BACKENDS = ("torchao", "bnb", "quanto")
 
@@ -31,12 +31,14 @@ class Int8WeightConfig(QuantConfig):
         return "int8" if self.backend == "torchao" else f"int8-{self.backend}"
 
 
-def int8_from_hp(weight: torch.Tensor) -> QuantizedWeight:
-    """Symmetric per-output-row int8 (the layout `wanlite convert --to int8` writes)."""
-    w = weight.float()
-    scale = (w.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
-    qdata = (w / scale).round().clamp(-127, 127).to(torch.int8)
-    return QuantizedWeight("int8", "int8", tuple(weight.shape), qdata, scale.reshape(-1))
+def int8_from_hp(weight: torch.Tensor, device: torch.device | str | None = None) -> QuantizedWeight:
+    """Symmetric per-output-row int8 (the layout `wanlite convert --to int8` writes), computed on `device`
+    (default: the weight's) and returned on the weight's device."""
+    w = weight if device is None else weight.to(device)
+    scale = (row_absmax(w) / 127).clamp(min=1e-12).reshape(-1, 1)
+    qdata = scaled_cast(w, scale, torch.empty(w.shape, dtype=torch.int8, device=w.device), 127, round_=True)
+    return QuantizedWeight("int8", "int8", tuple(weight.shape), qdata.to(weight.device),
+                           scale.reshape(-1).to(weight.device))
 
 
 class Int8Kernels(Kernels):

@@ -200,3 +200,26 @@ def test_pth_pages_leave_the_resident_set_once_copied(tmp_path):
     grown = psutil.Process().memory_info().rss - before
     assert grown < 1.4 * stored.nbytes, grown / stored.nbytes  # without dropping the pages: about 2x
     assert torch.equal(copy, stored) and torch.equal(source.tensors["w"], stored)
+
+
+def test_fill_reads_ahead_in_file_order_and_reuses_two_buffers_for_transient_weights(tmp_path):
+    """Every tensor arrives exact, in file order across shards; transient ones (the caller quantizes and drops
+    them) alternate between two buffers while the others are fresh tensors the caller may keep."""
+    from wanlite.loading.stream import SafetensorsSource
+
+    g = torch.Generator().manual_seed(0)
+    shards = [{f"{s}.{k}": torch.randn(5 + k, 7, generator=g) for k in range(4)} for s in "ab"]
+    for i, tensors in enumerate(shards):
+        save_file(tensors, str(tmp_path / f"{i}.safetensors"))
+    source = SafetensorsSource([tmp_path / "1.safetensors", tmp_path / "0.safetensors"])
+    stored = {k: v for tensors in shards for k, v in tensors.items()}
+    plan = [(k, v.shape, torch.bfloat16) for k, v in reversed(stored.items())]
+    transient = frozenset(k for k in stored if k.endswith((".1", ".2", ".3")))
+    seen, buffers = [], []
+    for key, tensor in source.fill(plan, transient):
+        assert torch.equal(tensor, stored[key].to(torch.bfloat16)), key
+        seen.append(key)
+        if key in transient:
+            buffers.append(tensor.untyped_storage().data_ptr())
+    assert seen == [*shards[1], *shards[0]]  # shard order as given, file order inside each
+    assert len(set(buffers)) == 2 and len(buffers) == 6

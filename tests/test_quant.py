@@ -231,6 +231,93 @@ def test_quantize_on_load(t2v_expert, name, floor):
     assert sqnr(out, _run(model, inputs)) > floor
 
 
+def _plain_fp8(w, dtype, granularity):
+    fmax = torch.finfo(dtype).max
+    amax = w.float().abs().amax(dim=1)
+    scale = (amax if granularity == "channel" else amax.amax()).div(fmax).clamp(min=1e-12).reshape(-1, 1)
+    return (w.float() / scale).clamp(-fmax, fmax).to(dtype), scale.reshape(-1)
+
+
+def _plain_int8(w):
+    scale = (w.float().abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
+    return (w.float() / scale).round().clamp(-127, 127).to(torch.int8), scale.reshape(-1)
+
+
+@pytest.mark.parametrize("source", [torch.bfloat16, torch.float16, torch.float32])
+def test_fast_fp8_and_int8_match_a_plain_reference(source):
+    """The chunked, threaded quantizers give the bytes of the one-expression formulas, on rows that are not a
+    multiple of any chunk, a zero row, a row below the 1e-12 scale floor and a row of huge values."""
+    from wanlite.quant.int8 import int8_from_hp
+
+    torch.manual_seed(0)
+    w = torch.randn(203, 5000) * 0.02
+    w[3] = 0
+    w[7] *= 1e-12
+    w[11] *= 1e3 if source != torch.float16 else 1
+    w = w.to(source)
+    for name, dtype in (("e4m3fn", torch.float8_e4m3fn), ("e5m2", torch.float8_e5m2)):
+        for granularity in ("channel", "tensor"):
+            got, (qdata, scale) = fp8_from_hp(w, name, granularity), _plain_fp8(w, dtype, granularity)
+            assert torch.equal(got.qdata.view(torch.uint8), qdata.view(torch.uint8))  # all 1,015,000 equal
+            assert torch.equal(got.scale, scale)
+    got, (qdata, scale) = int8_from_hp(w), _plain_int8(w)
+    assert torch.equal(got.qdata, qdata) and torch.equal(got.scale, scale)
+
+
+def _write_in_order(path, tensors, order):
+    """A safetensors file whose data lies in `order` (writers sort by name; other files need not)."""
+    import struct
+
+    header, offset = {}, 0
+    for key in order:
+        n = tensors[key].numel() * tensors[key].element_size()
+        header[key] = {"dtype": "F32", "shape": list(tensors[key].shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for key in order:
+            f.write(tensors[key].contiguous().numpy().tobytes())
+
+
+def test_quantize_on_load_is_exact_in_any_tensor_order(t2v_expert, tmp_path):
+    """Weights read into the loader's reused buffers quantize to the bytes `fp8_from_hp` gives the dense
+    weight, also when every weight comes before its bias in the file (so it waits, copied, for the bias)."""
+    from safetensors.torch import load_file
+
+    root, *_ = t2v_expert
+    comp = discover(root).dits["high_noise"]
+    dense = load_dit(comp, "t2v-A14B", torch.bfloat16, DenseConfig())
+    tensors = {k: v for f in comp.files for k, v in load_file(str(f)).items()}
+    weights_first = sorted(tensors, key=lambda k: (not k.endswith(".weight"), k))
+    _write_in_order(tmp_path / "dit.safetensors", tensors, weights_first)
+    for loaded in (load_dit(comp, "t2v-A14B", torch.bfloat16, Fp8WeightConfig()),
+                   load_dit(component_from_file("dit", tmp_path / "dit.safetensors"), "t2v-A14B", torch.bfloat16,
+                        Fp8WeightConfig())):
+        quantized = {n: m for n, m in loaded.named_modules() if isinstance(m, QLinear)}
+        assert len(quantized) > 10
+        for name, module in quantized.items():
+            ref = fp8_from_hp(dense.get_submodule(name).weight)
+            assert torch.equal(module.qdata.view(torch.uint8), ref.qdata.view(torch.uint8)), name
+            assert torch.equal(module.scale, ref.scale) and torch.equal(module.bias, dense.get_submodule(name).bias)
+
+
+def test_load_reports_the_quantizer_speed(t2v_expert):
+    from wanlite.loading.progress import reading
+
+    root, *_ = t2v_expert
+    comp = discover(root).dits["high_noise"]
+    events = []
+    with reading("transformer", comp.files, events.append):
+        load_dit(comp, "t2v-A14B", torch.bfloat16, GGUFWeightConfig("Q8_0"))
+    done = events[-1]
+    assert done["event"] == "loaded" and done["quantized_bytes"] > 0 and done["quantize_MBps"] > 0
+    with reading("transformer", comp.files, events.append):
+        load_dit(comp, "t2v-A14B", torch.bfloat16)
+    assert "quantized_bytes" not in events[-1]
+
+
 @pytest.mark.parametrize("name", ["fp8", "gguf-q8_0"])
 def test_quantize_on_load_lets_each_dense_weight_go(t2v_expert, monkeypatch, name):
     """Peak RAM follows the quantized size only if no dense block weight outlives its quantization."""
@@ -242,9 +329,9 @@ def test_quantize_on_load_lets_each_dense_weight_go(t2v_expert, monkeypatch, nam
     seen, most_alive = [], 0
     fill = SafetensorsSource.fill
 
-    def tracking_fill(self, plan):
+    def tracking_fill(self, plan, *transient):
         nonlocal most_alive
-        for key, tensor in fill(self, plan):
+        for key, tensor in fill(self, plan, *transient):
             if key.startswith("blocks.") and tensor.ndim == 2:
                 most_alive = max(most_alive, sum(r() is not None for r in seen))
                 seen.append(weakref.ref(tensor))

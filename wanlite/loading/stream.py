@@ -6,18 +6,22 @@ fills it in place, so no full-precision copy of the model ever exists in RAM.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import math
 import mmap
 import pickle
+import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from wanlite.errors import CheckpointError
-from wanlite.loading.progress import tensor_read
+from wanlite.loading.progress import tensor_quantized, tensor_read
 from wanlite.loading.safetensors_file import SafetensorsFile
 from wanlite.quant.base import DenseConfig, QuantConfig, build_linear, set_submodule, targets_linear
 
@@ -56,22 +60,45 @@ class SafetensorsSource:
             merged.update(shard.metadata)
         return merged
 
-    def fill(self, plan: list[tuple[str, torch.Size, torch.dtype]]):
+    def fill(self, plan: list[tuple[str, torch.Size, torch.dtype]], transient: frozenset[str] = frozenset()):
         """Read each (key, shape, dtype) into a fresh tensor, shard by shard, in file order for sequential
-        reads. Each tensor is allocated just before its read and not kept: a caller that quantizes it and lets
-        it go holds one source tensor at a time."""
-        by_shard: dict[int, list[tuple[str, torch.Size, torch.dtype]]] = {}
+        reads; the next tensor is read on a worker thread while the caller works on this one (file reads and
+        torch ops release the GIL). A tensor is not kept here: a caller that quantizes it and lets it go holds
+        one source tensor at a time. Keys in `transient` (weights the caller is done with before it asks for
+        the next tensor) are read into one of two reused buffers instead, so no fresh pages are faulted in for
+        them: on this path page faults cost as much as the read itself."""
         index = {id(s): i for i, s in enumerate(self.files)}
-        for item in plan:
-            by_shard.setdefault(index[id(self.owner[item[0]])], []).append(item)
-        for i in sorted(by_shard):
-            shard = self.files[i]
-            with shard:
-                for key, shape, dtype in sorted(by_shard[i], key=lambda item: shard.info(item[0]).begin):
-                    out = torch.empty(shape, dtype=dtype)
-                    shard.read_into(key, out)
-                    yield key, out
-                    del out
+        def file_order(item):
+            shard = self.owner[item[0]]
+            return index[id(shard)], shard.info(item[0]).begin
+
+        order = sorted(plan, key=file_order)
+        sizes = [math.prod(shape) * dtype.itemsize for _, shape, dtype in order]
+        slot_bytes = max((n for (key, _, _), n in zip(order, sizes) if key in transient), default=0)
+        slots = [torch.empty(slot_bytes, dtype=torch.uint8) for _ in range(2 if slot_bytes else 0)]
+
+        def read(i: int):
+            key, shape, dtype = order[i]
+            # item i and item i + 1 (being read meanwhile) are the only ones alive: alternate the two slots
+            out = slots[i % 2][:sizes[i]].view(dtype).view(shape) if key in transient else \
+                torch.empty(shape, dtype=dtype)
+            return key, self.owner[key].read_into(key, out)
+
+        with contextlib.ExitStack() as stack:
+            for shard in {id(self.owner[key]): self.owner[key] for key, _, _ in order}.values():
+                stack.enter_context(shard)
+            yield from read_ahead(read, len(order))
+
+
+def read_ahead(read: Callable[[int], tuple], count: int):
+    """Yield read(0) .. read(count - 1), running read(i + 1) on a worker thread while the caller holds read(i)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(read, 0) if count else None
+        for i in range(count):
+            got = pending.result()
+            pending = pool.submit(read, i + 1) if i + 1 < count else None
+            yield got
+            del got
 
 
 class PthSource:
@@ -289,7 +316,7 @@ def load_pairs(model: nn.Module, source, pairs: list[tuple[str, str]], aliases: 
         requant[module_name] = config
         return lora.merged(module_name, value.dequantize(torch.float32))
 
-    def place(name: str, value) -> None:
+    def place(name: str, value, reused: bool = False) -> None:
         module_name, _, leaf = name.rpartition(".")
         if leaf == "weight":
             value = merge(module_name, value)
@@ -298,9 +325,14 @@ def load_pairs(model: nn.Module, source, pairs: list[tuple[str, str]], aliases: 
             got[leaf] = value
             if len(got) == targets[module_name]:
                 compute = dtype_for(module_name + ".weight", torch.bfloat16)
+                started = time.perf_counter()
                 set_submodule(model, module_name, build_linear(requant.pop(module_name, quant), got["weight"],
                                                                got.get("bias"), compute))
+                if isinstance(got["weight"], torch.Tensor):
+                    tensor_quantized(got["weight"].nbytes, time.perf_counter() - started)
                 del arrived[module_name]
+            elif reused:  # its bias comes later in the file: the read buffer is needed again before then
+                got[leaf] = value.clone()
             return
         owner, leaf = _owner(model, name)
         if leaf in owner._parameters:
@@ -318,10 +350,16 @@ def load_pairs(model: nn.Module, source, pairs: list[tuple[str, str]], aliases: 
         meta_t = meta[name]
         dtype = dtype_for(name, stored_dtypes[key]) if meta_t.dtype.is_floating_point else meta_t.dtype
         destinations.append((key, meta_t.shape, dtype))
-    for key, tensor in source.fill(destinations):
+    # weights whose quantizer keeps no reference to them can be read into a reused buffer (see `fill`)
+    transient = frozenset(key for key, name in pairs if name.endswith(".weight") and name.rpartition(".")[0] in
+                          targets and getattr(quant, "drops_input", False))
+    # (a source that overrides `fill`, e.g. the fp8-scaled one, reads fresh tensors)
+    reads = source.fill(destinations, transient) if type(source).fill is SafetensorsSource.fill else \
+        source.fill(destinations)
+    for key, tensor in reads:
         stored = stored_dtypes[key]
         tensor_read(tensor.numel() * (stored.itemsize if isinstance(stored, torch.dtype) else tensor.element_size()))
-        place(names[key], tensor)
+        place(names[key], tensor, key in transient)
         del tensor  # a quantized weight's source copy goes now, not at the end of the load
     for alias, name in aliases.items():
         if name not in names.values():

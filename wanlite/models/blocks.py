@@ -174,7 +174,8 @@ class WanBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=eps, elementwise_affine=True)
         self.cross_attn = WanCrossAttention(dim, num_heads, eps, image=image_context)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
-        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        # divided in place: an out-of-place op on a meta tensor imports torch._dynamo (~3 s at the first build)
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim).div_(dim**0.5))
 
     def forward(self, x: torch.Tensor, inputs: BlockInputs, out: torch.Tensor | None = None) -> torch.Tensor:
         # x: [B, L, d] in the compute dtype; rebound as soon as each stage is done, so this frame never keeps
@@ -285,7 +286,7 @@ class Head(nn.Module):
         super().__init__()
         self.eps = eps
         self.head = nn.Linear(dim, out_features)
-        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim).div_(dim**0.5))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         # e: [B, Fe, d] fp32 -> shift, scale: [B, Fe, 1, d]. With `chunk`, about that many tokens (whole latent
