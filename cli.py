@@ -123,9 +123,10 @@ def cmd_download(args) -> int:
     from wanlite.errors import WanliteError
     from wanlite.loading import hub
 
-    if args.format != "auto" and (args.vram is not None or args.ram is not None):
-        raise WanliteError("--vram / --ram choose the format with --format auto; drop them or the --format")
-    fmt, why = (hub.planned_format(args.task, args.vram, args.ram) if args.format == "auto" else (args.format, ""))
+    if args.format != "auto" and (args.vram is not None or args.ram is not None or args.gpu is not None):
+        raise WanliteError("--gpu / --vram / --ram choose the format with --format auto; drop them or the --format")
+    fmt, why = (hub.planned_format(args.task, args.vram, args.ram, args.gpu) if args.format == "auto"
+                else (args.format, ""))
     items = hub.wants(args.task, fmt, args.lora)
     to = Path(args.to) if args.to is not None else hub.destination(args.task, fmt)
     if to.exists() and not to.is_dir():
@@ -667,6 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="auto (what the planner runs on this card, or the one --vram describes), official "
                            "(Wan-AI repos as released: A14B experts in fp32), diffusers, bf16 / fp8 (ComfyUI "
                            "single files), gguf-q8_0, gguf-q6_k, gguf-q5_k_m, gguf-q4_k_m, ... (community GGUFs)")
+    down.add_argument("--gpu", default=None, metavar="NAME", help='--format auto: plan for this card (e.g. "RTX 3060", '
+                      "T4; wanlite plan --gpu lists them when the name is unknown)")
     down.add_argument("--vram", type=float, default=None, help="--format auto: plan for a GPU with this many GB")
     down.add_argument("--ram", type=float, default=None, help="--format auto: plan for this many GB of RAM")
     down.add_argument("--lora", default=None, choices=sorted(hub.LORAS),

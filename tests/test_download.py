@@ -143,10 +143,12 @@ def test_dry_run_needs_no_network_and_auto_asks_the_planner(capsys):
     assert main(["download", "--task", "t2v-A14B", "--vram", "12", "--dry-run"]) == 0
     head = capsys.readouterr().out.splitlines()[0]
     assert "runs" in head and " as official" not in head and " as bf16" not in head
+    assert main(["download", "--task", "t2v-A14B", "--gpu", "RTX 3060", "--dry-run"]) == 0  # a named card
+    assert "the plan for RTX 3060, 12 GB VRAM" in capsys.readouterr().out.splitlines()[0]
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--format", "fp8", "--vram", "12"], "--vram / --ram choose the format with --format auto"),
+    (["--format", "fp8", "--vram", "12"], "--gpu / --vram / --ram choose the format with --format auto"),
     (["--task", "ti2v-5B", "--lora", "lightning"], "exist for t2v-A14B and i2v-A14B"),
     (["--task", "s2v-14B", "--format", "diffusers"], "s2v-14B has no diffusers repo"),
     (["--format", "bf16"], "HF_HUB_OFFLINE is set"),  # CI's setting: downloading needs it unset

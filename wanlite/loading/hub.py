@@ -185,14 +185,14 @@ def _extras(task: str) -> list[Want]:
     return []
 
 
-def planned_format(task: str, vram: float | None, ram: float | None) -> tuple[str, str]:
-    """(download format, why) for the weight format the planner picks for `task` on a card of `vram` GB (None:
-    this machine, measured as `generate` measures it)."""
+def planned_format(task: str, vram: float | None, ram: float | None, gpu: str | None = None) -> tuple[str, str]:
+    """(download format, why) for the weight format the planner picks for `task` on a card named `gpu` and/or of
+    `vram` GB (neither: this machine, measured as `generate` measures it)."""
     from wanlite.planner import Workload, hardware_for, hypothetical, make_plan
     from wanlite.specs import TASKS
 
-    if vram is not None:
-        hw = hypothetical(vram, ram if ram is not None else 32)
+    if vram is not None or gpu is not None:
+        hw = hypothetical(vram, ram if ram is not None else 32, gpu=gpu)
     else:
         import torch
 
