@@ -117,6 +117,26 @@ def cmd_check(args) -> int:
     return 0
 
 
+def download_format(task: str, vram: float | None, ram: float | None, gpu: str | None = None) -> tuple[str, str]:
+    """(download format, why) for the weight format the planner picks for `task` on a card named `gpu` and/or of
+    `vram` GB (neither: this machine, measured as `generate` measures it)."""
+    from wanlite.loading.hub import PLANNED
+    from wanlite.planner import Workload, hardware_for, hypothetical, make_plan
+    from wanlite.specs import TASKS
+
+    if vram is not None or gpu is not None:
+        hw = hypothetical(vram, ram if ram is not None else 32, gpu=gpu)
+    else:
+        import torch
+
+        hw = hardware_for({} if ram is None else {"ram_gb": ram}, torch.device("cuda" if torch.cuda.is_available()
+                                                                                else "cpu"))
+    spec = TASKS[task]
+    plan = make_plan(Workload(task, *spec.size, spec.frames, spec.steps), hw)
+    planned = "bf16" if plan.weight_format == "auto" else plan.weight_format  # no GPU: 16-bit weights as stored
+    return PLANNED[planned], f"the plan for {hw.describe()} runs {planned}"
+
+
 def cmd_download(args) -> int:
     from pathlib import Path
 
@@ -125,7 +145,7 @@ def cmd_download(args) -> int:
 
     if args.format != "auto" and (args.vram is not None or args.ram is not None or args.gpu is not None):
         raise WanliteError("--gpu / --vram / --ram choose the format with --format auto; drop them or the --format")
-    fmt, why = (hub.planned_format(args.task, args.vram, args.ram, args.gpu) if args.format == "auto"
+    fmt, why = (download_format(args.task, args.vram, args.ram, args.gpu) if args.format == "auto"
                 else (args.format, ""))
     items = hub.wants(args.task, fmt, args.lora)
     to = Path(args.to) if args.to is not None else hub.destination(args.task, fmt)
@@ -246,6 +266,10 @@ def _flags_request(args, task: str | None = None):
         num_clip=args.num_clip, start_from_ref=args.start_from_ref, wav2vec=path(args.wav2vec),
         src_root_path=path(args.src_root_path), replace=args.replace, refert_num=args.refert_num,
         relighting_lora=args.use_relighting_lora, attention=args.attention, cfg=args.cfg, compile=args.compile,
+        use_prompt_extend=args.use_prompt_extend, prompt_extend_method=args.prompt_extend_method,
+        prompt_extend_model=args.prompt_extend_model, prompt_extend_target_lang=args.prompt_extend_target_lang,
+        prompt_extend_fallback=args.prompt_extend_fallback, prompt_extend_timeout=args.prompt_extend_timeout,
+        resume=path(getattr(args, "resume", None)), overwrite=args.overwrite,
         **{flag: Path(getattr(args, flag)) for flag in COMPONENT_FLAGS if getattr(args, flag) is not None})
 
 
@@ -264,6 +288,8 @@ def cmd_generate(args) -> int:
 
     if request.save_file is not None:
         raise WanliteError("--save_file names one video; a queue writes one mp4 per item into --output_dir")
+    if request.resume is not None:
+        raise WanliteError("--resume continues one video; drop --prompt_file / --num_videos")
     items = read_queue(args.prompt_file) if args.prompt_file is not None else [Item("--prompt")]
     items = with_seeds(items, args.num_videos, request.seed)
     def report(n: int, outcome) -> None:
@@ -277,6 +303,11 @@ def cmd_generate(args) -> int:
 
 
 def _print_result(result) -> None:
+    extend = result.job.prompt_extend
+    if extend is not None and extend.original_prompt is not None:
+        print(f"prompt: {extend.original_prompt}")
+        print(f"extended prompt ({extend.method} {extend.model}): " + (
+            result.settings.prompt if extend.error is None else f"none ({extend.error}); the prompt was used as given"))
     print(f"wrote {result.path}" + (f" and {result.preview}" if result.preview else ""))
     print(_telemetry_line(result.telemetry.to_dict()))
     if result.cache is not None:
@@ -355,6 +386,14 @@ def _print_job(job) -> None:
                        f"buffers {p and p.vram_buffers_gb} GB"))
     table.add_row("text encoder", job.text_encoder.quant, job.text_encoder.device,
                   show(f"{p and p.vram_text_encoder_gb} GB VRAM" if job.text_encoder.device != "cpu" else "RAM"))
+    x = job.prompt_extend
+    if x is not None:  # a stage of its own, first: its memory is released before the text encoder loads
+        where, need = x.model, "hosted: no memory here"
+        if x.device:
+            where = f"{x.device}, {x.model}"
+            need = show(f"{p and p.vram_prompt_extender_gb} GB VRAM" if x.device != "cpu" else
+                        f"{p and p.ram_prompt_extender_gb} GB RAM")
+        table.add_row(f"prompt extender ({x.method})", x.quant or "", where, need)
     table.add_row("VAE", job.vae.dtype, f"{job.device}, " + ("whole frames" if job.vae.tile is None else
                                                              f"tiles of {job.vae.tile} latent px"),
                   show(f"{p and p.vram_vae_gb} GB"))
@@ -450,7 +489,7 @@ def cmd_demo(args) -> int:
     request = Request(task=args.task, prompt=args.prompt, ckpt_dir=checkpoint_dir(args.task),
                       image=None if args.image is None else Path(args.image), seed=args.seed, device=args.device,
                       dtype="fp32", size=None if args.size is None else parse_size(args.size),
-                      frames=args.frames, steps=args.steps, save_file=out, preview=True)
+                      frames=args.frames, steps=args.steps, save_file=out, preview=True, overwrite=args.overwrite)
     with display(True) as progress:
         result = generate(request, progress=progress)
     s = result.settings
@@ -572,6 +611,7 @@ def job_flags(parser, for_plan: bool) -> None:
     parser.add_argument("--cache_force", action="store_true",
                         help="cache even schedules of 8 steps or fewer (distilled; off by default)")
     parser.add_argument("--save_file", default=None, help="output .mp4 path (default: a new name in --output_dir)")
+    parser.add_argument("--overwrite", action="store_true", help="let --save_file replace an existing file")
     parser.add_argument("--output_dir", "--output-dir", dest="output_dir", default="outputs")
     parser.add_argument("--preview", action="store_true", help="also write a contact-sheet PNG beside the mp4")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
@@ -579,6 +619,23 @@ def job_flags(parser, for_plan: bool) -> None:
                         help="compute precision: auto = bf16, or fp16 on GPUs without bf16 (T4, RTX 20xx, GTX 10xx, "
                              "P100); a step whose output overflows stops with the precision to use")
     parser.add_argument("--t5_cpu", action="store_true", help="run the text encoder on the CPU")
+    parser.add_argument("--use_prompt_extend", action="store_true",
+                        help="rewrite the prompt into a detailed one with a Qwen model first (both are printed and "
+                             "recorded; --replay reuses the rewrite)")
+    parser.add_argument("--prompt_extend_method", default="local_qwen", choices=["local_qwen", "dashscope"],
+                        help="local_qwen: a Qwen2.5 (with --image: Qwen2.5-VL) model from a folder or the Hugging Face "
+                             "cache, placed by the plan; dashscope: Alibaba Cloud's API (key in DASH_API_KEY, "
+                             "endpoint in DASHSCOPE_BASE_URL)")
+    parser.add_argument("--prompt_extend_model", default=None, metavar="MODEL",
+                        help="a folder, a repo id in the cache or an official short name (Qwen2.5_3B/7B/14B, "
+                             "QwenVL2.5_3B/7B); dashscope: the model name (default: Qwen2.5-14B-Instruct / "
+                             "Qwen2.5-VL-7B-Instruct; dashscope qwen-plus / qwen-vl-max)")
+    parser.add_argument("--prompt_extend_target_lang", default="zh", choices=["zh", "en"],
+                        help="the language of the rewritten prompt (default zh, as the official)")
+    parser.add_argument("--prompt_extend_fallback", action="store_true",
+                        help="if the rewrite fails, warn and go on with the prompt as given (default: stop)")
+    parser.add_argument("--prompt_extend_timeout", type=float, default=60.0, metavar="S",
+                        help="dashscope: seconds to wait for the answer (default 60)")
     parser.add_argument("--cfg", default="auto", choices=["auto", "batched", "per_block"],
                         help="classifier-free guidance: batched (cond + uncond as one batch) or per_block (one after "
                              "the other through each block: half the activations, same weights traffic); auto: the "
@@ -617,6 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "\"seed\": 3, \"size\": \"832*480\"}); models load once, each item writes its mp4")
     gen.add_argument("--num_videos", type=int, default=1, metavar="N",
                      help="N videos of each prompt, seeds SEED, SEED+1, ... (random ones with the default -1)")
+    gen.add_argument("--resume", default=None, metavar="FILE",
+                     help="continue a generation stopped by Ctrl-C, SIGTERM or running out of memory from its "
+                          "resume file (OUTPUT.mp4.resume.pt; the same command finds it beside --save_file)")
     gen.set_defaults(func=cmd_generate)
     demo = sub.add_parser("demo", help="generate a clip with the bundled tiny model (no download, CPU is fine)")
     demo.add_argument("--prompt", default="a red square moving right on a black background")
@@ -628,6 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", "--sample_steps", dest="steps", type=int, default=None)
     demo.add_argument("--device", default="auto")
     demo.add_argument("--save_file", default=None, help="output .mp4 path (default: demo.mp4 in --output_dir)")
+    demo.add_argument("--overwrite", action="store_true", help="let --save_file replace an existing file")
     demo.add_argument("--output_dir", "--output-dir", dest="output_dir", default=".",
                       help="demo.mp4 (or demo_N.mp4) and its PNG go here")
     demo.set_defaults(func=cmd_demo)
@@ -718,8 +779,23 @@ def typed_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[
     return set(vars(quiet.parse_args(argv))) - {"func", "command"}
 
 
+def resume_command(argv: list[str], file) -> str:
+    """The command line that resumes `argv` (a generate command) from `file`."""
+    import shlex
+
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--resume="):
+            skip = False
+            continue
+        skip = arg == "--resume"
+        if not skip:
+            kept.append(arg)
+    return shlex.join(["wanlite", *kept, "--resume", str(file)])
+
+
 def main(argv: list[str] | None = None) -> int:
-    from wanlite.errors import WanliteError
+    from wanlite.errors import Interrupted, WanliteError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -728,6 +804,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except WanliteError as exc:
         print(f"wanlite: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Interrupted as exc:  # Ctrl-C / SIGTERM during a generation: one line, 130 / 143
+        if exc.resume_file is None:
+            print(f"wanlite: interrupted {exc.where or ''}".rstrip(), file=sys.stderr)
+        else:
+            command = resume_command(sys.argv[1:] if argv is None else argv, exc.resume_file)
+            print(f"wanlite: interrupted {exc.where}; resume with: {command}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("wanlite: interrupted", file=sys.stderr)

@@ -90,6 +90,13 @@ class CachePolicy:
     def decide(self, state: BranchState, info: StepInfo, diff: float) -> bool:
         return True
 
+    def state_dict(self) -> dict:
+        """The policy's own record across steps (plain values), for a resume file; most policies keep none."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def commit(self, state: BranchState, info: StepInfo, computed: bool) -> None:
         if computed:
             state.consecutive = 0
@@ -183,6 +190,28 @@ class StepCache:
             self.role, self.expert_start = role, step
         self.step, self.branches, self.begun, self.decision = step, tuple(branches), True, None
         self.computing = set()
+
+    # ---------------------------------------------------------------- resuming
+    def state_dict(self) -> dict:
+        """What the next step reads, as plain tensors and numbers (a resume file keeps it): each branch's
+        Taylor terms, reference and counters, the current expert and where it started, the policy's own record
+        and the statistics. The tensors are the live ones (no copy): a step replaces them, never writes them."""
+        return {"role": self.role, "expert_start": self.expert_start, "step": self.step,
+                "stats": dict(vars(self.stats)), "policy": self.policy.state_dict(),
+                "branches": [{"role": role, "branch": branch, "terms": list(s.terms), "last": s.last,
+                              "front_ref": s.front_ref, "consecutive": s.consecutive, "cached": s.cached,
+                              "counters": dict(s.counters)} for (role, branch), s in self.states.items()]}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        """Continue from `state_dict()`, its tensors moved to `device`."""
+        on = lambda t: None if t is None else t.to(device)  # noqa: E731
+        self.role, self.expert_start, self.step = state["role"], int(state["expert_start"]), int(state["step"])
+        self.stats = CacheStats(**state["stats"])
+        self.policy.load_state_dict(state["policy"])
+        self.states = {(b["role"], b["branch"]): BranchState(
+            [on(t) for t in b["terms"]], float(b["last"]), on(b["front_ref"]), int(b["consecutive"]), int(b["cached"]),
+            {k: on(v) if isinstance(v, torch.Tensor) else v for k, v in b["counters"].items()})
+            for b in state["branches"]}
 
     # ---------------------------------------------------------------- decisions
     def _info(self, step: int, role: str, branch: str) -> StepInfo:

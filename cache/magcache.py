@@ -101,6 +101,12 @@ class CalibratePolicy(CachePolicy):
         state.counters["previous"] = current
         self.curves.setdefault(f"{info.role}/{info.branch}", {})[info.step] = gamma
 
+    def state_dict(self) -> dict:
+        return {key: dict(by_step) for key, by_step in self.curves.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.curves = {key: {int(step): float(g) for step, g in by_step.items()} for key, by_step in state.items()}
+
     def finished(self, steps: int) -> dict[str, list[float]]:
         """Per key, one ratio per step of the run (1.0 where the key did not run)."""
         return {key: [round(by_step.get(s, 1.0), 6) for s in range(steps)] for key, by_step in self.curves.items()}

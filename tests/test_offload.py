@@ -296,7 +296,7 @@ def test_back_to_back_generations_do_not_grow_memory(ckpt, tmp_path):
     from wanlite.offload.memory import rss_bytes
 
     args = dict(task=TASK, prompt="a red square", ckpt_dir=ckpt.root, size=(64, 32), frames=5, steps=2, seed=3,
-                dtype="fp32", offload="block", ram_mode="pinned", save_file=tmp_path / "r.mp4")
+                dtype="fp32", offload="block", ram_mode="pinned", save_file=tmp_path / "r.mp4", overwrite=True)
     rss = []
     for _ in range(5):
         generate(**args)

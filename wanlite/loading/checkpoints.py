@@ -17,6 +17,7 @@ from pathlib import Path
 
 from wanlite.errors import CheckpointError
 from wanlite.loading.keymaps import strip_comfy_prefix
+from wanlite.files import regular_file_size
 from wanlite.loading.safetensors_file import read_header
 from wanlite.loading.stream import PTH_SUFFIXES, PthSource, sniff
 
@@ -80,10 +81,11 @@ def _walk(root: Path, depth: int = 0):
 
 
 def _read_index(index: Path) -> list[Path]:
+    regular_file_size(index)  # a FIFO named *.index.json would block the read below
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         shards = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise CheckpointError(f"{index}: not a valid shard index (needs a 'weight_map'); re-download it") from None
     paths = []
     for name in shards:
@@ -159,7 +161,7 @@ def _config(folder: Path) -> dict:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         raise CheckpointError(f"{path}: not valid JSON; re-download it") from None
     return data if isinstance(data, dict) else {}
 

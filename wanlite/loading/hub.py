@@ -185,25 +185,6 @@ def _extras(task: str) -> list[Want]:
     return []
 
 
-def planned_format(task: str, vram: float | None, ram: float | None, gpu: str | None = None) -> tuple[str, str]:
-    """(download format, why) for the weight format the planner picks for `task` on a card named `gpu` and/or of
-    `vram` GB (neither: this machine, measured as `generate` measures it)."""
-    from wanlite.planner import Workload, hardware_for, hypothetical, make_plan
-    from wanlite.specs import TASKS
-
-    if vram is not None or gpu is not None:
-        hw = hypothetical(vram, ram if ram is not None else 32, gpu=gpu)
-    else:
-        import torch
-
-        hw = hardware_for({} if ram is None else {"ram_gb": ram}, torch.device("cuda" if torch.cuda.is_available()
-                                                                                else "cpu"))
-    spec = TASKS[task]
-    plan = make_plan(Workload(task, *spec.size, spec.frames, spec.steps), hw)
-    planned = "bf16" if plan.weight_format == "auto" else plan.weight_format  # no GPU: 16-bit weights as stored
-    return PLANNED[planned], f"the plan for {hw.describe()} runs {planned}"
-
-
 def _hub_error(exc: Exception, what: str) -> WanliteError:
     """One line for a failed Hub request: what failed, why, and what to do."""
     from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RemoteEntryNotFoundError,

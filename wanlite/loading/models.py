@@ -18,28 +18,78 @@ from wanlite.loading.stream import PthSource, SafetensorsSource, check_against, 
 from wanlite.models.blocks import keeps_fp32
 from wanlite.models.dit import WanDiT
 from wanlite.quant.base import QuantConfig
-from wanlite.specs import DIT_SPECS, MODEL_TYPE_CHANNELS, TASKS, VAE_SPECS, AnimateSpec, DiTSpec, S2VSpec, VAESpec
+from wanlite.specs import (DIT_SPECS, MODEL_TYPE_CHANNELS, T5_SPECS, TASKS, VAE_SPECS, AnimateSpec, DiTSpec, S2VSpec,
+                           VAESpec)
 
 _BLOCK_INDEX = re.compile(r"^blocks\.(\d+)\.")
+_T5_BLOCK_INDEX = re.compile(r"^encoder\.block\.(\d+)\.(.+)$")  # the pattern wanlite.models.t5 counts layers by
+# The architecture's limits, checked before anything is built from numbers a file declares: no released Wan DiT
+# has more blocks than the 14B models, no umT5 more layers than umT5-XXL, and no width reaches 2^17.
+MAX_DIT_LAYERS = max(spec.num_layers for spec in DIT_SPECS.values())
+MAX_T5_LAYERS = max(spec.num_layers for spec in T5_SPECS.values())
+MAX_WIDTH = 1 << 17
+MAX_VAE_RES_BLOCKS = 8  # per encoder stage; the released VAEs have 2
+MAX_VOCAB = 1 << 20
 
 
 def _dit_rename(comp: Component):
     return dit_key_from_diffusers if comp.naming == "diffusers" else strip_comfy_prefix
 
 
-def _need(shapes: dict, key: str, where) -> tuple[int, ...]:
+def _need(shapes: dict, key: str, where, rank: int = 1, limit: int = MAX_WIDTH) -> tuple[int, ...]:
+    """shapes[key], which must have at least `rank` dimensions, each 1..limit."""
     if key not in shapes:
         raise CheckpointError(f"{where}: tensor {key!r} is missing; the file is incomplete or not a Wan DiT")
-    return shapes[key]
+    shape = tuple(shapes[key])
+    if len(shape) < rank or not all(1 <= d <= limit for d in shape):
+        raise CheckpointError(f"{where}: tensor {key!r} has shape {shape}, which no Wan model has; the file is "
+                              "damaged or for another model")
+    return shape
+
+
+def block_count(keys, pattern: re.Pattern, limit: int, where, what: str) -> int:
+    """The number of blocks that key names like `blocks.<i>.` declare, bounded before anything is built from it:
+    plain decimal indices, at most `limit` blocks (the architecture's), all of 0..n-1 present."""
+    indices = set()
+    for key in keys:
+        m = pattern.match(key) if isinstance(key, str) else None
+        if m is None:
+            continue
+        text = m[1]
+        if not (text.isascii() and len(text) <= 4 and int(text) < limit and (text == "0" or text[0] != "0")):
+            raise CheckpointError(f"{where}: tensor {key[:120]!r} names {what} {text[:24]}, but a Wan model has at "
+                                  f"most {limit}; the file is damaged or for another model")
+        indices.add(int(text))
+    count = max(indices, default=-1) + 1
+    if len(indices) != count:
+        gap = min(set(range(count)) - indices)
+        raise CheckpointError(f"{where}: {what} {gap} is missing among {what}s 0..{count - 1}; the file is "
+                              "incomplete or damaged")
+    return count
+
+
+def _config_int(config: dict, key: str, default: int, where, low: int = 1, high: int = MAX_WIDTH) -> int:
+    value = config.get(key)
+    if value is None:
+        return default
+    if type(value) is not int or not low <= value <= high:
+        raise CheckpointError(f"{where}: config.json's {key} {str(value)[:40]} is not an integer in {low}..{high}; "
+                              "fix or re-download the config")
+    return value
 
 
 def dit_spec_from_shapes(shapes: dict[str, tuple[int, ...]], config: dict, where) -> DiTSpec:
     """Read a DiT's hyper-parameters off its tensor shapes; heads come from config.json or head_dim 128."""
-    dim, in_dim, *patch = _need(shapes, "patch_embedding.weight", where)
-    out_features = _need(shapes, "head.head.weight", where)[0]
+    dim, in_dim, *patch = _need(shapes, "patch_embedding.weight", where, rank=5)
+    if len(patch) != 3:
+        raise CheckpointError(f"{where}: patch_embedding.weight has {2 + len(patch)} dimensions, not 5 (a 3-D conv)")
+    out_features = _need(shapes, "head.head.weight", where, rank=2)[0]
     out_dim = out_features // math.prod(patch)
-    num_layers = 1 + max((int(m[1]) for k in shapes if (m := _BLOCK_INDEX.match(k))), default=-1)
-    num_heads = config.get("num_heads") or config.get("num_attention_heads") or max(1, dim // 128)
+    num_layers = block_count(shapes, _BLOCK_INDEX, MAX_DIT_LAYERS, where, "block")
+    if num_layers == 0:
+        raise CheckpointError(f"{where}: holds no transformer blocks (blocks.0.*); the file is incomplete")
+    num_heads = _config_int(config, "num_heads", 0, where) or _config_int(config, "num_attention_heads", 0, where) \
+        or max(1, dim // 128)
     s2v = s2v_spec_from_shapes(shapes, config, num_layers, where)
     animate = animate_spec_from_shapes(shapes, num_layers, where)
     model_type = "s2v" if s2v else "animate" if animate else next(
@@ -47,12 +97,16 @@ def dit_spec_from_shapes(shapes: dict[str, tuple[int, ...]], config: dict, where
     if model_type is None:
         raise CheckpointError(f"{where}: a DiT with {in_dim} input / {out_dim} output channels is not a Wan2.2 "
                               "t2v, i2v or ti2v model")
-    return DiTSpec(
-        model_type, dim=dim, ffn_dim=_need(shapes, "blocks.0.ffn.0.weight", where)[0], num_heads=int(num_heads),
-        num_layers=num_layers, in_dim=in_dim, out_dim=out_dim,
-        freq_dim=_need(shapes, "time_embedding.0.weight", where)[1],
-        text_dim=_need(shapes, "text_embedding.0.weight", where)[1],
-        text_len=int(config.get("text_len", 512)), patch_size=tuple(patch), s2v=s2v, animate=animate)
+    try:
+        return DiTSpec(
+            model_type, dim=dim, ffn_dim=_need(shapes, "blocks.0.ffn.0.weight", where, rank=2)[0],
+            num_heads=num_heads, num_layers=num_layers, in_dim=in_dim, out_dim=out_dim,
+            freq_dim=_need(shapes, "time_embedding.0.weight", where, rank=2)[1],
+            text_dim=_need(shapes, "text_embedding.0.weight", where, rank=2)[1],
+            text_len=_config_int(config, "text_len", 512, where, high=4096), patch_size=tuple(patch), s2v=s2v,
+            animate=animate)
+    except ValueError as exc:  # DiTSpec's own consistency checks (heads dividing dim, even head_dim)
+        raise CheckpointError(f"{where}: {exc}; the config.json or the weights are damaged") from None
 
 
 def animate_spec_from_shapes(shapes: dict[str, tuple[int, ...]], num_layers: int, where) -> AnimateSpec | None:
@@ -65,13 +119,15 @@ def animate_spec_from_shapes(shapes: dict[str, tuple[int, ...]], num_layers: int
         raise CheckpointError(f"{where}: {adapters} face adapters do not fit a {num_layers}-block Animate DiT")
     hidden = _need(shapes, "face_encoder.conv2.conv.weight", where)[0]
     resblocks = sum(1 for k in shapes if re.match(r"^motion_encoder\.enc\.net_app\.convs\.\d+\.conv1\.0\.weight$", k))
+    if not 0 < resblocks <= 16:  # the released model has 7; 2^(n + 2) is the face crop side
+        raise CheckpointError(f"{where}: {resblocks} motion encoder blocks do not fit an Animate DiT")
     last = _need(shapes, f"motion_encoder.enc.net_app.convs.{resblocks}.conv2.1.weight", where)
     return AnimateSpec(face_size=2 ** (resblocks + 2), face_width=last[0],
-                       motion_dim=_need(shapes, "face_encoder.conv1_local.conv.weight", where)[1],
-                       motion_codes=_need(shapes, "motion_encoder.dec.direction.weight", where)[1],
+                       motion_dim=_need(shapes, "face_encoder.conv1_local.conv.weight", where, rank=2)[1],
+                       motion_codes=_need(shapes, "motion_encoder.dec.direction.weight", where, rank=2)[1],
                        face_tokens=_need(shapes, "face_encoder.conv1_local.conv.weight", where)[0] // hidden,
                        face_hidden=hidden, face_every=num_layers // adapters,
-                       clip_dim=_need(shapes, "img_emb.proj.1.weight", where)[1])
+                       clip_dim=_need(shapes, "img_emb.proj.1.weight", where, rank=2)[1])
 
 
 def s2v_spec_from_shapes(shapes: dict[str, tuple[int, ...]], config: dict, num_layers: int, where) -> S2VSpec | None:
@@ -81,16 +137,20 @@ def s2v_spec_from_shapes(shapes: dict[str, tuple[int, ...]], config: dict, num_l
         return None
     base = S2VSpec()
     injectors = sum(1 for k in shapes if re.match(r"^audio_injector\.injector\.\d+\.q\.weight$", k))
-    layers = tuple(config.get("audio_inject_layers") or base.inject_layers)
+    layers = config.get("audio_inject_layers") or base.inject_layers
+    if not (isinstance(layers, (list, tuple)) and all(type(i) is int and 0 <= i < MAX_DIT_LAYERS for i in layers)):
+        raise CheckpointError(f"{where}: config.json's audio_inject_layers {str(layers)[:60]} is not a list of block "
+                              "numbers; fix or re-download the config")
+    layers = tuple(layers)
     if len(layers) != injectors or max(layers, default=0) >= num_layers:
         raise CheckpointError(f"{where}: {injectors} audio injectors do not fit audio_inject_layers {list(layers)} "
                               f"of a {num_layers}-block DiT; put the model's config.json next to its weights")
-    local = _need(shapes, "casual_audio_encoder.encoder.conv1_local.conv.weight", where)
+    local = _need(shapes, "casual_audio_encoder.encoder.conv1_local.conv.weight", where, rank=2)
     hidden = _need(shapes, "casual_audio_encoder.encoder.conv1_global.conv.weight", where)[0]
-    return S2VSpec(audio_dim=local[1], audio_layers=_need(shapes, "casual_audio_encoder.weights", where)[1],
+    return S2VSpec(audio_dim=local[1], audio_layers=_need(shapes, "casual_audio_encoder.weights", where, rank=2)[1],
                    audio_tokens=local[0] // hidden, inject_layers=layers,
-                   cond_dim=_need(shapes, "cond_encoder.weight", where)[1],
-                   motion_frames=int(config.get("motion_frames", base.motion_frames)))
+                   cond_dim=_need(shapes, "cond_encoder.weight", where, rank=2)[1],
+                   motion_frames=_config_int(config, "motion_frames", base.motion_frames, where, high=4096))
 
 
 def _task_name_for(spec: DiTSpec) -> str:
@@ -264,7 +324,7 @@ def _check_vae_widths(spec: VAESpec, where) -> None:
 def vae_spec_from_shapes(shapes: dict[str, tuple[int, ...]], where, fields: dict | None = None) -> VAESpec:
     """Read a VAE's widths and blocks per stage off its (official-named) shapes; `fields` (from a diffusers
     config.json, `vae_config_fields`) replaces the released stage layout and latent statistics."""
-    enc_dim, in_ch = _need(shapes, "encoder.conv1.weight", where)[:2]
+    enc_dim, in_ch = _need(shapes, "encoder.conv1.weight", where, rank=2)[:2]
     version = {3: "2.1", 12: "2.2"}.get(in_ch)
     if version is None:
         raise CheckpointError(f"{where}: a VAE taking {in_ch} input channels is neither the Wan2.1 nor the Wan2.2 VAE")
@@ -288,7 +348,7 @@ def vae_spec_from_shapes(shapes: dict[str, tuple[int, ...]], where, fields: dict
     # every encoder stage holds num_res_blocks residual blocks (the real VAEs 2, the bundled tiny ones fewer)
     blocks = sum(1 for k in shapes if k.startswith("encoder.downsamples.") and k.endswith("residual.0.gamma"))
     num_res_blocks, rest = divmod(blocks, len(base.dim_mult))
-    if rest or not num_res_blocks:
+    if rest or not 0 < num_res_blocks <= MAX_VAE_RES_BLOCKS:
         raise CheckpointError(f"{where}: {blocks} encoder residual blocks do not fit a Wan{version} VAE")
     if config_blocks is not None and config_blocks != num_res_blocks:
         raise CheckpointError(f"{where}: config.json says num_res_blocks {config_blocks} but the weights hold "
@@ -327,13 +387,34 @@ def load_vae(comp: Component, task: str, dtype: torch.dtype = torch.float32):
     return prepare_vae(comp, task).load(lambda name, stored: dtype)
 
 
+def _check_t5_shapes(shapes: dict[str, tuple[int, ...]], where) -> None:
+    """Bound what `t5_spec_from_shapes` reads before it builds anything: the layer count its key names declare,
+    and the embedding, attention and FFN shapes it divides and unpacks."""
+    block_count(shapes, _T5_BLOCK_INDEX, MAX_T5_LAYERS, where, "layer")
+    prefix = "encoder.block.0.layer."
+    needed = {"shared.weight": MAX_VOCAB, prefix + "0.SelfAttention.relative_attention_bias.weight": MAX_WIDTH,
+              prefix + "0.SelfAttention.q.weight": MAX_WIDTH, prefix + "1.DenseReluDense.wi_0.weight": MAX_WIDTH}
+    for key, limit in needed.items():
+        shape = shapes.get(key)
+        if shape is not None and (len(shape) != 2 or not all(1 <= d <= limit for d in shape)):
+            raise CheckpointError(f"{where}: tensor {key!r} has shape {tuple(shape)}, which no umT5 encoder has; "
+                                  "the file is damaged or for another model")
+    bias = shapes.get(prefix + "0.SelfAttention.relative_attention_bias.weight")
+    q = shapes.get(prefix + "0.SelfAttention.q.weight")
+    if bias is not None and q is not None and q[0] % bias[1]:
+        raise CheckpointError(f"{where}: {bias[1]} attention heads do not divide the attention width {q[0]}; "
+                              "the file is damaged or for another model")
+
+
 def prepare_t5(comp: Component) -> Prepared:
     """Read the umT5 encoder's shapes (official `.pth` or HF names), build transformers' UMT5 on meta."""
     from wanlite.models.t5 import build_umt5, t5_spec_from_shapes, umt5_name_from_official
 
     source = open_source(list(comp.files))
     rename = umt5_name_from_official if comp.naming == "official" else strip_comfy_prefix
-    spec = t5_spec_from_shapes({rename(k): s for k, s in source.shapes().items()})
+    shapes = {rename(k): s for k, s in source.shapes().items()}
+    _check_t5_shapes(shapes, comp.where)
+    spec = t5_spec_from_shapes(shapes)
     with torch.device("meta"):
         model = build_umt5(spec)
     return Prepared(model, source, rename, "umT5 encoder")
@@ -363,7 +444,28 @@ def check_checkpoint(ckpt: CheckpointSet, task: str) -> list[tuple[str, Componen
     found.append(("vae", ckpt.vae, prepare_vae(ckpt.vae, task)))
     for _, _, prepared in found:
         prepared.check()
+    check_tokenizer(ckpt.tokenizer, found[-2][2].model.get_input_embeddings().num_embeddings)
     return found
+
+
+def check_tokenizer(folder, vocab_size: int) -> None:
+    """Load the tokenizer as `generate` will and check its ids fit the text encoder's embedding, so a damaged or
+    mismatched tokenizer stops `check` too, not only a generation."""
+    from wanlite.models.t5 import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(folder)
+        size = len(tokenizer)
+        tokenizer("a check", add_special_tokens=True)
+    except (CheckpointError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 -- the tokenizers library raises bare Exceptions on damaged
+        # files, and its Rust panics surface as pyo3's PanicException, a BaseException
+        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{folder}: cannot load the umT5 tokenizer ({first}); re-download it") from None
+    if size > vocab_size:
+        raise CheckpointError(f"{folder}: the tokenizer has {size} tokens but the text encoder embeds only "
+                              f"{vocab_size}; the tokenizer belongs to another model")
 
 
 def expert_components(ckpt: CheckpointSet, task: str) -> dict[str, Component]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from wanlite.errors import CheckpointError
+from wanlite.files import regular_file_size
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -23,6 +24,8 @@ DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
 }
 MAX_HEADER_BYTES = 100 * 2**20  # the format's own limit
+MAX_DIMS = 8  # Wan tensors have at most 5; a header listing more is damaged
+MAX_INT_DIGITS = 20  # a JSON integer longer than any u64 is refused before Python builds it
 SCRATCH_BYTES = 16 * 2**20  # per-read staging for dtype casts
 
 
@@ -38,11 +41,45 @@ def _bad(path: Path, what: str) -> CheckpointError:
     return CheckpointError(f"{path}: {what}; the file is damaged or not a safetensors file, re-download it")
 
 
+def _int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError("integer too long")
+    return int(text)
+
+
+def _no_float(text: str):
+    raise ValueError(f"{text} is not a number a safetensors header holds")
+
+
+def _unique(pairs: list) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"{key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def parse_header_json(raw: bytes):
+    """json.loads with the work bounded: integers of at most 20 digits, no NaN / Infinity, no repeated keys
+    (which entry would win is undefined), UTF-8 only (the spec's encoding), nesting cut off by Python's
+    recursion guard; ValueError otherwise."""
+    try:
+        return json.loads(raw.decode("utf-8"), parse_int=_int, parse_constant=_no_float, object_pairs_hook=_unique)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _dims_ok(shape, limit: int) -> bool:
+    return (isinstance(shape, list) and len(shape) <= MAX_DIMS
+            and all(type(d) is int and 0 <= d <= limit for d in shape))
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header: every dtype, shape and offset is checked against the file."""
     path = Path(path)
+    size = regular_file_size(path)
     try:
-        size = path.stat().st_size
         with path.open("rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -56,10 +93,14 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raw = f.read(header_len)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(raw) != header_len:
+        raise CheckpointError(f"{path}: truncated while reading its header; re-download it")
+    if header_len < 2 or raw[:1] != b"{":
+        raise _bad(path, "header does not start with '{'")
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _bad(path, "header is not valid JSON") from None
+        header = parse_header_json(raw)
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise _bad(path, f"header is not valid JSON ({str(exc).splitlines()[0][:80]})") from None
     if not isinstance(header, dict):
         raise _bad(path, "header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -70,15 +111,19 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     tensors: dict[str, TensorInfo] = {}
     spans = []
     for name, entry in header.items():
-        if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
-            raise _bad(path, f"tensor {name!r} has an unknown dtype {entry.get('dtype') if isinstance(entry, dict) else entry!r}")
+        dtype_name = entry.get("dtype") if isinstance(entry, dict) else None
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+            shown = dtype_name if isinstance(entry, dict) else entry
+            raise _bad(path, f"tensor {name!r} has an unknown dtype {str(shown)[:40]!r}")
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise _bad(path, f"tensor {name!r} has an invalid shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise _bad(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        # no dimension can exceed the file's size: every element takes at least one byte, and an empty
+        # tensor with a huge other dimension is damage, not data
+        if not _dims_ok(shape, max(size, 1)):
+            raise _bad(path, f"tensor {name!r} has an invalid shape {str(shape)[:80]}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise _bad(path, f"tensor {name!r} has invalid data_offsets {str(offsets)[:80]}")
         begin, end = offsets
-        dtype = DTYPES[entry["dtype"]]
+        dtype = DTYPES[dtype_name]
         numel = 1
         for d in shape:
             numel *= d
@@ -91,10 +136,18 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                 f"{data_size}; the download is incomplete, re-download it")
         spans.append((begin, end, name))
         tensors[name] = TensorInfo(dtype, tuple(shape), data_start + begin, nbytes)
+    # the format's rule (the reference reader enforces it too): the tensors tile the data section exactly. A hole
+    # or a tail is how a shifted header or an inserted run of bytes shows, which would otherwise read wrong data
     spans.sort()
-    for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
-        if begin_b < end_a:
-            raise _bad(path, f"tensors {name_a!r} and {name_b!r} overlap")
+    covered, last = 0, None
+    for begin, end, name in spans:
+        if begin < covered:
+            raise _bad(path, f"tensors {last!r} and {name!r} overlap")
+        if begin > covered:
+            raise _bad(path, f"bytes {covered}..{begin} of the data belong to no tensor (before {name!r})")
+        covered, last = end, name
+    if covered != data_size:
+        raise _bad(path, f"{data_size - covered} bytes after the last tensor belong to no tensor")
     return tensors, metadata
 
 

@@ -24,12 +24,12 @@ int8,mxfp8,nvfp4}.py` `state_dict_tensors`, `backends/eager/quantization.py` and
 """
 from __future__ import annotations
 
-import json
 import math
 
 import torch
 
 from wanlite.errors import CheckpointError
+from wanlite.loading.safetensors_file import parse_header_json
 from wanlite.loading.stream import SafetensorsSource
 from wanlite.quant.base import QuantizedWeight
 from wanlite.quant.fp8 import QTYPE_OF
@@ -168,8 +168,8 @@ class ScaledSafetensorsSource(SafetensorsSource):
         if raw is None:
             return confs
         try:
-            layers = json.loads(raw).get("layers")
-        except (json.JSONDecodeError, AttributeError):
+            layers = parse_header_json(raw.encode("utf-8")).get("layers")
+        except (ValueError, AttributeError):  # bounded JSON (no 5000-digit integers, no deep nesting)
             layers = None
         if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
             raise CheckpointError(f"{where}: its _quantization_metadata header entry is not {{\"layers\": {{name: "
@@ -194,8 +194,8 @@ class ScaledSafetensorsSource(SafetensorsSource):
         with shard:
             raw = shard.read(key).numpy().tobytes().rstrip(b"\x00")
         try:
-            conf = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            conf = parse_header_json(raw)
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             conf = None
         if not isinstance(conf, dict) or not isinstance(conf.get("format"), str):
             raise CheckpointError(f"{shard.path}: {key!r} is not a JSON object with a \"format\"; the file is "

@@ -11,8 +11,11 @@ import ctypes
 import functools
 import math
 import mmap
-import pickle
+import os
+import stat
+import struct
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +25,7 @@ from torch import nn
 
 from wanlite.errors import CheckpointError
 from wanlite.loading.progress import tensor_quantized, tensor_read
+from wanlite.files import regular_file_size
 from wanlite.loading.safetensors_file import SafetensorsFile
 from wanlite.quant.base import DenseConfig, QuantConfig, build_linear, set_submodule, targets_linear
 
@@ -107,9 +111,13 @@ class PthSource:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.paths = [self.path]
+        regular_file_size(self.path)
         try:
-            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+            with warnings.catch_warnings():  # a damaged file's odd pickle protocol is reported below, once
+                warnings.simplefilter("ignore", UserWarning)
+                obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001 -- the restricted unpickler's boundary: a damaged pickle
+            # raises anything (UnpicklingError, KeyError, IndexError, struct.error, RuntimeError, ...)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(
                 f"{self.path}: not a plain tensor state dict ({first[:160]}); wanlite loads .pth files "
@@ -119,10 +127,14 @@ class PthSource:
                 obj = obj[wrapper]
         if not isinstance(obj, dict) or not obj:
             raise CheckpointError(f"{self.path}: expected a dict of tensors, found {type(obj).__name__}")
-        bad = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+        bad = [k for k, v in obj.items() if not (isinstance(k, str) and type(v) in (torch.Tensor, nn.Parameter))]
         if bad:
             raise CheckpointError(
-                f"{self.path}: entry {bad[0]!r} is not a tensor; expected a dict of tensors (a state dict)")
+                f"{self.path}: entry {str(bad[0])[:80]!r} is not a tensor; expected a dict of tensors (a state dict)")
+        odd = [k for k, v in obj.items() if v.layout != torch.strided or v.is_quantized or v.is_complex()]
+        if odd:
+            raise CheckpointError(f"{self.path}: tensor {odd[0]!r} is sparse, quantized or complex; a Wan "
+                                  "checkpoint holds plain dense tensors")
         self.tensors: dict[str, torch.Tensor] = obj
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -168,27 +180,47 @@ def _libc():
     return libc
 
 
+def _safetensors_layout(head: bytes, size: int) -> bool:
+    """An 8-byte little-endian header length that fits the file, then the header's opening '{'."""
+    if len(head) < 9:
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return 2 <= header_len <= size - 8 and head[8:9] == b"{"
+
+
 def sniff(path: Path) -> str | None:
-    """A weight file's container from its first bytes: "gguf", "pth" (zip or legacy pickle), "safetensors"."""
+    """A weight file's container from its structure: "gguf" (magic), "pth" (a zip, or a pickle's protocol
+    opcode 0x80 + 2..5 that is not also a valid safetensors header length), "safetensors"; None for anything
+    else, and for a pipe, device or folder (never opened: opening a FIFO blocks)."""
+    path = Path(path)
     try:
-        with Path(path).open("rb") as f:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        with path.open("rb") as f:
             head = f.read(9)
     except OSError:
         return None
     if head[:4] == b"GGUF":
         return "gguf"
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return "pth"
-    if len(head) == 9 and head[8:9] == b"{":
+    # before the zip and pickle signatures: a header of 128 + 256k bytes starts with 0x80 too, one of 67 MB with
+    # "PK\x03\x04"; neither a zip nor a pickle has a '{' where a fitting header length puts it
+    if _safetensors_layout(head, info.st_size):
         return "safetensors"
+    if head[:4] == b"PK\x03\x04":
+        return "pth"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pth"
     # unrecognised bytes: trust the suffix so the container's own reader says what is wrong with the file
-    return {".pth": "pth", ".pt": "pth", ".gguf": "gguf", ".safetensors": "safetensors"}.get(Path(path).suffix)
+    return {".pth": "pth", ".pt": "pth", ".gguf": "gguf", ".safetensors": "safetensors"}.get(path.suffix)
 
 
 def open_source(paths: list[Path]):
     """Open a checkpoint component by file content (safetensors shards, one GGUF, or one .pth); fp8 / int8
     safetensors come back as a source that hides their scale tensors."""
     paths = [Path(p) for p in paths]
+    for p in paths:
+        regular_file_size(p)  # a FIFO or device stops here with one line, before anything opens it
     kinds = {sniff(p) for p in paths}
     if kinds == {"gguf"} and len(paths) == 1:
         from wanlite.quant.gguf import GGUFSource

@@ -9,6 +9,7 @@ Key formats and application: `wanlite.lora.keys`, `wanlite.lora.apply`. Presets 
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 from wanlite.errors import WanliteError
@@ -35,10 +36,14 @@ def parse_lora_arg(text: str) -> tuple[Path, float]:
     head, sep, tail = text.rpartition(":")
     if sep and head and not tail.startswith(("\\", "/")):
         try:
-            return Path(head), float(tail)
+            strength = float(tail)
         except ValueError:
             if len(head) > 1:  # 'C:\\x.safetensors' splits as ('C', ...): that is a path, not a strength
                 raise WanliteError(f"--lora {text}: the strength {tail!r} is not a number (FILE:0.8)") from None
+        else:
+            if not math.isfinite(strength):
+                raise WanliteError(f"--lora {text}: the strength {tail!r} is not a finite number (FILE:0.8)")
+            return Path(head), strength
     return Path(text), 1.0
 
 

@@ -127,7 +127,21 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise WanliteError(f"--lora {path}: holds no tensor dictionary, so it is not a LoRA")
-    return data if config is None else _with_peft_alphas(data, config, path)
+    data = data if config is None else _with_peft_alphas(data, config, path)
+    check_finite(data, path)
+    return data
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A NaN or Inf anywhere (a weight, an alpha) would turn every frame black: refuse the file instead."""
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            continue
+        t = t.half() if t.element_size() == 1 else t  # fp8: isfinite has no kernel; fp16 holds every fp8 value
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise WanliteError(f"--lora {path}: {key} holds {bad} NaN/Inf value{'s' if bad > 1 else ''}; the file is "
+                               "damaged (download or export it again)")
 
 
 def _peft_config(folder: Path) -> dict:

@@ -109,11 +109,15 @@ def clean_prompt(text: str) -> str:
 
 
 def load_tokenizer(folder: Path):
-    """The umT5 tokenizer from a local folder (`google/umt5-xxl/` or diffusers `tokenizer/`); never downloads."""
+    """The umT5 tokenizer from a local folder (`google/umt5-xxl/` or diffusers `tokenizer/`); never downloads and
+    never runs code from the folder (see `wanlite.hf_folders`)."""
     from transformers import AutoTokenizer
 
+    from wanlite.hf_folders import refuse_remote_code
+
+    refuse_remote_code(folder, "umT5 tokenizer")
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{folder}: cannot load the umT5 tokenizer ({str(exc).splitlines()[0][:120]})") from None
 

@@ -5,7 +5,8 @@
 - `FileStore` (`mmap`): nothing of the model stays in process memory; each piece is read from the checkpoint
   (the OS page cache keeps what RAM allows) by a background thread just ahead of use.
 - `FileStore` over a `DiskCache` (`disk`): the same, but from per-piece files holding the slab bytes in the
-  runtime format, written once and validated by a manifest hash.
+  runtime format, written once and validated by a manifest hash; each file's CRC-32 is checked on its first read
+  in a run, and a piece that fails it is read again from the checkpoint and rewritten.
 
 Every store hands out `(layout, host bytes)` and, the first time a file-backed block arrives, the shell module
 offload binds device views into.
@@ -17,6 +18,8 @@ import json
 import os
 import threading
 import time
+import warnings
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -25,8 +28,9 @@ import torch
 from torch import nn
 
 from wanlite._version import __version__
-from wanlite.errors import WanliteError
+from wanlite.errors import CheckpointError, WanliteError
 from wanlite.offload.slabs import Layout, bind, layout_of, pack, piece_filter, pin_or_plain, to_meta
+from wanlite.files import clean_stale, closed, opened, temp_name
 
 Piece = str | int
 
@@ -117,7 +121,10 @@ class FileStore:
         if self.cache is not None:
             layout = self.layouts[piece]
             buf = buf if buf is not None else self._wait_buffer(layout.nbytes)
-            self.cache.read(piece, buf[: layout.nbytes])
+            try:
+                self.cache.read(piece, buf[: layout.nbytes])
+            except CacheDamaged as exc:
+                self._repair(piece, layout, buf[: layout.nbytes], exc)
             return layout, buf, None
         module = self.read_piece(piece)
         layout = layout_of(module, piece_filter(piece))
@@ -131,6 +138,16 @@ class FileStore:
             to_meta(module, layout)
             shell = module
         return layout, buf, shell
+
+    def _repair(self, piece: Piece, layout: Layout, out: torch.Tensor, damage: CacheDamaged) -> None:
+        """A cache file that fails its checksum: the piece again from the checkpoint, into `out` and the file."""
+        module = self.read_piece(piece)
+        fresh = layout_of(module, piece_filter(piece))
+        if _describe(fresh) != _describe(layout) or fresh.nbytes != layout.nbytes:
+            raise damage
+        pack(module, fresh, out)
+        self.cache.rewrite(piece, out)
+        warnings.warn(f"{damage}: rebuilt it from the checkpoint", RuntimeWarning, stacklevel=2)
 
     def _wait_buffer(self, nbytes: int) -> torch.Tensor:
         with self.lock:
@@ -251,15 +268,24 @@ def _rebuild_shell(template: nn.Module, spec: dict) -> nn.Module:
     return shell
 
 
+class CacheDamaged(CheckpointError):
+    """A disk-cache piece file whose bytes no longer match the CRC-32 written with it."""
+
+
 class DiskCache:
     """`ram_mode=disk`: one file per piece holding its slab bytes exactly, plus `manifest.json` (layouts, shell
-    structure, fingerprint). Written once from the checkpoint, one piece in memory at a time; a manifest that
-    does not match the checkpoint's fingerprint means rebuild."""
+    structure, fingerprint, each file's CRC-32). Written once from the checkpoint, one piece in memory at a time; a
+    manifest that does not match the checkpoint's fingerprint means rebuild. A file's CRC-32 is checked on its
+    first read in a process (zlib: about 0.1 s for a 300 MB block on one core, on the reading thread, so the
+    steps after the first pay nothing); a mismatch raises `CacheDamaged` and drops the manifest, so the cache is
+    rebuilt unless the piece is rewritten (`FileStore` does that from the checkpoint)."""
 
     def __init__(self, folder: Path, fingerprint: str):
         self.folder, self.fingerprint = Path(folder), fingerprint
         self.layouts: dict[Piece, Layout] = {}
         self.shells: dict[int, dict] = {}
+        self.manifest: dict | None = None
+        self.checked: set[Piece] = set()
 
     def path(self, piece: Piece) -> Path:
         return self.folder / (f"block_{piece:03d}.bin" if isinstance(piece, int) else f"{piece}.bin")
@@ -278,6 +304,8 @@ class DiskCache:
             entry = manifest["layouts"][str(piece)]
             if not self.path(piece).is_file() or self.path(piece).stat().st_size != entry["nbytes"]:
                 return False
+            if not isinstance(entry.get("crc32"), int):  # written before checksums: rebuild
+                return False
             if isinstance(piece, int):
                 shells[piece] = _rebuild_shell(template(piece), entry["shell"])
                 layout = layout_of(shells[piece])
@@ -286,12 +314,13 @@ class DiskCache:
             if _describe(layout) != entry["slots"] or layout.nbytes != entry["nbytes"]:
                 return False
             layouts[piece] = layout
-        self.layouts, self.shells = layouts, shells
+        self.layouts, self.shells, self.manifest = layouts, shells, manifest
         return True
 
     def write(self, read_piece: Reader, all_pieces: list[Piece], progress=None) -> None:
         """Materialize each piece from the checkpoint, write its bytes (temp file + rename), keep its shell."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        clean_stale(self.folder)  # temp files of a run killed while writing
         stale = self.folder / "manifest.json"
         if stale.exists():
             stale.unlink()  # the old manifest goes first: a half-rebuilt cache is never valid
@@ -304,11 +333,8 @@ class DiskCache:
                                    "or a file from `wanlite convert --to int8`")
             slab = torch.empty(layout.nbytes, dtype=torch.uint8)
             pack(module, layout, slab)
-            tmp = self.path(piece).with_suffix(".tmp")
-            with tmp.open("wb") as f:
-                f.write(memoryview(slab.numpy()))
-            os.replace(tmp, self.path(piece))
-            entries[str(piece)] = {"nbytes": layout.nbytes, "slots": _describe(layout),
+            crc = self._write_file(piece, slab)
+            entries[str(piece)] = {"nbytes": layout.nbytes, "slots": _describe(layout), "crc32": crc,
                                    "shell": _shell_spec(module) if isinstance(piece, int) else {}}
             if isinstance(piece, int):
                 to_meta(module, layout)
@@ -317,10 +343,33 @@ class DiskCache:
             del slab
             if progress is not None:
                 progress(n + 1, len(all_pieces))
-        manifest = {"fingerprint": self.fingerprint, "pieces": [str(p) for p in all_pieces], "layouts": entries}
-        tmp = self.folder / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest), encoding="utf-8")
-        os.replace(tmp, self.folder / "manifest.json")
+        self.manifest = {"fingerprint": self.fingerprint, "pieces": [str(p) for p in all_pieces],
+                         "layouts": entries}
+        self.checked = set(all_pieces)  # just written from memory
+        self._write_manifest()
+
+    def _write_file(self, piece: Piece, slab: torch.Tensor) -> int:
+        """`slab`'s bytes as the piece's file (temp file + rename); returns their CRC-32."""
+        data = memoryview(slab.numpy())
+        crc = zlib.crc32(data)
+        tmp = opened(temp_name(self.path(piece)))
+        try:
+            with tmp.open("wb") as f:
+                f.write(data)
+            os.replace(tmp, self.path(piece))
+        finally:
+            tmp.unlink(missing_ok=True)
+            closed(tmp)
+        return crc
+
+    def _write_manifest(self) -> None:
+        tmp = opened(temp_name(self.folder / "manifest.json"))
+        try:
+            tmp.write_text(json.dumps(self.manifest), encoding="utf-8")
+            os.replace(tmp, self.folder / "manifest.json")
+        finally:
+            tmp.unlink(missing_ok=True)
+            closed(tmp)
 
     def read(self, piece: Piece, out: torch.Tensor) -> None:
         with self.path(piece).open("rb") as f:
@@ -328,3 +377,21 @@ class DiskCache:
         if got != out.numel():
             raise WanliteError(f"{self.path(piece)}: the offload cache file is truncated; delete {self.folder} "
                                "and run again to rebuild it")
+        if piece in self.checked:
+            return
+        want = self.manifest["layouts"][str(piece)]["crc32"] if self.manifest is not None else None
+        if want is not None and zlib.crc32(memoryview(out.numpy())) != want:
+            (self.folder / "manifest.json").unlink(missing_ok=True)  # the next run rebuilds the cache
+            raise CacheDamaged(f"{self.path(piece)}: the offload cache file fails its checksum (changed on disk "
+                               "since it was written); the cache is rebuilt on the next run")
+        self.checked.add(piece)
+
+    def rewrite(self, piece: Piece, slab: torch.Tensor) -> None:
+        """Replace a damaged piece file with `slab` (the same bytes, from the checkpoint) and restore the
+        manifest `read` dropped."""
+        crc = self._write_file(piece, slab)
+        if crc != self.manifest["layouts"][str(piece)]["crc32"]:
+            raise CacheDamaged(f"{self.path(piece)}: the piece read again from the checkpoint differs from the "
+                               f"cached one; delete {self.folder} and run again to rebuild it")
+        self._write_manifest()
+        self.checked.add(piece)

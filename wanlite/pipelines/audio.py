@@ -45,8 +45,12 @@ class SpeechEncoder:
     def __init__(self, folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
-        self.extractor = Wav2Vec2FeatureExtractor.from_pretrained(str(folder))
-        self.model = Wav2Vec2ForCTC.from_pretrained(str(folder), dtype=dtype).wav2vec2.to(device).eval()
+        from wanlite.hf_folders import refuse_remote_code
+
+        refuse_remote_code(folder, "wav2vec2 model")
+        local = {"local_files_only": True, "trust_remote_code": False}
+        self.extractor = Wav2Vec2FeatureExtractor.from_pretrained(str(folder), **local)
+        self.model = Wav2Vec2ForCTC.from_pretrained(str(folder), dtype=dtype, **local).wav2vec2.to(device).eval()
 
     @torch.no_grad()
     def hidden_states(self, wave: np.ndarray) -> torch.Tensor:

@@ -4,10 +4,12 @@ Outputs: fp8 as ComfyUI safetensors that both of ComfyUI's loaders read (see `_S
 wanlite's layout (`<layer>.weight` int8 + `<layer>.weight_scale`
 fp32 per output row), GGUF as city96 lays it out (arch `wan`, original key names, 5-D F32 patch embedding,
 F32 vectors and modulation, bf16 embeddings and head). Tensors are read, quantized and written one at a time;
-each file is written under a temporary name and renamed only when complete.
+each file is written under a temporary name (`wanlite.files`) and renamed only when complete; a failed
+write (a full disk) removes it and is one line, and the next convert removes those a killed one left.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from wanlite.loading.checkpoints import discover
 from wanlite.loading.models import expert_components, prepare_dit
 from wanlite.loading.stream import check_against
 from wanlite.loading.writers import SafetensorsStreamWriter
+from wanlite.files import clean_stale, closed, opened, temp_name
 from wanlite.quant.base import is_quantizable
 from wanlite.quant.fp8 import fp8_from_hp
 from wanlite.quant.gguf_dequant import BLOCKS
@@ -93,7 +96,7 @@ class _GGUFOut:
     def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...]]], qtype: str):
         from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 
-        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        self.path, self.tmp = path, opened(temp_name(path))
         self.types = {name: _gguf_type(name, shape, qtype) for name, shape in entries}
         path.parent.mkdir(parents=True, exist_ok=True)
         self.writer = GGUFWriter(self.tmp, "wan")
@@ -115,11 +118,13 @@ class _GGUFOut:
         self.writer.write_tensor_data(_gguf_bytes(tensor, self.types[name]))
 
     def close(self, ok: bool) -> None:
-        self.writer.close()
-        if ok:
-            os.replace(self.tmp, self.path)
-        else:
+        try:
+            self.writer.close()
+            if ok:
+                os.replace(self.tmp, self.path)
+        finally:
             self.tmp.unlink(missing_ok=True)
+            closed(self.tmp)
 
 
 # ComfyUI's per-layer marker, as `comfy/ops.py` writes it: the bytes of json.dumps({"format": ...}) as uint8
@@ -166,7 +171,9 @@ class _SafetensorsOut:
             plan.append((COMFY_PREFIX + "scaled_fp8", torch.float8_e4m3fn, (0,)))
         self.dtypes = {name: dtype for name, dtype, _ in plan}
         metadata = {"format": "pt", "wanlite.quant": to}
-        self.file = SafetensorsStreamWriter(path, plan, metadata).__enter__()
+        writer = SafetensorsStreamWriter(path, plan, metadata)
+        writer.tmp = self.tmp = opened(temp_name(path))  # pid-tagged, so a killed convert's file is cleaned up
+        self.file = writer.__enter__()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         prefix = COMFY_PREFIX if self.to == "fp8" else ""
@@ -186,9 +193,13 @@ class _SafetensorsOut:
         self.file.write(prefix + name, tensor.to(self.dtypes[prefix + name]))
 
     def close(self, ok: bool) -> None:
-        if ok and self.to == "fp8":
-            self.file.write(COMFY_PREFIX + "scaled_fp8", torch.empty(0, dtype=torch.float8_e4m3fn))
-        self.file.__exit__(None if ok else RuntimeError, None, None)
+        try:
+            if ok and self.to == "fp8":
+                self.file.write(COMFY_PREFIX + "scaled_fp8", torch.empty(0, dtype=torch.float8_e4m3fn))
+            self.file.__exit__(None if ok else RuntimeError, None, None)
+        finally:
+            self.tmp.unlink(missing_ok=True)  # renamed on success; otherwise never left behind
+            closed(self.tmp)
 
 
 def convert(ckpt_dir: Path, task: str, to: str, out: Path, progress: Progress | None = None) -> list[Conversion]:
@@ -210,21 +221,28 @@ def convert(ckpt_dir: Path, task: str, to: str, out: Path, progress: Progress | 
     for role, prep in prepared.items():
         entries = [(name, tuple(shapes_of[role][key])) for key, name in pairs[role]]
         stored = {name: dtypes_of[role][key] for key, name in pairs[role]}
-        if to.startswith("gguf"):
-            sink = _GGUFOut(paths[role], entries, to.removeprefix("gguf-").upper())
-        else:
-            sink = _SafetensorsOut(paths[role], entries, to, stored)
-        ok = False
+        paths[role].parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(paths[role].parent)  # what a killed convert left
         try:
-            for (key, name), (_, shape) in zip(pairs[role], entries):  # one tensor in RAM at a time
-                for _, tensor in prep.source.fill([(key, torch.Size(shape), torch.float32)]):
-                    sink.write(name, tensor)
-                done += tensor.numel() * dtypes_of[role][key].itemsize
-                if progress:
-                    progress(done, total, role)
-            ok = True
-        finally:
-            sink.close(ok)
+            if to.startswith("gguf"):
+                sink = _GGUFOut(paths[role], entries, to.removeprefix("gguf-").upper())
+            else:
+                sink = _SafetensorsOut(paths[role], entries, to, stored)
+            ok = False
+            try:
+                for (key, name), (_, shape) in zip(pairs[role], entries):  # one tensor in RAM at a time
+                    for _, tensor in prep.source.fill([(key, torch.Size(shape), torch.float32)]):
+                        sink.write(name, tensor)
+                    done += tensor.numel() * dtypes_of[role][key].itemsize
+                    if progress:
+                        progress(done, total, role)
+                ok = True
+            finally:
+                sink.close(ok)
+        except OSError as exc:  # a full disk, a read-only folder: nothing is left under the name
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            raise WanliteError(f"{paths[role]}: converting failed ({exc.strerror or exc}); nothing was saved"
+                               + ("; free disk space or pass another --out" if full else "")) from None
         results.append(Conversion(paths[role], role, sum(p.stat().st_size for p in prep.source.paths),
                                   paths[role].stat().st_size))
     return results

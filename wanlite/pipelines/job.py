@@ -55,6 +55,26 @@ class VaePlan:
     overlap: int | None  # latent pixels neighbouring tiles share
 
 
+@dataclass(frozen=True)
+class PromptExtendPlan:
+    """`--use_prompt_extend`: a chat model rewrites the prompt before anything else runs
+    (`wanlite.pipelines.prompt_extend.extend_job`). Before the run `original_prompt` is None and the settings
+    hold the user's prompt; after it the settings hold the prompt the video was made from and `original_prompt`
+    the one the user typed, so the mp4 records both and `--replay` uses the rewritten one as it is."""
+
+    method: str  # local_qwen | dashscope
+    model: str  # local_qwen: a folder or a Hugging Face repo id; dashscope: the hosted model's name
+    target_lang: str  # zh | en
+    vision: bool  # the image goes with the prompt (a Qwen-VL model)
+    device: str = ""  # local_qwen: cuda | cpu (the plan's); dashscope: ""
+    quant: str = ""  # local_qwen: its decoder layers' --quant (none, int8, gguf-q4_k); dashscope: ""
+    fallback: bool = False  # --prompt_extend_fallback: a failed rewrite warns and keeps the user's prompt
+    timeout_s: float = 60.0  # dashscope: seconds to wait for the answer
+    max_new_tokens: int = 512  # local_qwen: the rewrite's length limit (greedy decoding)
+    original_prompt: str | None = None  # filled once the rewrite has run
+    error: str | None = None  # why the rewrite failed when --prompt_extend_fallback kept the original
+
+
 KEEP_PLACES = ("device", "host", "none")
 
 
@@ -92,6 +112,7 @@ class Job:
     keep: KeepPlan = KeepPlan()
     cfg: str = "batched"  # batched: cond + uncond as one batch; per_block: through each block one after the other
     compile: bool = False  # each DiT block through torch.compile (the offload and cache runners stay outside)
+    prompt_extend: PromptExtendPlan | None = None  # --use_prompt_extend (None: the prompt is used as typed)
 
     def to_dict(self) -> dict:
         """JSON-ready: the same dict in `plan --json` and in the mp4's metadata."""
@@ -128,6 +149,9 @@ class Job:
         line = (f"job: {self.weights.quant} weights in {self.dtype} on {self.device}, offload {placement}{chunks}, "
                 f"text encoder on {self.text_encoder.device}, VAE {self.vae.dtype} {vae}, step cache "
                 f"{'off' if self.step_cache is None else describe(self.step_cache)['policy']}")
+        x = self.prompt_extend
+        if x is not None:
+            line += f", prompt extended by {x.method} {x.model}" + (f" ({x.quant}) on {x.device}" if x.device else "")
         p = self.predicted
         if p is not None:
             line += (f"; predicted peak VRAM {p.peak_vram_gb:.1f} GB, RAM {p.peak_ram_gb:.1f} GB, "

@@ -7,19 +7,31 @@ Each `generate` resolves its job against the machine as it was when the pipeline
 already hold does not change the plan), executes it with the pipeline's `Components`, and keeps what the
 job's `KeepPlan` says. Options that change the plan (size, frames, LoRAs, quant...) load again only the
 component whose inputs changed, and say so. The one-shot `generate(...)` is a pipeline that keeps nothing.
+
+A generation stopped by Ctrl-C, SIGTERM or an out-of-memory error leaves `<output>.resume.pt` (resume.py); the
+same call again (or `resume=FILE`) continues from its last finished step. An out-of-memory error re-plans with
+the memory free now and resumes in this process, at most `MAX_REPLANS` times.
 """
 from __future__ import annotations
 
+import gc
 import sys
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
-from wanlite.errors import WanliteError
+import torch
+
+from wanlite.errors import OutOfMemory, WanliteError
 from wanlite.pipelines.components import Components
 from wanlite.pipelines.job import Job
-from wanlite.pipelines.request import Request, request_with
+from wanlite.pipelines.prompt_extend import extend_job
+from wanlite.pipelines.request import Request, check_save_file, request_with
 from wanlite.pipelines.resolve import machine_for, resolve
+from wanlite.pipelines.resume import (MAX_REPLANS, Saved, check_job, placement_changes, read_checkpoint,
+                                      resume_path, with_placement)
 from wanlite.pipelines.run import GenerationResult, Progress, execute, output_path
+from wanlite.planner.probe import GB
 
 NEW_FILE = "new file"  # `output` default: a new name in the request's output_dir
 
@@ -55,18 +67,61 @@ class Pipeline:
         if prompt is not None:
             options["prompt"] = prompt
         request = request_with(self.request, **options)
-        if self._first and request == self.request and self.job is not None:
+        saved = resumable(request, save, output)
+        if saved is not None and request.seed < 0:  # a random seed was drawn for the file: it is the seed now
+            request = replace(request, seed=saved.seed)
+        if self._first and request == self.request and self.job is not None and saved is None:
             job = self.job
         else:
             job = resolve(request, self.machine, reuse=self.reuse)
         self._first = False
         self.job = job
         path = None if not save or output is None else (
-            output_path(request, job.settings) if output == NEW_FILE else Path(output))
+            Path(saved.output) if saved is not None and output == NEW_FILE and request.save_file is None
+            else output_path(request, job.settings) if output == NEW_FILE else Path(output))
         if path is not None and path.suffix.lower() != ".mp4":
             raise WanliteError(f"output={str(path)!r} must end in .mp4 (or pass save=False for frames only)")
+        check_save_file(path, request.overwrite)
+        if saved is not None:
+            check_job(saved, job)
         with display(self.progress if progress is None else progress) as emit:
-            return execute(job, path, emit, request.preview, self.components)
+            if saved is not None:
+                emit({"event": "warning", "message": f"resuming from {saved.file} after "
+                      f"{saved.checkpoint.where()} (delete it to start over)"})
+            if saved is None:  # the extender runs once per generation, before any re-plan
+                job = self.job = extend_job(job, emit)
+            result = self._execute(request, job, path, emit, saved)
+        if saved is not None and saved.file != (None if path is None else resume_path(path)):
+            saved.file.unlink(missing_ok=True)  # used up (the one beside the output went when it was written)
+        return result
+
+    def _execute(self, request: Request, job: Job, path: Path | None, emit: Progress,
+                 saved: Saved | None) -> GenerationResult:
+        """Execute `job`; out of memory in a step or the decode: free, re-plan with the memory free now, say
+        so, and resume from the last finished step, at most MAX_REPLANS times."""
+        checkpoint = None if saved is None else saved.checkpoint
+        replans = 0
+        while True:
+            try:
+                return execute(job, path, emit, request.preview, self.components, checkpoint)
+            except OutOfMemory as exc:
+                if replans == MAX_REPLANS:
+                    tail = "" if exc.resume_file is None else (
+                        f"; free memory on the device and resume with --resume {exc.resume_file}")
+                    raise OutOfMemory(f"out of memory again after re-planning {MAX_REPLANS} times ({exc}){tail}",
+                                      exc.resume_file) from None
+                checkpoint, message = exc.checkpoint, str(exc)
+            replans += 1
+            free_device_memory()
+            machine = machine_for(request)  # measured now, with the step's memory given back
+            planned = with_placement(job, resolve(replace(request, seed=job.settings.seed), machine,
+                                                  reuse=self.reuse))
+            free = (f"{machine.vram_free / GB:.1f} GB of VRAM free" if machine.gpu else
+                    f"{machine.ram_available / GB:.1f} GB of RAM free")
+            emit({"event": "warning", "message": f"{message}; re-planned for {free}: "
+                  f"{placement_changes(job, planned)}; resuming"
+                  + ("" if checkpoint is None else f" after {checkpoint.where()}")})
+            job = self.job = planned
 
     def close(self) -> None:
         """Free every loaded component."""
@@ -77,6 +132,26 @@ class Pipeline:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def resumable(request: Request, save: bool, output) -> Saved | None:
+    """The resume file this generation continues from: `request.resume`, else the one beside a named output
+    (the same command again finds it)."""
+    if request.resume is not None:
+        return read_checkpoint(Path(request.resume))
+    named = None if not save or output is None else (
+        Path(request.save_file) if output == NEW_FILE and request.save_file is not None
+        else None if output == NEW_FILE else Path(output))
+    if named is not None and resume_path(named).is_file():
+        return read_checkpoint(resume_path(named))
+    return None
+
+
+def free_device_memory() -> None:
+    """What an out-of-memory error left behind goes back to the device."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def display(progress: bool | Progress | None):

@@ -133,14 +133,17 @@ class ProgressDisplay:
             self._print(event["summary"])
         elif kind in ("warning", "reload"):
             self._print(f"{'note' if kind == 'reload' else 'warning'}: {event['message']}")
+        elif kind == "prompt":  # the prompt extender's rewrite, beside what was typed
+            self._print(event["message"])
         elif kind == "stage":
             self._print(f"{event['name']} ...")
         elif kind == "load":
             self._update(load_line(event), event["done"], event["total"])
         elif kind == "loaded" and event["bytes"]:
             rate = event["bytes"] / max(event["seconds"], 1e-9) / 1e6
+            quantized = f", quantized at {event['quantize_MBps']:.0f} MB/s" if event.get("quantize_MBps") else ""
             self._print(f"loaded {event['what']}: {event['bytes'] / 1e9:.2f} GB in {event['seconds']:.1f} s "
-                        f"({rate:.0f} MB/s)", replacing=True)
+                        f"({rate:.0f} MB/s{quantized})", replacing=True)
         elif kind == "step":
             rate, eta = self.eta.after(event)
             self._update(step_line(event, rate, eta), event["i"], event["total"])

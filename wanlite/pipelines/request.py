@@ -9,6 +9,16 @@ from wanlite.errors import WanliteError
 from wanlite.specs import TASKS, TaskSpec
 
 SOLVERS = ("unipc", "dpm++", "euler")
+
+# What a request may ask for at most, checked before anything is loaded. The official sizes top out at 1280 px
+# a side and 121 frames; the DiT's rotary table has 1024 positions per latent axis (16384 px, 4093 frames), but
+# attention grows with the square of the tokens, so far below that a request is a typo, not a video.
+MAX_SIDE = 4096  # px a side: 3.2x the largest official size; 4096*4096*81 frames is already 1.4 M tokens
+MAX_FRAMES = 1001  # 4k+1; 251 latent frames, well inside the rotary table
+MAX_STEPS = 1000  # the schedules discretize 1000 training timesteps; more steps only repeat them
+MAX_CLIPS = 1000  # S2V clips (about 5 s each)
+MAX_SEED = 2**63 - 1  # torch.Generator takes 64 bits; clips / segments add their index to the seed
+MAX_IMAGE_PIXELS = 8192 * 8192  # an input image is refused from its header, before it is decoded
 RELIGHTING_LORA = "relighting_lora.ckpt"  # Animate-14B's LoRA for lighting the character into the scene
 
 
@@ -31,6 +41,7 @@ class Request:
     device: str = "auto"
     dtype: str = "auto"  # the transformer's compute dtype: auto (bf16; fp16 on GPUs without bf16) | bf16 | fp16 | fp32
     save_file: Path | None = None
+    overwrite: bool = False  # --save_file may replace an existing file
     output_dir: Path = Path("outputs")
     preview: bool = False
     t5_cpu: bool = False
@@ -75,12 +86,20 @@ class Request:
     attention: str = "auto"  # auto (PyTorch SDPA) | sdpa | flash (flash-attn) | sage (SageAttention)
     cfg: str = "auto"  # auto (the plan's) | batched (cond + uncond as a batch of 2) | per_block (one after the other)
     compile: bool = False  # torch.compile each DiT block (shapes fixed per run); off by default
+    # --use_prompt_extend: a chat model rewrites the prompt first (wanlite.pipelines.prompt_extend)
+    use_prompt_extend: bool = False
+    prompt_extend_method: str = "local_qwen"  # local_qwen | dashscope
+    prompt_extend_model: str | None = None  # None: the method's official default (a VL model with an image)
+    prompt_extend_target_lang: str = "zh"  # zh | en
+    prompt_extend_fallback: bool = False  # a failed rewrite warns and keeps the prompt instead of stopping
+    prompt_extend_timeout: float = 60.0  # dashscope: seconds to wait for the answer
     # component files overriding what ckpt_dir provides (ComfyUI-style folders of separate files)
     high_noise_model: Path | None = None
     low_noise_model: Path | None = None
     dit: Path | None = None
     t5: Path | None = None
     vae: Path | None = None
+    resume: Path | None = None  # a resume file (`<output>.resume.pt`): continue its generation (resume.py)
 
     def component_files(self) -> dict[str, Path]:
         return {flag: Path(getattr(self, flag)) for flag in ("high_noise_model", "low_noise_model", "dit", "t5", "vae")
@@ -196,6 +215,55 @@ def check_size(task: TaskSpec, size: tuple[int, int]) -> None:
                            f"nearest valid {side}s: {nearest_multiples(v, stride)}")
 
 
+def check_limits(req: Request, size: tuple[int, int], frames: int) -> None:
+    """Absurd requests (a typo, a script's overflow) are refused before any work, naming the limit."""
+    if max(size) > MAX_SIDE:
+        raise WanliteError(f"--size {size[0]}*{size[1]}: at most {MAX_SIDE} px a side (the official sizes are "
+                           "up to 1280*720)")
+    if frames > MAX_FRAMES:
+        raise WanliteError(f"--frame_num {frames}: at most {MAX_FRAMES} frames in one video")
+    if req.num_clip is not None and req.num_clip > MAX_CLIPS:
+        raise WanliteError(f"--num_clip {req.num_clip}: at most {MAX_CLIPS} clips")
+    if req.seed > MAX_SEED:
+        raise WanliteError(f"--base_seed {req.seed}: at most {MAX_SEED} (2^63 - 1); -1 draws a random seed")
+
+
+def check_image(path: Path) -> None:
+    """The image exists and its header's size is within MAX_IMAGE_PIXELS; the pixels are not decoded here."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise WanliteError(f"--image {path} does not exist")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+    except Image.DecompressionBombError:  # PIL refuses twice its own limit (179 Mpx) itself: far past ours
+        w, h = None, None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise WanliteError(f"--image {path} is not a readable image ({type(exc).__name__}); use PNG, JPEG or WebP")\
+            from None
+    if w is None or w * h > MAX_IMAGE_PIXELS:
+        what = "far more" if w is None else f"{w}*{h} px is more"
+        raise WanliteError(f"--image {path}: {what} than the limit of {MAX_IMAGE_PIXELS // 10**6} Mpx; downscale it "
+                           "(the video is at most 1280 px a side)")
+
+
+def check_save_file(path: Path | None, overwrite: bool) -> None:
+    """Checked where a generation decides its output (a Pipeline may also return frames only)."""
+    if path is not None and Path(path).exists() and not overwrite:
+        raise WanliteError(f"--save_file {path} already exists; pass --overwrite to replace it, or another name")
+
+
+def check_finite(flag: str, values) -> None:
+    if not all(math.isfinite(v) for v in values):
+        shown = ",".join(dict.fromkeys(str(v) for v in values))  # (inf, inf) from one typed value: "inf"
+        raise WanliteError(f"{flag} {shown} is not a finite number; give e.g. 3.5")
+
+
 def check_frames(frames: int) -> None:
     if frames < 1 or (frames - 1) % 4:
         low = max(1, (frames - 1) // 4 * 4 + 1)
@@ -265,13 +333,14 @@ def validate(req: Request, seed: int, files: bool = True) -> Settings:
         raise WanliteError(f"--image is not used by {task.name} (text-to-video); use i2v-A14B or ti2v-5B")
     if task.image == "required" and req.image is None and files:  # planning before a download: --size stands in
         raise WanliteError(f"{task.name} animates an image: pass --image PATH")
-    if req.image is not None and not Path(req.image).is_file():
-        raise WanliteError(f"--image {req.image} does not exist")
+    if req.image is not None:
+        check_image(Path(req.image))
     check_component_flags(task, req, files)
     check_speech_flags(task, req, files)
     check_animate_flags(task, req, files)
     size = req.size or task.size
     frames = task.frames if req.frames is None else req.frames
+    check_limits(req, size, frames)
     if task.conditioning == "speech":  # --size is the area to fit; the reference image sets the aspect
         if size[0] < 64 or size[1] < 64:
             raise WanliteError(f"--size {size[0]}*{size[1]}: S2V sizes are multiples of 64; give at least 64*64")
@@ -291,6 +360,8 @@ def validate(req: Request, seed: int, files: bool = True) -> Settings:
     steps = recipe.get("steps", task.steps) if req.steps is None else req.steps
     if steps < 1:
         raise WanliteError(f"--sample_steps {steps} must be at least 1")
+    if steps > MAX_STEPS:
+        raise WanliteError(f"--sample_steps {steps}: at most {MAX_STEPS} (the official recipes use 40 or 50)")
     shift = recipe.get("shift", task.shift) if req.shift is None else req.shift
     if not shift > 0 or not math.isfinite(shift):
         raise WanliteError(f"--sample_shift {shift} must be a positive number")
@@ -312,6 +383,7 @@ def validate(req: Request, seed: int, files: bool = True) -> Settings:
             raise WanliteError(f"--{flag} {getattr(req, flag)} must be 0 or more")
     cache_settings(req)  # a bad cache setting fails before anything is loaded
     guide = req.guide_scale or recipe.get("guide_scale", task.guide_scale)
+    check_finite("--sample_guide_scale", guide)
     negative = req.negative_prompt or task.negative_prompt  # official: an empty one means the default
     return Settings(task=task.name, prompt=req.prompt, negative_prompt=negative, seed=seed, steps=steps,
                     shift=shift, guide_scale=tuple(guide), solver=solver, size=tuple(size), frames=frames,

@@ -23,6 +23,7 @@ from wanlite.models.vae import Tiling
 from wanlite.offload import OffloadConfig, converts_on_load, default_cache_dir, host_bytes
 from wanlite.pipelines.conditioning import load_image
 from wanlite.pipelines.job import DTYPES, Job, KeepPlan, LoraPlan, TextEncoderPlan, VaePlan, Weights
+from wanlite.pipelines.prompt_extend import placed, plan_extender
 from wanlite.pipelines.request import RELIGHTING_LORA, Request, Settings, cache_settings, validate
 from wanlite.pipelines.segments import KINDS
 from wanlite.planner import Hardware, Placement, Workload, hardware_for, load_profile, plan_for_request
@@ -88,9 +89,11 @@ def resolve(request: Request, machine: Hardware | None = None, without_files: bo
     branched = lora_mode == "runtime" or (lora_mode == "auto" and prequantized)
     cache = cache_settings(req, choices.get("cache", "off") if req.cache == "auto" else req.cache)
     passes = 2 if any(abs(g - 1.0) > 1e-6 for g in settings.guide_scale) else 1
+    extender = plan_extender(req, settings.image is not None, without_files)  # (plan, local model size) or None
     placement = plan_for_request(
         req, choices, hw, Workload(task.name, *settings.size, settings.frames, settings.steps, spec, cache, passes,
-                                   total_rank if branched else 0, total_rank if lora_mode == "auto" else 0),
+                                   total_rank if branched else 0, total_rank if lora_mode == "auto" else 0,
+                                   extender=None if extender is None else extender[1]),
         prequantized)
     quant = parse_quant(placement.quant, req.quant_backend)
     if lora_mode == "auto" and isinstance(quant, Fp8WeightConfig):
@@ -132,7 +135,8 @@ def resolve(request: Request, machine: Hardware | None = None, without_files: bo
         vae=VaePlan(req.vae_dtype, None if tiling is None else tiling.tile, None if tiling is None else tiling.overlap),
         attention=attention_backend(req.attention, device), wav2vec=None if wav2vec is None else str(wav2vec), machine=hw.describe(),
         predicted=predicted, reasons=tuple(reasons), warnings=tuple(warnings), keep=keep,
-        cfg=placement.cfg if passes > 1 else "batched", compile=req.compile and compiler_ready(device))
+        cfg=placement.cfg if passes > 1 else "batched", compile=req.compile and compiler_ready(device),
+        prompt_extend=None if extender is None else placed(extender[0], placement, device))
 
 
 WHERE = {"device": "on the device", "host": "in RAM", "none": "nowhere (loaded again)"}

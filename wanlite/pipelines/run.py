@@ -2,14 +2,16 @@
 
 Read top to bottom: encode the text, build the task's runs (segments.py), denoise each run, decode it, write
 the frames and one metadata record holding the job. Every choice was made by `resolve`; the components come
-from a `Components` that keeps them between a pipeline's generations as the job says.
+from a `Components` that keeps them between a pipeline's generations as the job says. After each step the run
+state is kept (resume.py): Ctrl-C, SIGTERM or running out of memory writes it beside the output, and a
+`Checkpoint` given back continues from the last finished step with the same frames.
 """
 from __future__ import annotations
 
 import re
 import time
 from collections.abc import Callable
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from wanlite.pipelines.components import Components
 from wanlite.pipelines.denoise import Conditioning, Denoiser
 from wanlite.pipelines.job import Job
 from wanlite.pipelines.request import Request, Settings
+from wanlite.pipelines.resume import Checkpoint, Tracker, inject, interruptible, set_rng_state
 from wanlite.pipelines.resolve import checkpoint_set, magcache_file
 from wanlite.pipelines.segments import KINDS
 from wanlite.specs import TASKS, VAE_SPECS
@@ -50,18 +53,32 @@ class GenerationResult:
 
 
 def execute(job: Job, path: Path | None, progress: Progress | None = None, preview: bool = False,
-            components: Components | None = None) -> GenerationResult:
+            components: Components | None = None, resume: Checkpoint | None = None) -> GenerationResult:
     """Run `job` and write the video to `path` (a temp file renamed when complete; None: frames only).
-    `components`: what a `Pipeline` keeps loaded between generations (None: load and release here)."""
+    `components`: what a `Pipeline` keeps loaded between generations (None: load and release here).
+    `resume`: continue after the checkpoint's last finished step (resume.py).
+
+    Raises `Interrupted` on Ctrl-C / SIGTERM and `OutOfMemory` (its `checkpoint` to resume from) when the
+    device runs out of memory in a step or the decode, each with `<path>.resume.pt` written once a step has
+    finished; no partial mp4 is left."""
+    if components is None:
+        with closing(Components()) as once:
+            return execute(job, path, progress, preview, once, resume)
+    with interruptible():
+        return _execute(job, path, progress, preview, components, resume)
+
+
+def _execute(job: Job, path: Path | None, progress: Progress | None, preview: bool, components: Components,
+             resume: Checkpoint | None) -> GenerationResult:
+    from wanlite.pipelines.prompt_extend import extend_job
     from wanlite.pipelines.samplers import SAMPLERS, make_sigmas, model_timesteps
     from wanlite.pipelines.video_io import Mp4Writer, contact_sheet
 
     started = time.perf_counter()
-    if components is None:
-        with closing(Components()) as once:
-            return execute(job, path, progress, preview, once)
     return_large_frees_to_os()  # loading streams tensor by tensor; keep freed ones from piling up in the heap
     emit = progress or (lambda event: None)
+    if resume is None:  # the rewritten prompt (a no-op without --use_prompt_extend, or when it already ran)
+        job = extend_job(job, emit)
     for message in job.warnings:
         emit({"event": "warning", "message": message})
     emit({"event": "plan", "summary": job.summary(), "reasons": list(job.reasons)})
@@ -71,12 +88,16 @@ def execute(job: Job, path: Path | None, progress: Progress | None = None, previ
     ckpt = checkpoint_set(job.weights.ckpt_dir, {flag: Path(file) for flag, file in job.weights.files})
     experts = expert_components(ckpt, task.name)
     step_cache = None if job.step_cache is None else StepCache(job.step_cache)
+    if step_cache is not None and resume is not None and resume.cache is not None:
+        step_cache.load_state_dict(resume.cache, device)
     telemetry = Telemetry()
 
-    emit({"event": "stage", "name": "encode text"})
-    with components.text_encoder(job, ckpt, load_text_len(experts), emit) as encoder:
-        context = encode_text(encoder, [settings.prompt, settings.negative_prompt],
-                              torch.device(job.text_encoder.device), emit)
+    context = None  # only the decode is left: no text to encode
+    if resume is None or not resume.decoding:
+        emit({"event": "stage", "name": "encode text"})
+        with components.text_encoder(job, ckpt, load_text_len(experts), emit) as encoder:
+            context = encode_text(encoder, [settings.prompt, settings.negative_prompt],
+                                  torch.device(job.text_encoder.device), emit)
     runs = KINDS[task.conditioning].runs(
         job, task, ckpt, device, emit,
         lambda dtype: components.vae(job, ckpt, task.name, dtype, device, emit))
@@ -91,27 +112,54 @@ def execute(job: Job, path: Path | None, progress: Progress | None = None, previ
     loras = dits.loras
     shape = (job.settings.task, settings.size, runs.output_frames, job.vae.dtype, job.vae.tile)
     writer, pieces, cache_stats = None, [], None
+    if resume is not None:
+        if (resume.runs, resume.steps) != (runs.count, settings.steps):
+            raise WanliteError(f"the resume file is for {resume.runs} run(s) of {resume.steps} steps; this job has "
+                               f"{runs.count} of {settings.steps}: start over without it")
+        pieces = list(resume.pieces)
+        runs.restore(resume.parts)
+    tracker = Tracker(job, path, runs, settings.steps, step_cache, pieces, device, resume)
+    decoding = False
     try:
-        for r in range(runs.count):
+        for r in range(0 if resume is None else resume.run, runs.count):
             part = "" if runs.unit is None else f" {runs.unit} {r + 1}/{runs.count}"
+            carry = resume.carry if resume is not None and r == resume.run else None
+            start = 0 if carry is None else int(carry["next"])
+            decoding = False
             cond = Conditioning(context=context, **runs.conditioning(r, device))
             denoiser = Denoiser(task, dits, cond, timesteps, settings.guide_scale,
                                 on_expert=lambda role, step: emit({"event": "expert", "role": role, "step": step}),
                                 cache=step_cache, boundary=settings.boundary, phases=settings.phases,
                                 on_lora_gain=lambda gain: [setattr(s, "gain", gain) for s in loras.values()])
             schedule = denoiser.schedule()
-            dits.set_schedule(schedule)
-            dits(schedule[0])  # the first expert loads before the clock starts
+            if start < len(schedule):
+                dits.set_schedule(schedule[start:])  # the forwards still to run
+                dits(schedule[start])  # the first expert loads before the clock starts
             emit({"event": "stage", "name": f"denoise{part}", "schedule": schedule,
                   "decode_steps": components.decode_steps.get(shape) or decode_steps(job, task, runs),
-                  "switch_loads": dits.loads_at_switch(schedule)})
+                  "switch_loads": dits.loads_at_switch(schedule[start:]),
+                  **({} if carry is None else {"resumed_at": start})})
             noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(settings.seed + r),
                                 dtype=torch.float32)
+            if carry is not None:
+                set_rng_state(resume.rng, device)
+            on_step = step_events(emit, schedule, telemetry, device, r, runs)
+            offset = r * settings.steps
+
+            def faulty(x, sigma, i, denoiser=denoiser, offset=offset):
+                inject("step", offset + i + 1)  # a test hook; nothing unless WANLITE_FAULT is set
+                return denoiser(x, sigma, i)
+
+            def kept(info, r=r, on_step=on_step):
+                tracker.step(r, info["carry"])
+                on_step(info)
+
             denoise_started = time.perf_counter()
             with torch.no_grad():
-                x = sample(SAMPLERS[settings.solver], denoiser, noise.to(device), sigmas, cond.first_frame,
-                           step_events(emit, schedule, telemetry, device, r, runs))
-            step_s = (time.perf_counter() - denoise_started) / len(schedule)
+                x = sample(SAMPLERS[settings.solver], faulty, noise.to(device), sigmas, cond.first_frame, kept,
+                           resume=carry)
+            step_s = (time.perf_counter() - denoise_started) / max(len(schedule) - start, 1)
+            decoding = True
             if r == runs.count - 1:  # the transformer's memory goes back before the last decode
                 dits.park()
                 cache_stats = step_cache_stats(step_cache, telemetry)
@@ -125,21 +173,30 @@ def execute(job: Job, path: Path | None, progress: Progress | None = None, previ
                                            metadata_record(job, runs.count, telemetry, cache_stats, loras),
                                            audio=runs.audio, duration=None if runs.audio is None
                                            else runs.output_frames / settings.fps)
+                        for piece in pieces:  # a resumed run's earlier parts
+                            writer.append(piece)
                     room = runs.output_frames - sum(len(p) for p in pieces)
                     if room > 0:
                         pieces.append(to_uint8(pixels[0, :, :room]))
                         if writer is not None:
                             writer.append(pieces[-1])
-            components.decode_steps[shape] = (time.perf_counter() - decode_started) / max(step_s, 1e-9)
+                    inject("decode", r + 1)  # a test hook (the mp4 is open now); nothing unless WANLITE_FAULT is set
+            if start < len(schedule):  # (a run resumed for its decode alone timed no step)
+                components.decode_steps[shape] = (time.perf_counter() - decode_started) / max(step_s, 1e-9)
         if writer is not None:
             writer.close()
-    except BaseException:
+    except BaseException as exc:
         components.drop_transformer()  # a generation cut short leaves no half-run engine to reuse
-        raise
+        stop = tracker.stopped(exc, decoding)
+        if stop is None:
+            raise
+        raise stop from None
     finally:
         if writer is not None and not writer.closed:
-            writer.abort()
+            with suppress(Exception):  # ffmpeg may be gone already (Ctrl-C reaches it too); the file goes anyway
+                writer.abort()
         runs.close()
+    tracker.finished()
     if step_cache is not None and isinstance(step_cache.policy, CalibratePolicy):
         cache_stats["calibration"] = str(write_curve(magcache_file(task.name, experts), task.name, settings.steps,
                                                      step_cache.policy.finished(settings.steps)))
@@ -167,11 +224,13 @@ def decode_steps(job: Job, task, runs) -> float:
     return 2 * vae_decode_flops(task.name, h, w, runs.output_frames / runs.count) / step
 
 
-def sample(sampler, denoiser: Denoiser, x: torch.Tensor, sigmas, first_frame: torch.Tensor | None, callback):
-    """One denoising run; a given first frame (TI2V from an image) stays clean throughout."""
+def sample(sampler, denoiser: Denoiser, x: torch.Tensor, sigmas, first_frame: torch.Tensor | None, callback,
+           resume: dict | None = None):
+    """One denoising run (from the sampler's carry `resume`: after its last finished step); a given first frame
+    (TI2V from an image) stays clean throughout."""
     if first_frame is not None:
         x[:, :, :1] = first_frame
-    x = sampler(denoiser, x, sigmas, callback=callback)
+    x = sampler(denoiser, x, sigmas, callback=callback, resume=resume)
     if first_frame is not None:
         x[:, :, :1] = first_frame
     return x

@@ -2,6 +2,8 @@
 
 The flow convention of Wan: x_t = (1 - sigma) x0 + sigma * noise, alpha = 1 - sigma, lambda = log(alpha / sigma).
 The denoiser returns the x0 prediction; samplers know nothing about experts, guidance or caching.
+After each step the callback gets the sampler's `carry`: every value the next step reads (the sample and the
+multistep history), so `sampler(..., resume=carry)` continues as if it had never stopped (wanlite.pipelines.resume).
 Grids and integer timesteps follow the official `wan/utils/fm_solvers_unipc.py` and `fm_solvers.py`.
 """
 from __future__ import annotations
@@ -55,31 +57,45 @@ def _lambda(sigma: torch.Tensor) -> torch.Tensor:
     return torch.log(1 - sigma) - torch.log(sigma)
 
 
-def _report(callback, i, sigmas, x, denoised):
+def _report(callback, i, sigmas, x, denoised, carry: dict):
     if callback is not None:
-        callback({"i": i, "sigma": sigmas[i], "sigma_next": sigmas[i + 1], "x": x, "denoised": denoised})
+        callback({"i": i, "sigma": sigmas[i], "sigma_next": sigmas[i + 1], "x": x, "denoised": denoised,
+                  "carry": {"next": i + 1, "x": x, **carry}})
+
+
+def _resumed(resume: dict | None, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(first step, sample) of a run: from the start, or from a carry (its tensors moved to x's device)."""
+    if resume is None:
+        return 0, x.float()
+    return int(resume["next"]), resume["x"].to(x.device)
+
+
+def _on(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t.to(like.device)
 
 
 @torch.no_grad()
-def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback=None) -> torch.Tensor:
+def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback=None,
+                 resume: dict | None = None) -> torch.Tensor:
     """Euler on the flow ODE: x += (sigma_next - sigma) * v, with v = (x - x0) / sigma."""
-    x = x.float()
-    for i in range(len(sigmas) - 1):
+    start, x = _resumed(resume, x)
+    for i in range(start, len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         x0 = denoiser(x, s, i).float()
         x = x + (s_next - s) * (x - x0) / s
-        _report(callback, i, sigmas, x, x0)
+        _report(callback, i, sigmas, x, x0, {})
     return x
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback=None) -> torch.Tensor:
+def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback=None,
+                    resume: dict | None = None) -> torch.Tensor:
     """DPM-Solver++(2M), data prediction, midpoint form; first order on the first and the final step
     (Lu et al. 2022; official `FlowDPMSolverMultistepScheduler`, final sigma zero)."""
-    x = x.float()
+    start, x = _resumed(resume, x)
     steps = len(sigmas) - 1
-    prev_x0 = None
-    for i in range(steps):
+    prev_x0 = None if resume is None else _on(resume["prev_x0"], x)
+    for i in range(start, steps):
         s, s_next = sigmas[i], sigmas[i + 1]
         x0 = denoiser(x, s, i).float()
         if s_next == 0:
@@ -92,7 +108,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, c
                 d = x0 + 0.5 * (x0 - prev_x0) / r
             x = (s_next / s) * x - (1 - s_next) * torch.expm1(-h) * d
         prev_x0 = x0
-        _report(callback, i, sigmas, x, x0)
+        _report(callback, i, sigmas, x, x0, {"prev_x0": prev_x0})
     return x
 
 
@@ -140,15 +156,19 @@ def _unipc_update(x, history, sigma_hist, s_to, order, x0_new=None):
 
 @torch.no_grad()
 def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback=None,
-                 order: int = 2) -> torch.Tensor:
+                 order: int = 2, resume: dict | None = None) -> torch.Tensor:
     """UniPC multistep (bh2) with the UniC corrector, order warm-up and lower order on the final steps
     (Zhao et al. 2023; official `FlowUniPCMultistepScheduler`: solver_order 2, predict_x0, lower_order_final)."""
-    x = x.float()
+    start, x = _resumed(resume, x)
     steps = len(sigmas) - 1
     history: list[torch.Tensor] = []
-    sigma_hist: list[torch.Tensor] = []
+    sigma_hist: list[torch.Tensor] = []  # the sigmas of `history`: host tensors, as `sigmas`
     last_x, last_order = None, 0
-    for i in range(steps):
+    if resume is not None:
+        history = [_on(h, x) for h in resume["history"]]
+        sigma_hist = [sigmas[j] for j in resume["history_steps"]]
+        last_x, last_order = _on(resume["last_x"], x), int(resume["last_order"])
+    for i in range(start, steps):
         x0 = denoiser(x, sigmas[i], i).float()
         if last_x is not None:  # correct the previous prediction with the model output at its end point
             x = _unipc_update(last_x, history, sigma_hist, sigmas[i], last_order, x0_new=x0)
@@ -157,7 +177,8 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, call
         this_order = min(order, steps - i, len(history))
         last_x, last_order = x, this_order
         x = _unipc_update(x, history, sigma_hist, sigmas[i + 1], this_order)
-        _report(callback, i, sigmas, x, x0)
+        _report(callback, i, sigmas, x, x0, {"history": history, "history_steps": list(range(i + 1 - len(history),
+                 i + 1)), "last_x": last_x, "last_order": last_order})
     return x
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wanlite.errors import WanliteError
 from wanlite.loading.checkpoints import CheckpointSet
 from wanlite.models.vae import Tiling
 from wanlite.offload.experts import release
@@ -77,6 +78,13 @@ class OneClip:
             else:
                 yield vae.decode_tiled(x.to(dtype), tiling, out_device="cpu")
 
+    def state(self) -> dict:
+        """What a later run reads from the earlier ones (for a resume file): nothing, there is one run."""
+        return {}
+
+    def restore(self, state: dict) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -108,8 +116,22 @@ class Parts:
                   else self.vae.decode_tiled(latents, tiling, out_device="cpu"))
         yield self.parts.keep(r, pixels)
 
+    def state(self) -> dict:
+        """What the next part reads from the decoded ones (for a resume file): S2V's motion history (frames and
+        latents), Animate's previous segment. The tensors themselves: `keep` replaces them, never writes them."""
+        return {name: getattr(self.parts, name) for name in CARRIED if getattr(self.parts, name, None) is not None}
+
+    def restore(self, state: dict) -> None:
+        for name, value in state.items():
+            if name not in CARRIED:
+                raise WanliteError(f"the resume file holds an unknown part state {name!r}")
+            setattr(self.parts, name, value)
+
     def close(self) -> None:
         self.holding.close()
+
+
+CARRIED = ("history", "motion", "previous")  # SpeechClips.history / .motion, AnimateSegments.previous
 
 
 def _vae_encoder(job: Job, device: torch.device, vaes: Vaes):

@@ -1,19 +1,31 @@
 """mp4 in and out through imageio-ffmpeg's bundled ffmpeg: H.264 yuv420p, faststart, settings as JSON metadata.
 
-Files are written to a temporary name in the target folder and renamed when complete, so an interrupted run
-never leaves a half-written video under the real name.
+Files are written to a temporary name in the target folder and renamed only when ffmpeg reports success, so a
+failed or interrupted run (a full disk, a crash) never leaves a video under the real name; the temporary files of a
+run that was killed are removed by the next writer in that folder.
 """
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
+from wanlite.errors import WanliteError
+from wanlite.files import clean_stale, closed, opened, temp_name
+
 METADATA_KEY = "comment"
+
+
+class OutputError(WanliteError):
+    """The video could not be written (a full disk, ffmpeg failing); nothing is left under its name."""
+
+    exit_code = 1
 
 
 def unique_path(folder: Path, stem: str, suffix: str = ".mp4") -> Path:
@@ -26,15 +38,20 @@ def unique_path(folder: Path, stem: str, suffix: str = ".mp4") -> Path:
     return candidate
 
 
-def _temp_name(path: Path) -> Path:
-    # keep the real extension last: ffmpeg picks the container from it
-    return path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+def _ffmpeg_failure(path: Path, returncode: int | None, log) -> OutputError:
+    log.seek(0)
+    lines = log.read().decode(errors="replace").strip().splitlines()
+    why = lines[-1].strip() if lines else f"exit code {returncode}"
+    full = any(word in why.lower() for word in ("no space", "quota", "too large"))
+    return OutputError(f"{path}: writing the video failed (ffmpeg: {why[:160]}); nothing was saved"
+                       + ("; free disk space or pick another --save_file / --output_dir" if full else ""))
 
 
 class Mp4Writer:
     """Append uint8 frames [n, H, W, 3] to an H.264 mp4 as they are produced (yuv420p, +faststart, JSON
     metadata, optionally an audio track as AAC cut to `duration` seconds); the file appears under its name only
-    on `close()` or a clean context exit (temp file + rename), `abort()` removes it."""
+    on `close()` or a clean context exit (temp file + rename), and only when ffmpeg exited 0 and wrote a non-empty
+    file; otherwise `OutputError` and the temp file is gone. `abort()` removes it."""
 
     def __init__(self, path: Path, size: tuple[int, int], fps: int, metadata: dict | None = None,
                  audio: Path | None = None, crf: int = 18, duration: float | None = None):
@@ -45,17 +62,23 @@ class Mp4Writer:
             raise ValueError(f"yuv420p needs an even width and height, got {w}x{h}")
         self.path, self.size = Path(path), (w, h)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = _temp_name(self.path)
-        params = ["-crf", str(crf), "-movflags", "+faststart"]
+        clean_stale(self.path.parent)  # what a killed run left here
+        self.tmp = temp_name(self.path)
+        # what imageio-ffmpeg's write_frames runs, but as our own process: its exit code is the only sign of a
+        # failed write (a full disk), and write_frames never reports it
+        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", "-nostdin", "-f", "rawvideo",
+               "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(Fraction(fps).limit_denominator()), "-i", "-"]
+        cmd += ["-an"] if audio is None else ["-i", str(audio), "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac"]
+        cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(crf), "-movflags", "+faststart"]
         if duration is not None:  # the audio may outlast the frames: cut the output at the video's length
-            params += ["-t", f"{duration:.6f}"]
+            cmd += ["-t", f"{duration:.6f}"]
         if metadata is not None:
-            params += ["-metadata", f"{METADATA_KEY}={json.dumps(metadata, ensure_ascii=False, separators=(',', ':'))}"]
-        self.writer = imageio_ffmpeg.write_frames(
-            str(self.tmp), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p", macro_block_size=1,
-            output_params=params, audio_path=None if audio is None else str(audio),
-            audio_codec=None if audio is None else "aac", ffmpeg_log_level="error")
-        self.writer.send(None)
+            cmd += ["-metadata", f"{METADATA_KEY}={json.dumps(metadata, ensure_ascii=False, separators=(',', ':'))}"]
+        self.log = tempfile.TemporaryFile()  # a file, not a pipe: ffmpeg never blocks on a full stderr
+        opened(self.tmp)
+        self.process = subprocess.Popen([*cmd, str(self.tmp)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                        stderr=self.log)
+        self.frames = 0
         self.closed = False
 
     def append(self, frames: np.ndarray) -> None:
@@ -63,23 +86,51 @@ class Mp4Writer:
         w, h = self.size
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (h, w, 3):
             raise ValueError(f"frames must be uint8 [n, {h}, {w}, 3], got {frames.dtype} {frames.shape}")
-        for frame in frames:
-            self.writer.send(frame)
+        try:
+            self.process.stdin.write(memoryview(frames).cast("B"))
+        except OSError:  # ffmpeg quit (a full disk, a bad audio file): its own message says why
+            self.process.kill()
+            self.process.wait()
+            failure = _ffmpeg_failure(self.path, self.process.returncode, self.log)
+            self.abort()
+            raise failure from None
+        self.frames += len(frames)
 
     def __enter__(self) -> Mp4Writer:
         return self
 
     def close(self) -> None:
-        self.writer.close()
+        """Finish the file; it appears under its name only when ffmpeg succeeded."""
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+        code = self.process.wait()
+        try:
+            if code != 0:
+                raise _ffmpeg_failure(self.path, code, self.log)
+            if self.frames == 0 or not self.tmp.is_file() or self.tmp.stat().st_size == 0:
+                raise OutputError(f"{self.path}: ffmpeg wrote no video ({self.frames} frames given); nothing was saved")
+            with open(self.tmp, "r+b") as f:
+                os.fsync(f.fileno())  # a delayed write error (full disk, quota) surfaces here, not after the rename
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
         self.closed = True
-        os.replace(self.tmp, self.path)
+        self.log.close()
+        closed(self.tmp)
 
     def abort(self) -> None:
         self.closed = True
         try:
-            self.writer.close()
+            if self.process.poll() is None:
+                self.process.kill()
+            self.process.wait()
         finally:
             self.tmp.unlink(missing_ok=True)
+            self.log.close()
+            closed(self.tmp)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
@@ -154,9 +205,13 @@ def contact_sheet(frames: np.ndarray, path: Path, columns: int = 4, max_frames: 
         r, c = divmod(i, cols)
         sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = frame
     path = Path(path)
-    tmp = _temp_name(path)
-    Image.fromarray(sheet).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    tmp = temp_name(path)
+    try:
+        Image.fromarray(sheet).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: writing the preview failed ({exc.strerror or exc}); nothing was saved") from None
     return path
 
 

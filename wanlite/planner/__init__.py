@@ -60,6 +60,8 @@ class Placement:
     t5_cpu: bool
     cfg: str = "batched"  # batched | per_block
     t5_quant: str = ""  # the text encoder's format when the plan sets it apart from the transformer's
+    extender_device: str = ""  # the local prompt extender's device and --quant ("": none, or not planned)
+    extender_quant: str = ""
 
 
 def plan_for_request(req, choices: dict, hw: Hardware, work: Workload, stored_quantized: bool) -> Placement:
@@ -89,4 +91,5 @@ def plan_for_request(req, choices: dict, hw: Hardware, work: Workload, stored_qu
             given("vae_tile", 0) if "vae_tile" in choices or (plan is not None and plan.device == "cuda") else None),
         req.t5_cpu or given("t5_device", "") == "cpu",
         req.cfg if req.cfg != "auto" else given("cfg", "batched"),
-        plan.t5_quant if plan is not None else "")
+        plan.t5_quant if plan is not None else "",
+        plan.extender_device if plan is not None else "", plan.extender_quant if plan is not None else "")

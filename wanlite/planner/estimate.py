@@ -42,6 +42,21 @@ VAE_DECODE_FLOPS_PER_PIXEL = {"2.1": 8.45e6, "2.2": 18.4e6}
 
 
 @dataclass(frozen=True)
+class ExtenderSpec:
+    """The local prompt extender's size (a Qwen / Qwen-VL chat model, `wanlite.pipelines.prompt_extend`): its
+    parameters counted on the model built on meta from its config, and what its generation keeps per token."""
+
+    name: str
+    params: int  # every parameter (stored bf16)
+    linear_params: int  # weights of the decoder layers' Linears: what --quant int8 / Q4_K shrinks
+    layers: int
+    kv_dim: int  # key/value heads x head dim: the KV cache per token and layer is 2 x kv_dim values
+    intermediate: int  # the MLP's width (prefill temporaries)
+    vocab: int
+    vision: bool = False  # a vision tower reads the image (Qwen-VL)
+
+
+@dataclass(frozen=True)
 class Workload:
     task: str
     width: int
@@ -53,6 +68,7 @@ class Workload:
     passes: int = CFG_BATCH  # forwards batched per step: 2 with CFG, 1 at guide 1 (distilled LoRAs)
     lora_rank: int = 0  # total rank of the LoRAs kept as runtime branches (merged ones cost nothing)
     fp8_lora_rank: int = 0  # ... that become branches only if the plan picks fp8 (merging would round them away)
+    extender: ExtenderSpec | None = None  # the local prompt extender (--use_prompt_extend local_qwen), None: none
 
     @property
     def spec(self) -> DiTSpec:
@@ -178,3 +194,31 @@ def dit_flops(spec: DiTSpec, tokens: int, batch: int = CFG_BATCH) -> float:
     per_token = 2 * (4 * d * d + 2 * d * d + 2 * d * f) + 2 * 2 * d * TEXT_LEN
     attention = 4 * tokens * d  # QK^T and PV, per query token
     return spec.num_layers * b * tokens * (per_token + attention) + 2 * b * TEXT_LEN * d * d * 2 * spec.num_layers
+
+
+# The prompt extender runs alone, first (before the text encoder), and is released before anything else loads.
+EXTENDER_TOKENS = 4096  # system prompt, user prompt, image tokens and the new tokens of one rewrite, at most
+EXTENDER_VISION_BYTES = int(1.0 * GB)  # the vision tower over an image of at most 1 Mpx (allowance, not traced)
+EXTENDER_WORKSPACE = int(0.3 * GB)  # kernels' workspaces and allocator rounding (allowance)
+EXTENDER_FORMATS = {"none": "bf16", "int8": "int8", "gguf-q4_k": "Q4_K"}  # --quant name -> weight format
+
+
+def extender_bytes(spec: ExtenderSpec, quant: str = "none") -> int:
+    """Weight bytes of the extender with its decoder layers' Linears in `quant` (a key of EXTENDER_FORMATS) and
+    the rest (embeddings, head, norms, vision tower) in bf16."""
+    from wanlite.quant import FORMATS
+
+    fmt = FORMATS[EXTENDER_FORMATS[quant]]
+    rest = spec.params - spec.linear_params
+    scales = 0 if not fmt.row_scale_bytes else fmt.row_scale_bytes * spec.linear_params // max(spec.intermediate, 1)
+    return int(2 * rest + spec.linear_params * fmt.bits_per_weight / 8 + scales)
+
+
+def extender_activation_bytes(spec: ExtenderSpec, dtype_bytes: int = 2) -> int:
+    """An allowance for one greedy rewrite of EXTENDER_TOKENS tokens: the KV cache (2 x layers x kv_dim per
+    token), the prefill's MLP temporaries (3 x tokens x intermediate), fp32 logits of the last position, the
+    vision tower's activations for VL models, and a fixed workspace."""
+    kv = 2 * spec.layers * spec.kv_dim * EXTENDER_TOKENS * dtype_bytes
+    mlp = 3 * EXTENDER_TOKENS * spec.intermediate * dtype_bytes
+    logits = 2 * spec.vocab * 4
+    return int(kv + mlp + logits + (EXTENDER_VISION_BYTES if spec.vision else 0) + EXTENDER_WORKSPACE)

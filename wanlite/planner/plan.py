@@ -4,7 +4,8 @@ The planner enumerates weight formats (all, or the one `--quant` asks for) and, 
 placement that fits: every expert resident (`none`), one expert at a time (`model`), or block streaming
 (`block`) with as many resident blocks as the VRAM left after activations and ring buffers allows; host RAM
 `pinned` when both experts fit in free RAM, `mmap` otherwise. The text encoder runs on the GPU when it fits
-there alone, the VAE decodes whole frames when they fit and in the largest fitting tiles otherwise. Among the
+there alone, the VAE decodes whole frames when they fit and in the largest fitting tiles otherwise. A local
+prompt extender (a Qwen chat model) is one more stage before them, placed the same way. Among the
 plans that fit (VRAM with a 10 % margin, RAM), the fastest predicted wins; within 3 % the higher-precision
 format wins. A `Plan` is plain data: printed, saved as TOML (a profile) and replayed.
 """
@@ -15,7 +16,8 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from wanlite.errors import WanliteError
-from wanlite.planner.estimate import (GB, Workload, cache_state_bytes, dit_activation_bytes, dit_bytes, dit_flops,
+from wanlite.planner.estimate import (EXTENDER_FORMATS, GB, Workload, cache_state_bytes, dit_activation_bytes,
+                                      dit_bytes, dit_flops, extender_activation_bytes, extender_bytes,
                                       lora_block_bytes, t5_activation_bytes, t5_bytes, vae_bytes, vae_decode_bytes,
                                       vae_decode_flops)
 from wanlite.planner.probe import Hardware
@@ -63,6 +65,9 @@ class Prediction:
     # the whole clip: every step at s_per_step, reading the weights from disk once, the VAE decode (one denoising
     # run: S2V clips and Animate segments each add their steps and decode)
     total_s: float = 0.0
+    # the local prompt extender (a stage of its own, first): its VRAM (0 on the CPU or without one) and RAM
+    vram_prompt_extender_gb: float = 0.0
+    ram_prompt_extender_gb: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,8 @@ class Plan:
     cache: str = "off"  # the step cache (--cache) the memory was planned with
     cfg: str = "batched"  # batched | per_block: CFG's two branches through each block together or one by one
     t5_quant: str = ""  # the text encoder's --quant when it differs from the transformer's ("": the same)
+    extender_device: str = ""  # the local prompt extender: cuda | cpu ("": none)
+    extender_quant: str = ""  # its decoder layers' --quant: none (bf16) | int8 | gguf-q4_k
 
     @property
     def weight_format(self) -> str:
@@ -107,6 +114,8 @@ class Plan:
         placement = self.offload if self.offload != "block" else (
             f"block k={self.resident_blocks} d={self.prefetch} ram={self.ram_mode}")
         chunks = f", blocks in chunks of {self.chunk_tokens} tokens" if self.chunk_tokens else ""
+        if self.extender_device:
+            chunks += f", prompt extender ({self.extender_quant}) on {self.extender_device}"
         return (f"plan: {self.weight_format} on {self.device}, offload {placement}{chunks}, text encoder on "
                 f"{self.t5_device}, VAE {'whole frames' if not self.vae_tile else f'tiles of {self.vae_tile}'}; "
                 f"predicted peak VRAM {p.peak_vram_gb:.1f} GB, RAM {p.peak_ram_gb:.1f} GB, "
@@ -236,21 +245,59 @@ def make_plan(work: Workload, hw: Hardware, quant: str = "auto", prefetch: int =
                        "of VRAM are usable")
         t5_vram = 0
     t5_ram = t5_bytes(t5_fmt) + RAM_RESERVE
+    ext_device, ext_quant, ext_vram, ext_ram, ext_reasons = _extender_placement(work, hw, budget)
+    reasons += ext_reasons
     predicted = Prediction(
-        peak_vram_gb=round(max(best.vram, vae_need, t5_vram) / GB, 2), vram_weights_gb=round(best.weights / GB, 2),
+        peak_vram_gb=round(max(best.vram, vae_need, t5_vram, ext_vram) / GB, 2),
+        vram_weights_gb=round(best.weights / GB, 2),
         vram_activations_gb=round(best.activations / GB, 2), vram_buffers_gb=round(best.buffers / GB, 2),
         vram_vae_gb=round(vae_need / GB, 2), vram_text_encoder_gb=round(t5_vram / GB, 2),
-        peak_ram_gb=round(max(best.ram, t5_ram) / GB, 2), bytes_moved_per_step_gb=round(best.moved / GB, 2),
+        peak_ram_gb=round(max(best.ram, t5_ram, ext_ram) / GB, 2),
+        bytes_moved_per_step_gb=round(best.moved / GB, 2),
         s_per_step=round(best.s_per_step, 2),
         vram_cache_gb=round(cache_state_bytes(work.spec, work.tokens, work.cache, work.passes) / GB, 2),
         ram_text_encoder_gb=round(t5_ram / GB, 2), ram_transformer_gb=round(best.ram / GB, 2),
-        total_s=clip_seconds(work, hw, best.s_per_step, best.fmt, t5_fmt))
+        total_s=clip_seconds(work, hw, best.s_per_step, best.fmt, t5_fmt),
+        vram_prompt_extender_gb=round(ext_vram / GB, 2), ram_prompt_extender_gb=round(ext_ram / GB, 2))
     return Plan(work.task, work.width, work.height, work.frames, work.steps, "cuda", QUANT_FLAG[best.fmt],
                 best.offload, best.resident if best.offload == "block" else 0,
                 prefetch if best.offload == "block" else 0, best.ram_mode, best.chunk or 0, t5_device, tile,
                 hw.describe(),
                 predicted, tuple(reasons), cache_name(work.cache), "per_block" if best.rows_apart else "batched",
-                "fp8" if t5_fmt == "fp8" and best.fmt != "fp8" else "")
+                "fp8" if t5_fmt == "fp8" and best.fmt != "fp8" else "", ext_device, ext_quant)
+
+
+def _extender_placement(work: Workload, hw: Hardware, budget: float) -> tuple[str, str, float, float, list[str]]:
+    """(device, --quant, VRAM bytes, RAM bytes, reasons) of the local prompt extender, a stage of its own that
+    runs first and is released before the text encoder loads: on the GPU in the most precise format that fits
+    there alone (bf16, int8, Q4_K for its decoder layers), else on the CPU in bf16. It is read into RAM in bf16
+    and quantized there (`wanlite.quant.quantize_`), so its RAM phase holds its bf16 weights in any format."""
+    spec = work.extender
+    if spec is None:
+        return "", "", 0.0, 0.0, []
+    dense = extender_bytes(spec, "none")
+    act = extender_activation_bytes(spec)
+    if dense + RAM_RESERVE > hw.ram_available:
+        raise WanliteError(f"the prompt extender {spec.name} needs {(dense + RAM_RESERVE) / GB:.1f} GB of RAM to load "
+                           f"(bf16), {hw.ram_available / GB:.1f} GB are free; use a smaller --prompt_extend_model "
+                           "(Qwen2.5_7B, Qwen2.5_3B, QwenVL2.5_3B) or --prompt_extend_method dashscope")
+    if hw.gpu is not None:
+        for quant in EXTENDER_FORMATS:
+            vram = extender_bytes(spec, quant) + act
+            if vram <= budget:
+                why = [] if quant == "none" else [
+                    f"prompt extender {spec.name} in {quant}: in bf16 it needs {(dense + act) / GB:.1f} GB, "
+                    f"{budget / GB:.1f} GB of VRAM are usable"]
+                return "cuda", quant, vram, dense + RAM_RESERVE, why
+    ram = dense + act + RAM_RESERVE
+    if ram > hw.ram_available:
+        raise WanliteError(f"the prompt extender {spec.name} fits neither the GPU nor {hw.ram_available / GB:.1f} GB "
+                           f"of free RAM ({ram / GB:.1f} GB on the CPU); use a smaller --prompt_extend_model "
+                           "(Qwen2.5_7B, Qwen2.5_3B, QwenVL2.5_3B) or --prompt_extend_method dashscope")
+    why = [] if hw.gpu is None else [f"prompt extender {spec.name} on the CPU: even with Q4_K decoder layers it "
+                                     f"needs {(extender_bytes(spec, 'gguf-q4_k') + act) / GB:.1f} GB, "
+                                     f"{budget / GB:.1f} GB of VRAM are usable"]
+    return "cpu", "none", 0.0, ram, why
 
 
 def _explain(work: Workload, hw: Hardware, best: _Option, budget: float, formats) -> list[str]:
@@ -312,12 +359,16 @@ def _cpu_plan(work: Workload, hw: Hardware, formats) -> Plan:
     # released before the transformer loads
     t5_fmt = fmt if fmt in ("fp8", "int8") else "bf16"
     t5_ram = t5_bytes(t5_fmt) + t5_activation_bytes() + RAM_RESERVE
-    predicted = Prediction(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, round(max(ram, t5_ram) / GB, 2), 0.0, round(seconds, 1),
-                           ram_text_encoder_gb=round(t5_ram / GB, 2), ram_transformer_gb=round(ram / GB, 2),
-                           total_s=clip_seconds(work, hw, seconds, fmt, t5_fmt))
+    ext_device, ext_quant, _, ext_ram, ext_reasons = _extender_placement(work, hw, 0.0)
+    predicted = Prediction(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, round(max(ram, t5_ram, ext_ram) / GB, 2), 0.0,
+                           round(seconds, 1), ram_text_encoder_gb=round(t5_ram / GB, 2),
+                           ram_transformer_gb=round(ram / GB, 2),
+                           total_s=clip_seconds(work, hw, seconds, fmt, t5_fmt),
+                           ram_prompt_extender_gb=round(ext_ram / GB, 2))
     return Plan(work.task, work.width, work.height, work.frames, work.steps, "cpu",
                 "auto" if len(formats) > 1 else QUANT_FLAG[fmt], offload, 0, 1 if offload == "block" else 0,
-                ram_mode, 0, "cpu", 0, hw.describe(), predicted, tuple(reasons), cache_name(work.cache))
+                ram_mode, 0, "cpu", 0, hw.describe(), predicted, tuple(reasons + ext_reasons), cache_name(work.cache),
+                extender_device=ext_device, extender_quant=ext_quant)
 
 
 def clip_seconds(work: Workload, hw: Hardware, s_per_step: float, fmt: str, t5_fmt: str) -> float:
@@ -325,6 +376,7 @@ def clip_seconds(work: Workload, hw: Hardware, s_per_step: float, fmt: str, t5_f
     not measured), plus the VAE decode (its fp32 convolutions at half the matmul rate)."""
     nonblock, block = dit_bytes(work.spec, fmt)
     weights = len(TASKS[work.task].experts) * (nonblock + work.spec.num_layers * block) + t5_bytes(t5_fmt)
+    weights += 0 if work.extender is None else extender_bytes(work.extender, "none")
     load = weights / (hw.disk_read or GB)
     decode = 2 * vae_decode_flops(work.task, work.height, work.width, work.frames) / (
         max(hw.bf16_flops, 1e9) * MATMUL_EFFICIENCY)
