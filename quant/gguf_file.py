@@ -146,6 +146,17 @@ def _value(cur: _Cursor, vtype: int, key: str, depth: int = 0, keep: bool = Fals
     raise _Damaged(f"metadata {key!r} is an array of unknown value type {itype}")
 
 
+def _new_name(cur, seen: set[str], what: str, kind: str) -> str:
+    """The next string, a name not seen before in its section."""
+    name = cur.string(f"a {what}")
+    if not name:
+        raise _Damaged(f"a {what} is empty or longer than the format allows")
+    if name in seen:
+        raise _Damaged(f"{kind} {name!r} appears twice")
+    seen.add(name)
+    return name
+
+
 def parse_gguf(data: np.ndarray) -> tuple[dict, list[TensorRecord], int]:
     """Parse a GGUF header from the mapped bytes `data`: (kept metadata, tensor records, data section start).
     Kept metadata: general.architecture (a string), general.alignment and the comfy orig-shape arrays."""
@@ -164,12 +175,7 @@ def parse_gguf(data: np.ndarray) -> tuple[dict, list[TensorRecord], int]:
     meta: dict = {}
     seen: set[str] = set()
     for _ in range(n_kv):
-        key = cur.string("a metadata key")
-        if not key:
-            raise _Damaged("a metadata key is empty or longer than the format allows")
-        if key in seen:
-            raise _Damaged(f"metadata {key!r} appears twice")
-        seen.add(key)
+        key = _new_name(cur, seen, "metadata key", "metadata")
         vtype = cur.unpack("<I", f"metadata {key!r} type")
         keep = key in ("general.architecture", "general.alignment") or key.startswith(ORIG_SHAPE_KEY)
         value = _value(cur, vtype, key, keep=keep)
@@ -186,12 +192,7 @@ def parse_gguf(data: np.ndarray) -> tuple[dict, list[TensorRecord], int]:
     records: list[TensorRecord] = []
     names: set[str] = set()
     for _ in range(n_tensors):
-        name = cur.string("a tensor name")
-        if not name:
-            raise _Damaged("a tensor name is empty or longer than the format allows")
-        if name in names:
-            raise _Damaged(f"tensor {name!r} appears twice")
-        names.add(name)
+        name = _new_name(cur, names, "tensor name", "tensor")
         n_dims = cur.unpack("<I", f"tensor {name!r} dims")
         if not 1 <= n_dims <= MAX_DIMS:
             raise _Damaged(f"tensor {name!r} has {n_dims} dimensions (GGUF allows 1 to {MAX_DIMS})")
