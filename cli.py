@@ -269,7 +269,8 @@ def _flags_request(args, task: str | None = None):
         use_prompt_extend=args.use_prompt_extend, prompt_extend_method=args.prompt_extend_method,
         prompt_extend_model=args.prompt_extend_model, prompt_extend_target_lang=args.prompt_extend_target_lang,
         prompt_extend_fallback=args.prompt_extend_fallback, prompt_extend_timeout=args.prompt_extend_timeout,
-        resume=path(getattr(args, "resume", None)), overwrite=args.overwrite,
+        resume=path(getattr(args, "resume", None)), overwrite=args.overwrite, ulysses_size=args.ulysses_size,
+        dit_fsdp=args.dit_fsdp, t5_fsdp=args.t5_fsdp,
         **{flag: Path(getattr(args, flag)) for flag in COMPONENT_FLAGS if getattr(args, flag) is not None})
 
 
@@ -277,12 +278,16 @@ def cmd_generate(args) -> int:
     from wanlite.errors import WanliteError
     from wanlite.pipelines.pipeline import Pipeline, display, generate
 
+    from wanlite.parallel import is_leader
+
     queued = args.prompt_file is not None or args.num_videos != 1
     request = request_from_args(args, args.explicit, needs_prompt=args.prompt_file is None)
+    leader = is_leader()  # under torchrun, rank 0 shows progress and results
     if not queued:
-        with display(True) as progress:
+        with display(leader) as progress:
             result = generate(request, progress=progress)
-        _print_result(result)
+        if leader:
+            _print_result(result)
         return 0
     from wanlite.pipelines.queue import Item, read_queue, run_queue, with_seeds
 
@@ -293,12 +298,15 @@ def cmd_generate(args) -> int:
     items = read_queue(args.prompt_file) if args.prompt_file is not None else [Item("--prompt")]
     items = with_seeds(items, args.num_videos, request.seed)
     def report(n: int, outcome) -> None:
+        if not leader:
+            return
         status = f"wrote {outcome.path}" if outcome.error is None else f"error: {outcome.error}"
         print(f"[{n}/{len(items)}] {outcome.item.label}: {status}", flush=True)
 
-    with Pipeline(request, progress=True) as pipe:
+    with Pipeline(request, progress=leader) as pipe:
         outcomes = run_queue(pipe, items, report)
-    _print_queue(outcomes, pipe.loads)
+    if leader:
+        _print_queue(outcomes, pipe.loads)
     return max((o.exit_code for o in outcomes), default=0)
 
 
@@ -373,7 +381,9 @@ def _print_job(job) -> None:
     from rich.table import Table
 
     s, p, o = job.settings, job.predicted, job.offload
-    table = Table(title=f"{s.task} {s.size[0]}*{s.size[1]}, {s.frames} frames, {s.steps} steps on {job.machine}")
+    gpus = "" if job.parallel is None else f" (figures per rank, {job.parallel.ranks} ranks)"
+    table = Table(title=f"{s.task} {s.size[0]}*{s.size[1]}, {s.frames} frames, {s.steps} steps on "
+                        f"{job.machine}{gpus}")
     for col in ("component", "format", "placement", "predicted"):
         table.add_column(col)
     placement = o.mode if o.mode != "block" else (
@@ -646,6 +656,13 @@ def job_flags(parser, for_plan: bool) -> None:
     parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash", "sage"],
                         help="attention kernel: auto = PyTorch SDPA (its own flash kernels where the GPU has them); "
                              "flash (flash-attn) and sage (SageAttention) when installed, on a CUDA GPU")
+    parser.add_argument("--ulysses_size", "--gpus", dest="ulysses_size", type=int, default=1, metavar="N",
+                        help="split the work over N GPUs (launch with torchrun --nproc_per_node N -m wanlite "
+                             "generate ...; T2V / I2V / TI2V); with plan: plan each of N GPUs")
+    parser.add_argument("--dit_fsdp", action="store_true",
+                        help="with --ulysses_size: shard the transformer's 16-bit weights over the GPUs (FSDP2)")
+    parser.add_argument("--t5_fsdp", action="store_true",
+                        help="with --ulysses_size: shard the text encoder's weights over the GPUs (FSDP2)")
     # Official flags accepted for muscle memory; wanlite's own memory handling decides what they mean.
     parser.add_argument("--offload_model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--convert_model_dtype", action="store_true", help=argparse.SUPPRESS)
@@ -815,6 +832,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("wanlite: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from wanlite.parallel import leave
+
+        leave()  # torchrun's ranks part without a warning
 
 
 if __name__ == "__main__":

@@ -154,6 +154,9 @@ class StepCache:
         self.num_blocks: int | None = None
         self.stats = CacheStats()
         self.attached: list = []  # (model, runner it replaced)
+        # several ranks, each holding a slice of the tokens (wanlite.parallel): the mean of a signal over all of
+        # them, so every rank takes the same decision
+        self.signal_mean = None
 
     # ---------------------------------------------------------------- wiring
     def attach(self, model: torch.nn.Module, role: str = "model") -> torch.nn.Module:
@@ -273,8 +276,11 @@ class StepCache:
             if verdict is None:
                 ref = state.front_ref
                 # relative L1, accumulated in fp32 without an fp32 copy of the [L, d] tensors
-                diff = ((front_residual[r] - ref).abs_().mean(dtype=torch.float32)
-                        / ref.abs().mean(dtype=torch.float32).clamp_min(1e-12))
+                change = torch.stack([(front_residual[r] - ref).abs_().mean(dtype=torch.float32),
+                                      ref.abs().mean(dtype=torch.float32)])
+                if self.signal_mean is not None:
+                    change = self.signal_mean(change)
+                diff = change[0] / change[1].clamp_min(1e-12)
                 verdict = self.policy.decide(state, info, float(diff))
             if verdict and signal:  # the reference is the front residual of the last computed step
                 state.front_ref = front_residual[r].clone()  # a view would keep every row alive

@@ -12,6 +12,7 @@ from wanlite.cli import main
 from wanlite import animate_prep as ap
 from wanlite.pipelines.animate import read_sources
 from wanlite.pipelines.video_io import read_mp4, write_mp4
+from wanlite.testing.inputs import write_png_header
 from wanlite.testing.prep_models import standing_pose, write_prep_models
 
 H, W, N = 96, 128, 12
@@ -191,7 +192,8 @@ def test_retarget_flag_draws_on_the_characters_canvas(prep_inputs, tmp_path, cap
     ("no_det", [], "det/yolov10m.onnx is missing"),
     ("", ["--replace"], "sam2/sam2_hiera_large.pt is missing"),
     ("bad_video", [], "driving video is not a readable video"),
-    ("bad_ref", [], "character image is not a readable image"),
+    ("bad_ref", [], "ref.png is not a readable image"),
+    ("huge_ref", [], "px is more than the limit of 67 Mpx"),
     ("", ["--fps", "0"], "--fps 0"),
     ("", ["--retarget", "--replace", "--mask_source", "pose"], "--retarget works in animation mode only"),
 ])
@@ -206,6 +208,8 @@ def test_bad_prep_input_is_one_line_exit_2(prep_inputs, tmp_path, capsys, damage
         (inputs / "drive.mp4").write_bytes(b"not a video")
     elif damage == "bad_ref":
         (inputs / "ref.png").write_bytes(b"not an image")
+    elif damage == "huge_ref":  # refused from its header, before decoding
+        write_png_header(inputs / "ref.png", 12000, 9000)
     out = tmp_path / "out"
     assert _prep(inputs, out, *extra) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -1,5 +1,7 @@
+import pytest
 import torch
 
+from wanlite.errors import NumericalOverflow
 from wanlite.pipelines.denoise import Conditioning, Denoiser
 from wanlite.specs import TASKS
 
@@ -60,3 +62,21 @@ def test_i2v_condition_goes_to_both_branches():
                    guide_scale=(3.5, 3.5))
     den(torch.randn(1, 16, 2, 2, 2), torch.tensor(0.95), 0)
     assert model.calls[0][3] == (2, 20, 2, 2, 2)
+
+
+def test_a_guidance_overflow_is_caught_after_cfg():
+    # the transformer's output is finite (v = x for the conditional half), the guided one is not: 1e38 * 10
+    den = Denoiser(TASKS["t2v-A14B"], lambda role: FakeDiT(1.0), Conditioning([torch.zeros(2, 8)] * 2),
+                   [999], guide_scale=(1e38, 1e38), dtype="fp32")
+    with pytest.raises(NumericalOverflow, match="guidance at step 1 gave non-finite values: guide scale 1e.38 .*"
+                                                "smaller --sample_guide_scale"):
+        den(torch.full((1, 16, 1, 2, 2), 10.0), torch.tensor(0.9), 0)
+
+
+@pytest.mark.parametrize("dtype, cause", [("fp16", "fp16 ends at 65504"), ("bf16", r"\(computed in bf16\); .*LoRA")])
+def test_a_non_finite_transformer_output_names_the_cause_by_dtype(dtype, cause):
+    den = Denoiser(TASKS["t2v-A14B"], lambda role: FakeDiT(float("nan")), Conditioning([torch.zeros(2, 8)] * 2),
+                   [999], guide_scale=(3.0, 3.0), dtype=dtype)
+    with pytest.raises(NumericalOverflow, match=f"high-noise transformer's output .*at step 1.*{cause}") as err:
+        den(torch.ones(1, 16, 1, 2, 2), torch.tensor(0.9), 0)
+    assert ("fp16" in str(err.value)) == (dtype == "fp16")  # only an fp16 job blames fp16

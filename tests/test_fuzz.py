@@ -16,9 +16,10 @@ import pytest
 
 from wanlite.errors import CheckpointError
 from wanlite.loading.checkpoints import discover
-from wanlite.loading.models import _check_t5_shapes, check_checkpoint, dit_spec_from_shapes
+from wanlite.loading.models import check_checkpoint, dit_spec_from_shapes
 from wanlite.loading.safetensors_file import read_header
 from wanlite.loading.stream import open_source, sniff
+from wanlite.models.t5 import t5_spec_from_shapes
 from wanlite.quant.gguf_file import read_gguf
 from wanlite.tiny import checkpoint_dir
 
@@ -145,13 +146,22 @@ def test_huge_block_number_in_a_file_is_refused_fast(tmp_path):
 
 
 def test_text_encoder_layer_count_is_bounded():
-    shapes = {"encoder.block.0.layer.0.SelfAttention.q.weight": (64, 64),
-              "encoder.block.1000000000.layer.0.SelfAttention.q.weight": (0,)}
+    q = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
     with pytest.raises(CheckpointError, match="names layer 1000000000"):
-        _bounded(_check_t5_shapes, shapes, "t5.safetensors", limit=10)
+        _bounded(t5_spec_from_shapes, {q: (64, 64), "encoder.block.1000000000.layer.0.SelfAttention.q.weight": (0,)},
+                 "t5.safetensors", limit=10)
+    with pytest.raises(CheckpointError, match="layer 1 is missing among layers 0..2"):  # 3 layers need 3 keys
+        t5_spec_from_shapes({q: (64, 64), "encoder.block.2.layer.0.SelfAttention.q.weight": (64, 64)}, "t5")
+    valid = {"shared.weight": (384, 64), bias: (32, 4), q: (64, 64),
+             "encoder.block.0.layer.1.DenseReluDense.wi_0.weight": (128, 64)}
+    assert t5_spec_from_shapes(valid, "t5").num_heads == 4
     with pytest.raises(CheckpointError, match="attention heads do not divide"):
-        _check_t5_shapes({"encoder.block.0.layer.0.SelfAttention.q.weight": (64, 64),
-                          "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": (32, 3)}, "t5")
+        t5_spec_from_shapes({**valid, bias: (32, 3)}, "t5")
+    with pytest.raises(CheckpointError, match=r"has shape \(32, 0\), which no umT5 encoder has"):  # 0 heads
+        t5_spec_from_shapes({**valid, bias: (32, 0)}, "t5")
+    with pytest.raises(CheckpointError, match="t5: not a umT5 encoder .*'shared.weight' is missing"):
+        t5_spec_from_shapes({k: v for k, v in valid.items() if k != "shared.weight"}, "t5")
 
 
 @pytest.mark.parametrize("edit", ["digits", "nan", "duplicate", "nesting", "utf16", "hole", "tail", "bool_dim",

@@ -4,8 +4,6 @@ absurd requests are refused before any work."""
 import json
 import os
 import shutil
-import struct
-import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from wanlite.errors import CheckpointError, WanliteError
 from wanlite.pipelines.request import MAX_FRAMES, MAX_SEED, MAX_SIDE, MAX_STEPS, Request, request_with, validate
 from wanlite.pipelines.video_io import Mp4Writer, OutputError, write_mp4
 from wanlite.tiny import checkpoint_dir
+from wanlite.testing.inputs import write_png_header
 from wanlite.tiny.lora import LORA_DIR
 
 shell_ffmpeg = pytest.mark.skipif(os.name == "nt", reason="the failing ffmpeg stand-in is a shell script")
@@ -211,6 +210,26 @@ def test_a_flipped_byte_in_the_offload_cache_is_detected(tmp_path):
     assert torch.equal(got, want) and victim.read_bytes() == good
 
 
+@pytest.mark.parametrize("layout, swapped", [
+    ("official", "high_noise_model/diffusion_pytorch_model-00002-of-00002.safetensors"),
+    ("comfy", "diffusion_models/wan2.2_t2v_high_noise_14B_fp16.safetensors"),
+], ids=["shard", "single-file"])
+def test_a_file_copied_from_the_other_expert_is_refused_by_check_and_generate(tmp_path, capsys, layout, swapped):
+    from wanlite.pipelines.resolve import resolve
+    from wanlite.testing.fixtures import write_fixture
+
+    root = write_fixture("t2v-A14B", layout, tmp_path / "ck")
+    check = ["check", "--task", "t2v-A14B", "--ckpt_dir", str(root)]
+    assert main(check) == 0  # two distinct experts pass (the bundled tiny ones are distinct too)
+    capsys.readouterr()
+    shutil.copy(root / swapped.replace("high_noise", "low_noise"), root / swapped)
+    line = one_error_line(capsys, main(check))
+    assert f"{root / swapped}: holds the same bytes as the low-noise expert's" in line and "re-download" in line
+    with pytest.raises(CheckpointError) as generate_error:  # generate resolves through the same check
+        resolve(Request("t2v-A14B", "a cat", ckpt_dir=root, size=(64, 32), frames=5, steps=2))
+    assert str(generate_error.value) == line.removeprefix("wanlite: error: ")
+
+
 @pytest.fixture(scope="module")
 def tiny_lora():
     return load_file(str(LORA_DIR / "high_noise_model.safetensors"))
@@ -242,6 +261,13 @@ def test_a_non_finite_guide_scale_is_refused(capsys, scale):
         validate(request_with(Request("tiny-t2v", "a cat"), guide_scale=float("inf")), seed=0, files=False)
 
 
+def test_a_guide_scale_that_overflows_stops_the_run_with_one_line(tmp_path, capsys):
+    line = one_error_line(capsys, main(tiny("--sample_guide_scale", "1e300", "--save_file", str(tmp_path / "v.mp4"))),
+                          want=1)
+    assert "guidance at step 1 gave non-finite values" in line and "smaller --sample_guide_scale" in line
+    assert list(tmp_path.iterdir()) == []  # no black video
+
+
 def test_save_file_over_an_existing_file_needs_overwrite(tmp_path, capsys):
     existing = tmp_path / "mine.mp4"
     existing.write_bytes(b"precious")
@@ -263,16 +289,6 @@ def test_a_failed_rewrite_keeps_the_previous_video(tmp_path):
 
 # --- absurd requests are refused before any work, naming the limit -----------------------------------------------
 
-def png_header(path: Path, width: int, height: int) -> Path:
-    """A PNG whose header claims width x height (its pixels are never decoded, so no data is needed)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data  # noqa: E731
-                                + struct.pack(">I", zlib.crc32(kind + data)))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4))
-                     + chunk(b"IEND", b""))
-    return path
-
-
 @pytest.mark.parametrize("flags, limit", [
     (["--size", "100000*100000"], f"at most {MAX_SIDE} px a side"),
     (["--frame_num", "2147483649"], f"at most {MAX_FRAMES} frames"),
@@ -286,7 +302,25 @@ def test_absurd_requests_are_refused_naming_the_limit(capsys, flags, limit):
 
 @pytest.mark.parametrize("side", [10000, 20000], ids=["100Mpx", "400Mpx"])
 def test_a_huge_image_is_refused_from_its_header(tmp_path, capsys, side):
-    image = png_header(tmp_path / "big.png", side, side)
+    image = write_png_header(tmp_path / "big.png", side, side)
     line = one_error_line(capsys, main(["generate", "--task", "tiny-ti2v", "--prompt", "a cat", "--image",
                                         str(image), "--ckpt_dir", str(checkpoint_dir("tiny-ti2v"))]))
     assert "Mpx" in line and "downscale" in line
+
+
+def test_images_read_from_files_have_the_image_limit_before_decoding(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from wanlite.pipelines.animate import read_sources
+    from wanlite.pipelines.conditioning import load_image
+    from wanlite.testing.inputs import write_sources
+
+    folder = write_sources(tmp_path / "animate", frames=2, face=32)
+    write_png_header(folder / "src_ref.png", 9000, 8000)
+    decoded = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size))  # no pixel is decoded
+    with pytest.raises(WanliteError, match=r"--image .*big.png: 10000\*10000 px is more than the limit of 67 Mpx"):
+        load_image(write_png_header(tmp_path / "big.png", 10000, 10000))
+    with pytest.raises(WanliteError, match=r"the reference image .*src_ref.png: 9000\*8000 px is more than"):
+        read_sources(folder, replace=False, face_size=32)
+    assert decoded == []

@@ -137,7 +137,7 @@ def test_layers_import_only_downward():
     root = Path(__file__).resolve().parents[1]
     layer = {"errors": 0, "_version": 0, "specs": 0, "archs": 0, "files": 0, "hf_folders": 0, "models": 0,
              "quant": 1, "loading": 2, "cache": 2,
-             "lora": 3, "offload": 4, "planner": 5, "pipelines": 6}
+             "lora": 3, "offload": 4, "parallel": 1, "planner": 5, "pipelines": 6}
     folders = {"models": "wanlite/models", "quant": "quant", "loading": "wanlite/loading", "cache": "cache",
                "lora": "wanlite/lora", "offload": "wanlite/offload", "planner": "wanlite/planner",
                "pipelines": "wanlite/pipelines"}

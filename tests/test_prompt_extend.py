@@ -2,6 +2,7 @@
 server on 127.0.0.1, the planner's accounting of the extender, and the record that --replay reads."""
 from __future__ import annotations
 
+import gc
 import io
 import json
 from contextlib import redirect_stdout
@@ -16,11 +17,13 @@ from wanlite.cli import main
 from wanlite.errors import WanliteError
 from wanlite.pipelines.job import PromptExtendPlan
 from wanlite.pipelines.prompt_extend import (KNOWN_CONFIGS, SYSTEM_PROMPTS, PromptExtendError, PromptExtendKeyError,
-                                             _config_json, clean, extend_job, extend_prompt, extender_spec)
+                                             _config_json, clean, decoder_linear, extend_job, extend_prompt,
+                                             extender_spec, load_local, quantized_on_arrival)
 from wanlite.pipelines.request import Request
 from wanlite.pipelines.resolve import resolve
 from wanlite.planner import hypothetical, make_plan
 from wanlite.planner.estimate import Workload, extender_activation_bytes, extender_bytes
+from wanlite.quant import HANDLERS, parse_quant, quantize_
 from wanlite.testing.dashscope_stub import serve
 from wanlite.tiny import checkpoint_dir
 
@@ -121,6 +124,73 @@ def test_local_qwen2_vl_reads_the_image(qwen2_vl, picture):
     first = extend_prompt(plan, "the cat walks slowly", picture, dtype="fp32")
     assert first == extend_prompt(plan, "the cat walks slowly", picture, dtype="fp32")
     assert first.extended
+
+
+def last_logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.arange(7, 19)[None]).logits[0, -1].float()
+
+
+def layout(model) -> dict:
+    """Each module's class and its weight's (torchao's int8 keeps a Linear holding an int8 tensor subclass)."""
+    return {n: (type(m).__name__, type(getattr(m, "weight", None)).__name__) for n, m in model.named_modules()}
+
+
+def decoder_shapes(model) -> set:
+    """The shapes only the weights of decoder Linears have (tiny models share some with the embeddings)."""
+    decoder = {f"{n}.weight" for n, m in model.named_modules() if decoder_linear(n, m)}
+    shapes = {tuple(p.shape) for n, p in model.named_parameters() if n in decoder}
+    return shapes - {tuple(p.shape) for n, p in model.named_parameters() if n not in decoder}
+
+
+@pytest.mark.parametrize("fixture,quant", [("qwen2", "int8"), ("qwen2", "gguf-q4_k"), ("qwen2_vl", "int8")])
+def test_quantized_while_loading_matches_quantizing_after(request, monkeypatch, fixture, quant):
+    """Quantizing each decoder weight as transformers sets it gives the model that reading all of them and
+    quantizing afterwards gives (the same logits, bit for bit), and no more than one of those weights is ever
+    alive in full precision (counted at each quantization: every live tensor of a decoder Linear's shape)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    folder = request.getfixturevalue(fixture)
+    kind = AutoModelForImageTextToText if fixture == "qwen2_vl" else AutoModelForCausalLM
+    reference = kind.from_pretrained(folder, dtype=torch.float32)
+    shapes, linears = decoder_shapes(reference), sum(decoder_linear(n, m) for n, m in reference.named_modules())
+    quantize_(reference, parse_quant(quant), filter_fn=decoder_linear)
+    config = parse_quant(quant)
+    handler, alive = HANDLERS[type(config)], []
+
+    def counting(linear, config):
+        full = {t.data_ptr() for t in gc.get_objects() if type(t) in (torch.Tensor, torch.nn.Parameter)
+                and not t.is_meta and t.is_floating_point() and tuple(t.shape) in shapes
+                and t.untyped_storage().nbytes() >= t.nbytes}  # not a stand-in (one value, expanded)
+        alive.append(len(full))
+        return handler(linear, config)
+
+    monkeypatch.setitem(HANDLERS, type(config), counting)
+    plan = local(folder, vision=fixture == "qwen2_vl", quant=quant)
+    model = load_local(plan, "fp32", lambda event: None)[0]
+    assert shapes and len(alive) == linears and max(alive) == 1
+    assert layout(model) == layout(reference)
+    assert torch.equal(last_logits(model), last_logits(reference))
+    # a model whose weights arrived before the hooks (no attribute set while loading) is quantized afterwards
+    late = kind.from_pretrained(folder, dtype=torch.float32)
+    assert torch.equal(last_logits(quantized_on_arrival(lambda: late, config, decoder_linear)),
+                       last_logits(reference))
+
+
+def test_a_quantized_extender_needs_safetensors(qwen2, tmp_path):
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((qwen2 / name).read_bytes())
+    with pytest.raises(WanliteError, match=r"no \*\.safetensors weights"):
+        load_local(local(tmp_path, quant="int8"), "fp32", lambda event: None)
+
+
+def test_a_model_that_is_not_a_chat_model_is_one_line(qwen2, tmp_path):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((qwen2 / name).read_bytes())
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    with pytest.raises(WanliteError, match=r"^--prompt_extend_model .* cannot be loaded: a vit model is not a chat "
+                                           r"model$"):
+        extend_prompt(local(tmp_path), "a cat", dtype="fp32")
 
 
 def test_a_text_model_is_refused_for_an_image(qwen2, picture):
@@ -259,6 +329,31 @@ def test_the_fallback_flag_keeps_the_prompt(dash):
     assert any(e["event"] == "warning" and "--prompt_extend_fallback" in e["message"] for e in events)
 
 
+def test_a_resumed_run_keeps_the_saved_rewrite_and_does_not_ask_again(dash, tmp_path, monkeypatch):
+    import numpy as np
+
+    from wanlite import generate
+    from wanlite.errors import Interrupted
+    from wanlite.pipelines import resume
+    from wanlite.pipelines.video_io import read_mp4_metadata
+
+    stub = dash()
+    options = dict(task="tiny-t2v", prompt="a red cat", ckpt_dir=checkpoint_dir("tiny-t2v"), seed=3, frames=5,
+                   steps=4, use_prompt_extend=True, prompt_extend_method="dashscope", save_file=tmp_path / "v.mp4")
+    clean = generate(**{**options, "save_file": tmp_path / "clean.mp4"}, progress=False)
+    monkeypatch.setenv(resume.FAULT_ENV, "sigint@step:3")
+    resume._fired.clear()
+    with pytest.raises(Interrupted):
+        generate(**options, progress=False)
+    monkeypatch.delenv(resume.FAULT_ENV)
+    asked = len(stub.requests)
+    stub.mode = "error"  # asked again, the extender would fail the run
+    resumed = generate(**options, progress=False)
+    assert len(stub.requests) == asked and np.array_equal(resumed.frames, clean.frames)
+    assert resumed.job.settings.prompt == clean.job.settings.prompt != "a red cat"
+    assert read_mp4_metadata(resumed.path)["job"]["prompt_extend"]["original_prompt"] == "a red cat"
+
+
 def test_clean_keeps_one_line():
     assert clean('  "A cat.\n\nIt runs."  ') == "A cat. It runs."
     assert clean("Prompt: a dog") == "a dog" and clean("提示词：一只狗") == "一只狗"
@@ -283,8 +378,12 @@ def test_the_plan_places_the_extender_like_a_component():
     assert small.predicted.peak_ram_gb >= small.predicted.ram_prompt_extender_gb > 29
     plain = make_plan(replace(work, extender=None), hypothetical(8, 64))
     assert plain.extender_device == "" and plain.predicted.peak_ram_gb < small.predicted.peak_ram_gb
+    # int8 decoder layers are quantized as they are read: the load needs the int8 model's RAM, not the bf16 one's
+    tight = make_plan(work, hypothetical(24, 32))
+    assert (tight.extender_device, tight.extender_quant) == ("cuda", "int8")
+    assert tight.predicted.ram_prompt_extender_gb < (extender_bytes(spec) + 3e9) / 1e9
     with pytest.raises(WanliteError, match="smaller --prompt_extend_model"):
-        make_plan(work, hypothetical(24, 32))
+        make_plan(work, hypothetical(24, 12))
 
 
 def test_plan_json_shows_the_extender(monkeypatch):

@@ -79,7 +79,7 @@ def replace_flag(argv: list[str], name: str, value: str | None) -> list[str]:
 
 
 def test_every_readme_line_is_a_known_kind():
-    kinds = ("wanlite ", "pip install ", "pytest", "git clone ")
+    kinds = ("wanlite ", "pip install ", "pytest", "git clone ", "torchrun --nproc_per_node ")
     odd = [line for line in command_lines(README) if not line.startswith(kinds)]
     assert not odd, f"README shows commands this test does not cover: {odd}"
     assert any(line.startswith("wanlite demo") for line in command_lines(README))
@@ -129,7 +129,12 @@ def test_every_wanlite_line_parses(path):
     parser = strict_parser()
     lines = [line for line in command_lines(path) if line.startswith("wanlite ")]
     assert lines or path.name in ("README.md", "python-api.md", "benchmarks.md", "tiny-model.md", "commands.md")
-    for line in lines:
+    # torchrun lines run `-m wanlite ...` on each rank (tests/test_parallel.py runs one): the wanlite part parses
+    ranks = [line for line in command_lines(path) if line.startswith("torchrun ")]
+    for line in ranks:
+        argv = split(line)
+        assert argv[3:5] == ["-m", "wanlite"] and f"--ulysses_size {argv[2]}" in line, line
+    for line in [*lines, *(shlex.join(["wanlite", *split(r)[5:]]) for r in ranks)]:
         argv = split(line)[1:]
         try:
             parser.parse_args(argv)

@@ -4,6 +4,7 @@ Faults come from the WANLITE_FAULT test hook (wanlite.pipelines.resume.inject): 
 signal to a subprocess from outside, `sigint` / `sigterm` make the process signal itself, `oom` raises
 torch.OutOfMemoryError in a step or in the decode.
 """
+import json
 import os
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from wanlite.testing.inputs import write_wav
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a red square moving right"
+S2V_HISTORY = 9  # pixel frames of S2V motion history (3 latents)
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +36,13 @@ def inputs(tmp_path_factory):
     rgb = np.zeros((80, 64, 3), np.uint8)
     rgb[20:50, 16:48] = (230, 180, 150)
     Image.fromarray(rgb).save(root / "face.png")
+    s2v = write_fixture("s2v-14B", "official", root / "s2v")
+    config = json.loads((s2v / "config.json").read_text())
+    config["motion_frames"] = S2V_HISTORY  # not the released 73: the VAE's time goes with the history's length
+    (s2v / "config.json").write_text(json.dumps(config))
     return {"t2v": write_fixture("t2v-A14B", "official", root / "t2v"),
             "ti2v": write_fixture("ti2v-5B", "official", root / "ti2v"),
-            "s2v": write_fixture("s2v-14B", "official", root / "s2v"),
-            "image": root / "face.png", "audio": write_wav(root / "speech.wav", 0.8)}
+            "s2v": s2v, "image": root / "face.png", "audio": write_wav(root / "speech.wav", 0.8)}
 
 
 @pytest.fixture
@@ -135,6 +140,7 @@ def test_s2v_interrupted_mid_second_clip_resumes_bit_identical(inputs, tmp_path,
     saved = read_checkpoint(resume_path(options["save_file"])).checkpoint
     assert (saved.run, saved.step, saved.runs) == (1, 1, 2) and len(saved.pieces) == 1
     assert {"history", "motion"} <= set(saved.parts)
+    assert saved.parts["history"].shape[2] == S2V_HISTORY  # the checkpoint's config.json sets the history
     monkeypatch.delenv(FAULT_ENV)
     resumed = generate(**options, progress=False)
     assert np.array_equal(resumed.frames, clean.frames) and resumed.settings.num_clip == 2
@@ -195,3 +201,44 @@ def test_a_resume_file_for_another_job_or_not_a_resume_file_is_one_line_exit_2(i
     assert "is not a wanlite resume file" in capsys.readouterr().err
     with pytest.raises(WanliteError, match="does not exist"):
         read_checkpoint(tmp_path / "missing.pt")
+
+
+def test_oom_before_the_steps_replans_then_stops_with_one_line_naming_the_stage(tmp_path, monkeypatch, capsys):
+    from dataclasses import replace
+
+    from wanlite.pipelines import run
+    from wanlite.pipelines.segments import KINDS
+    from wanlite.tiny import checkpoint_dir
+
+    real, calls = run.encode_text, []
+
+    def encode_text(*args, fails: int):
+        calls.append(1)
+        if len(calls) <= fails:
+            raise torch.OutOfMemoryError("CUDA out of memory (a test)")
+        return real(*args)
+
+    options = dict(task="tiny-t2v", prompt=PROMPT, ckpt_dir=checkpoint_dir("tiny-t2v"), frames=5, steps=2, seed=1)
+    clean = generate(**options, save_file=tmp_path / "clean.mp4", progress=False)
+    monkeypatch.setattr(run, "encode_text", lambda *args: encode_text(*args, fails=1))
+    events = []
+    again = generate(**options, save_file=tmp_path / "again.mp4", progress=events.append)
+    line = next(e["message"] for e in events if e["event"] == "warning" and "re-planned" in e["message"])
+    assert line.startswith("out of memory loading or running the text encoder on cpu; add --t5_cpu")
+    assert np.array_equal(again.frames, clean.frames)
+    calls.clear()
+    monkeypatch.setattr(run, "encode_text", lambda *args: encode_text(*args, fails=3))
+    args = ["generate", "--task", "tiny-t2v", "--prompt", PROMPT, "--ckpt_dir", str(checkpoint_dir("tiny-t2v")),
+            "--frame_num", "5", "--sample_steps", "2", "--save_file", str(tmp_path / "x.mp4")]
+    assert main(args) == 1 and len(calls) == 3  # the run and two re-plans
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "after re-planning 2 times (out of memory loading or running the text encoder" in err[0]
+    assert "--t5_cpu" in err[0] and not (tmp_path / "x.mp4").exists()
+
+    def no_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (a test)")
+
+    monkeypatch.setattr(run, "encode_text", real)  # the image / audio encoders' stage: the same, named
+    monkeypatch.setitem(KINDS, "text", replace(KINDS["text"], runs=no_memory))
+    with pytest.raises(OutOfMemory, match="out of memory preparing the conditioning inputs; free GPU memory"):
+        generate(**options, save_file=tmp_path / "y.mp4", progress=False)

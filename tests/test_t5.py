@@ -10,6 +10,7 @@ from wanlite.models.t5 import (TextEncoder, build_umt5, clean_prompt, load_token
                                official_umt5_manifest, t5_spec_from_shapes)
 from wanlite.specs import T5_SPECS, TINY_T5
 from wanlite.testing.tokenizer import write_tiny_tokenizer
+from wanlite.tiny import checkpoint_dir
 
 
 def test_manifest_matches_official(manifests):
@@ -73,3 +74,27 @@ def test_text_encoder_trims_to_true_length(reference, tmp_path):
 def test_missing_tokenizer_folder(tmp_path):
     with pytest.raises(CheckpointError, match="cannot load the umT5 tokenizer"):
         load_tokenizer(tmp_path / "nope")
+
+
+class Panic(BaseException):
+    """What the Rust tokenizers' panics surface as (pyo3's PanicException derives from BaseException)."""
+
+
+def raising(exc: BaseException):
+    def from_pretrained(folder, **kw):
+        raise exc
+    return from_pretrained
+
+
+@pytest.mark.parametrize("raised", [KeyError("model"), Exception("data did not match any variant"),
+                                    Panic("index out of bounds"), RuntimeError("")])
+def test_any_error_from_a_damaged_tokenizer_folder_is_one_line(monkeypatch, raised):
+    import transformers
+
+    folder = checkpoint_dir("tiny-t2v") / "google" / "umt5-xxl"
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", raising(raised))
+    with pytest.raises(CheckpointError, match=r"umt5-xxl: cannot load the umT5 tokenizer \(.+\); re-download it"):
+        load_tokenizer(folder)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", raising(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C is never hidden
+        load_tokenizer(folder)

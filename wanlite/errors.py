@@ -12,8 +12,8 @@ class CheckpointError(WanliteError):
 
 
 class NumericalOverflow(WanliteError):
-    """The computation left the range of its number format (fp16 above 65504): stopped before any frame is
-    written, with the precision that avoids it."""
+    """A denoising step gave NaN / Inf values (fp16 above 65504, a huge guide scale, a broken LoRA): stopped
+    before any frame is written, naming the likely cause and its fix."""
 
     exit_code = 1
 

@@ -1,5 +1,6 @@
-"""Files as untrusted input and as output: weight paths must be regular files (a FIFO would block a read), and
-outputs are written under a temporary name and renamed when complete, with the cleanup of those a killed run left.
+"""Files as untrusted input and as output: weight paths must be regular files (a FIFO would block a read), counts
+read from key names are bounded before anything is built from them, and outputs are written under a temporary
+name and renamed when complete, with the cleanup of those a killed run left.
 
 A temp file is `.NAME.<pid>.partial.EXT` beside its target (the real extension last: ffmpeg picks the container
 from it). The next writer in the folder removes the temp files whose process is gone, and its own process's that
@@ -69,3 +70,24 @@ def clean_stale(folder: Path) -> list[Path]:
             except OSError:
                 pass
     return removed
+
+
+def block_count(keys, pattern: re.Pattern, limit: int, where, what: str) -> int:
+    """The number of blocks that key names like `blocks.<i>.` declare, bounded before anything is built from it:
+    plain decimal indices, at most `limit` blocks (the architecture's), all of 0..n-1 present."""
+    indices = set()
+    for key in keys:
+        m = pattern.match(key) if isinstance(key, str) else None
+        if m is None:
+            continue
+        text = m[1]
+        if not (text.isascii() and len(text) <= 4 and int(text) < limit and (text == "0" or text[0] != "0")):
+            raise CheckpointError(f"{where}: tensor {key[:120]!r} names {what} {text[:24]}, but a Wan model has at "
+                                  f"most {limit}; the file is damaged or for another model")
+        indices.add(int(text))
+    count = max(indices, default=-1) + 1
+    if len(indices) != count:
+        gap = min(set(range(count)) - indices)
+        raise CheckpointError(f"{where}: {what} {gap} is missing among {what}s 0..{count - 1}; the file is "
+                              "incomplete or damaged")
+    return count

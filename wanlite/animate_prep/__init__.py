@@ -58,13 +58,17 @@ def find_prep_models(folder: Path, need_sam2: bool) -> dict[str, Path]:
 
 
 def read_reference(path: Path) -> np.ndarray:
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """The character image as RGB, upright by its EXIF orientation; its size checked before it is decoded."""
+    from PIL import ImageOps
 
+    from wanlite.pipelines.conditioning import open_image
+
+    img = open_image(path, "--ref (the character image)")
     try:
-        with Image.open(path) as img:
+        with img:
             return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
-    except (OSError, UnidentifiedImageError):
-        raise WanliteError(f"{path}: the character image is not a readable image") from None
+    except (OSError, ValueError):
+        raise WanliteError(f"--ref (the character image) {path} is not a readable image") from None
 
 
 def animate_prep(video: Path, ref: Path, out: Path, models: Path, options: PrepOptions, device: str = "cpu",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 
+
 COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 # (official, diffusers `WanTransformer3DModel`) name pairs; `#` is a block index. An entry ending in "." is a

@@ -7,29 +7,29 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 from wanlite.errors import CheckpointError
+from wanlite.files import block_count
 from wanlite.loading.checkpoints import CheckpointSet, Component
-from wanlite.loading.keymaps import (animate_key_from_official, dit_key_from_diffusers, s2v_key_from_official,
-                                     strip_comfy_prefix)
+from wanlite.loading.keymaps import (animate_key_from_official, dit_key_from_diffusers,
+                                     s2v_key_from_official, strip_comfy_prefix)
 from wanlite.loading.stream import PthSource, SafetensorsSource, check_against, load_into, load_pairs, open_source
 from wanlite.models.blocks import keeps_fp32
 from wanlite.models.dit import WanDiT
 from wanlite.quant.base import QuantConfig
-from wanlite.specs import (DIT_SPECS, MODEL_TYPE_CHANNELS, T5_SPECS, TASKS, VAE_SPECS, AnimateSpec, DiTSpec, S2VSpec,
+from wanlite.specs import (DIT_SPECS, MODEL_TYPE_CHANNELS, TASKS, VAE_SPECS, AnimateSpec, DiTSpec, S2VSpec,
                            VAESpec)
 
 _BLOCK_INDEX = re.compile(r"^blocks\.(\d+)\.")
-_T5_BLOCK_INDEX = re.compile(r"^encoder\.block\.(\d+)\.(.+)$")  # the pattern wanlite.models.t5 counts layers by
 # The architecture's limits, checked before anything is built from numbers a file declares: no released Wan DiT
-# has more blocks than the 14B models, no umT5 more layers than umT5-XXL, and no width reaches 2^17.
+# has more blocks than the 14B models and no width reaches 2^17 (the umT5's are in wanlite.models.t5).
 MAX_DIT_LAYERS = max(spec.num_layers for spec in DIT_SPECS.values())
-MAX_T5_LAYERS = max(spec.num_layers for spec in T5_SPECS.values())
 MAX_WIDTH = 1 << 17
 MAX_VAE_RES_BLOCKS = 8  # per encoder stage; the released VAEs have 2
-MAX_VOCAB = 1 << 20
+EXPERT_WINDOW = 64 * 1024  # bytes of one tensor compared between the two A14B experts: any trained weights differ
 
 
 def _dit_rename(comp: Component):
@@ -45,27 +45,6 @@ def _need(shapes: dict, key: str, where, rank: int = 1, limit: int = MAX_WIDTH) 
         raise CheckpointError(f"{where}: tensor {key!r} has shape {shape}, which no Wan model has; the file is "
                               "damaged or for another model")
     return shape
-
-
-def block_count(keys, pattern: re.Pattern, limit: int, where, what: str) -> int:
-    """The number of blocks that key names like `blocks.<i>.` declare, bounded before anything is built from it:
-    plain decimal indices, at most `limit` blocks (the architecture's), all of 0..n-1 present."""
-    indices = set()
-    for key in keys:
-        m = pattern.match(key) if isinstance(key, str) else None
-        if m is None:
-            continue
-        text = m[1]
-        if not (text.isascii() and len(text) <= 4 and int(text) < limit and (text == "0" or text[0] != "0")):
-            raise CheckpointError(f"{where}: tensor {key[:120]!r} names {what} {text[:24]}, but a Wan model has at "
-                                  f"most {limit}; the file is damaged or for another model")
-        indices.add(int(text))
-    count = max(indices, default=-1) + 1
-    if len(indices) != count:
-        gap = min(set(range(count)) - indices)
-        raise CheckpointError(f"{where}: {what} {gap} is missing among {what}s 0..{count - 1}; the file is "
-                              "incomplete or damaged")
-    return count
 
 
 def _config_int(config: dict, key: str, default: int, where, low: int = 1, high: int = MAX_WIDTH) -> int:
@@ -387,34 +366,13 @@ def load_vae(comp: Component, task: str, dtype: torch.dtype = torch.float32):
     return prepare_vae(comp, task).load(lambda name, stored: dtype)
 
 
-def _check_t5_shapes(shapes: dict[str, tuple[int, ...]], where) -> None:
-    """Bound what `t5_spec_from_shapes` reads before it builds anything: the layer count its key names declare,
-    and the embedding, attention and FFN shapes it divides and unpacks."""
-    block_count(shapes, _T5_BLOCK_INDEX, MAX_T5_LAYERS, where, "layer")
-    prefix = "encoder.block.0.layer."
-    needed = {"shared.weight": MAX_VOCAB, prefix + "0.SelfAttention.relative_attention_bias.weight": MAX_WIDTH,
-              prefix + "0.SelfAttention.q.weight": MAX_WIDTH, prefix + "1.DenseReluDense.wi_0.weight": MAX_WIDTH}
-    for key, limit in needed.items():
-        shape = shapes.get(key)
-        if shape is not None and (len(shape) != 2 or not all(1 <= d <= limit for d in shape)):
-            raise CheckpointError(f"{where}: tensor {key!r} has shape {tuple(shape)}, which no umT5 encoder has; "
-                                  "the file is damaged or for another model")
-    bias = shapes.get(prefix + "0.SelfAttention.relative_attention_bias.weight")
-    q = shapes.get(prefix + "0.SelfAttention.q.weight")
-    if bias is not None and q is not None and q[0] % bias[1]:
-        raise CheckpointError(f"{where}: {bias[1]} attention heads do not divide the attention width {q[0]}; "
-                              "the file is damaged or for another model")
-
-
 def prepare_t5(comp: Component) -> Prepared:
     """Read the umT5 encoder's shapes (official `.pth` or HF names), build transformers' UMT5 on meta."""
     from wanlite.models.t5 import build_umt5, t5_spec_from_shapes, umt5_name_from_official
 
     source = open_source(list(comp.files))
     rename = umt5_name_from_official if comp.naming == "official" else strip_comfy_prefix
-    shapes = {rename(k): s for k, s in source.shapes().items()}
-    _check_t5_shapes(shapes, comp.where)
-    spec = t5_spec_from_shapes(shapes)
+    spec = t5_spec_from_shapes({rename(k): s for k, s in source.shapes().items()}, comp.where)
     with torch.device("meta"):
         model = build_umt5(spec)
     return Prepared(model, source, rename, "umT5 encoder")
@@ -444,25 +402,63 @@ def check_checkpoint(ckpt: CheckpointSet, task: str) -> list[tuple[str, Componen
     found.append(("vae", ckpt.vae, prepare_vae(ckpt.vae, task)))
     for _, _, prepared in found:
         prepared.check()
+    check_experts_differ({comp.role: prepared.source for label, comp, prepared in found
+                          if label.startswith("transformer")})
     check_tokenizer(ckpt.tokenizer, found[-2][2].model.get_input_embeddings().num_embeddings)
     return found
+
+
+def _largest_per_file(source) -> list[tuple[Path, str]]:
+    """(file, its largest tensor) for each file of a DiT source: a weight matrix, which training always changes
+    (a norm or a bias can keep its initial value in both experts). A .pth expert is never released: none."""
+    if isinstance(source, SafetensorsSource):
+        return [(f.path, max(f.tensors, key=lambda k: f.tensors[k].nbytes)) for f in source.files if f.tensors]
+    if isinstance(source, PthSource) or not source.tensors:
+        return []
+    return [(source.path, max(source.tensors, key=lambda k: source.tensors[k].raw.nbytes))]  # a GGUF file
+
+
+def _head_bytes(source, key: str) -> tuple[Path, bytes] | None:
+    """The file holding `key` and the first EXPERT_WINDOW bytes of `key` as stored; None: no such tensor."""
+    if isinstance(source, SafetensorsSource):
+        shard = next((f for f in source.files if key in f.tensors), None)
+        return None if shard is None else (shard.path, shard.raw_head(key, EXPERT_WINDOW))
+    if isinstance(source, PthSource) or key not in source.tensors:
+        return None
+    return source.path, source.tensors[key].raw[:EXPERT_WINDOW].tobytes()
+
+
+def check_experts_differ(sources: dict) -> None:
+    """A file copied over from the other A14B expert has every right name and shape, so only its bytes show
+    it: for each file of the high-noise expert, the first bytes of its largest tensor must differ from the
+    same tensor of the low-noise expert. One bounded read per file and expert."""
+    if set(sources) != {"high_noise", "low_noise"}:
+        return
+    high, low = sources["high_noise"], sources["low_noise"]
+    for path, key in _largest_per_file(high):
+        other = _head_bytes(low, key)
+        if other is None:
+            continue
+        mine = _head_bytes(high, key)[1]
+        # a constant run (zeros) says nothing about where the bytes came from
+        if mine == other[1] and mine.count(mine[:1]) != len(mine):
+            raise CheckpointError(f"{path}: holds the same bytes as the low-noise expert's {other[0]} (tensor "
+                                  f"{key!r}); one was copied from the other expert, re-download both files")
 
 
 def check_tokenizer(folder, vocab_size: int) -> None:
     """Load the tokenizer as `generate` will and check its ids fit the text encoder's embedding, so a damaged or
     mismatched tokenizer stops `check` too, not only a generation."""
-    from wanlite.models.t5 import load_tokenizer
+    from wanlite.models.t5 import load_tokenizer, tokenizer_error
 
+    tokenizer = load_tokenizer(folder)
     try:
-        tokenizer = load_tokenizer(folder)
         size = len(tokenizer)
         tokenizer("a check", add_special_tokens=True)
-    except (CheckpointError, KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
-    except BaseException as exc:  # noqa: BLE001 -- the tokenizers library raises bare Exceptions on damaged
-        # files, and its Rust panics surface as pyo3's PanicException, a BaseException
-        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{folder}: cannot load the umT5 tokenizer ({first}); re-download it") from None
+    except BaseException as exc:  # noqa: BLE001 -- as in load_tokenizer: a damaged vocabulary can fail here too
+        raise tokenizer_error(folder, exc) from None
     if size > vocab_size:
         raise CheckpointError(f"{folder}: the tokenizer has {size} tokens but the text encoder embeds only "
                               f"{vocab_size}; the tokenizer belongs to another model")

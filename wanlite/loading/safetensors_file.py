@@ -206,6 +206,17 @@ class SafetensorsFile:
             flat_out[start:start + n].copy_(buf.view(info.dtype))
         return out
 
+    def raw_head(self, key: str, n: int) -> bytes:
+        """The first `n` bytes of tensor `key` as the file stores them (no cast): a bounded read for comparing
+        files without loading them."""
+        info = self.tensors[key]
+        try:
+            with self.path.open("rb") as f:
+                f.seek(info.begin)
+                return f.read(min(n, info.nbytes))
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
+
     def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         info = self.tensors[key]
         out = torch.empty(info.shape, dtype=dtype or info.dtype)

@@ -84,13 +84,17 @@ class BlockInputs:
     # per-block CFG: each row's output is written over its input, so a block holds one [B, L, d] tensor, not
     # two; only while nobody keeps the blocks' inputs (a step cache turns it off for the ranges it keeps)
     overwrite: bool = False
+    # sequence parallel (wanlite.parallel.SequenceParallel): these are one rank's tokens; its `attention` swaps
+    # tokens for heads with the other ranks around the self-attention
+    parallel: object | None = None
 
     def rows(self, index: torch.Tensor) -> "BlockInputs":
         """The inputs of some batch rows only (a step cache running the middle blocks for one CFG branch)."""
         pick = lambda t: None if t is None else t[index]  # noqa: E731
         return BlockInputs(self.e0[index], self.context[index], self.rope, self.chunk, self.split,
                            None if self.audio is None else self.audio.rows(index), pick(self.image_context),
-                           None if self.face is None else self.face.rows(index), self.rows_apart, self.overwrite)
+                           None if self.face is None else self.face.rows(index), self.rows_apart, self.overwrite,
+                           self.parallel)
 
     def keeping_input(self) -> "BlockInputs":
         """These inputs for a block range whose input the caller still needs afterwards."""
@@ -127,11 +131,11 @@ class WanSelfAttention(nn.Module):
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.num_heads, -1))  # [B, L, H, D]
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], parallel=None) -> torch.Tensor:
         q = apply_rope(self._heads(self.norm_q(self.q(x))), *rope)
         k = apply_rope(self._heads(self.norm_k(self.k(x))), *rope)
         v = self._heads(self.v(x))
-        return self.o(attention(q, k, v).flatten(2))
+        return self.o((attention(q, k, v) if parallel is None else parallel.attention(q, k, v)).flatten(2))
 
 
 class WanCrossAttention(WanSelfAttention):
@@ -196,7 +200,7 @@ class WanBlock(nn.Module):
             shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = mod.unsqueeze(2).unbind(3)
 
             h = modulate(layer_norm_fp32(x, self.eps), shift_msa, scale_msa, split)
-            x = gated_add(x, self.self_attn(h.to(x.dtype), inputs.rope), gate_msa, split)
+            x = gated_add(x, self.self_attn(h.to(x.dtype), inputs.rope, inputs.parallel), gate_msa, split)
 
             h = layer_norm_fp32(x, self.eps, self.norm3).to(x.dtype)
             x = (x.float() + self.cross_attn(h, inputs.context, inputs.image_context).float()).to(x.dtype)
@@ -236,18 +240,33 @@ class WanBlock(nn.Module):
         def full_length() -> torch.Tensor:  # contiguous (x may be a transposed view): SDPA's fast kernels need it
             return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
+        parallel = inputs.parallel
         keys, values = full_length(), full_length()
+        # sequence parallel: every query is exchanged with the other ranks at once (they must all exchange
+        # alike, whatever their chunks), so this rank's queries are kept whole too
+        queries = None if parallel is None else full_length()
         for s, e, rows in spans:
             h = modulated(x[:, s:e], rows, shift_msa, scale_msa).to(x.dtype)
             keys[:, s:e] = apply_rope(sa._heads(sa.norm_k(sa.k(h))), cos[s:e], sin[s:e]).flatten(2)
             values[:, s:e] = sa.v(h)
+            if queries is not None:
+                queries[:, s:e] = apply_rope(sa._heads(sa.norm_q(sa.q(h))), cos[s:e], sin[s:e]).flatten(2)
         keys, values = sa._heads(keys), sa._heads(values)
+        if parallel is not None:
+            attended = parallel.attention(sa._heads(queries), keys, values, chunk).flatten(2)
+            del queries
         out = full_length() if out is None else out
         for s, e, rows in spans:
-            h = modulated(x[:, s:e], rows, shift_msa, scale_msa).to(x.dtype)
-            q = apply_rope(sa._heads(sa.norm_q(sa.q(h))), cos[s:e], sin[s:e])
-            out[:, s:e] = gated(x[:, s:e], sa.o(attention(q, keys, values).flatten(2)), gate_msa, rows)
+            if parallel is None:
+                h = modulated(x[:, s:e], rows, shift_msa, scale_msa).to(x.dtype)
+                q = apply_rope(sa._heads(sa.norm_q(sa.q(h))), cos[s:e], sin[s:e])
+                y = attention(q, keys, values).flatten(2)
+            else:
+                y = attended[:, s:e]
+            out[:, s:e] = gated(x[:, s:e], sa.o(y), gate_msa, rows)
         del keys, values
+        if parallel is not None:
+            del attended
         context_kvs = ca.keys_values(inputs.context, inputs.image_context)
         for s, e, _ in spans:
             xc = out[:, s:e]
@@ -262,15 +281,19 @@ class WanBlock(nn.Module):
 
 
 def _row_spans(length: int, inputs: BlockInputs, chunk: int) -> list[tuple[int, int, slice]]:
+    return token_spans(length, inputs.e0.shape[1], inputs.split, chunk)
+
+
+def token_spans(length: int, frames: int, split: tuple[int, ...] | None, chunk: int) -> list[tuple[int, int, slice]]:
     """Token chunks [s, e) of about `chunk` tokens, each with the modulation rows it uses: chunks never
-    straddle two rows' segments, and with one row per latent frame they hold whole frames."""
-    if inputs.split is not None:
+    straddle two rows' segments (`split`: the tokens of each row; None: `frames` rows of equal length), and
+    with one row per latent frame they hold whole frames."""
+    if split is not None:
         spans, start = [], 0
-        for r, n in enumerate(inputs.split):
+        for r, n in enumerate(split):
             spans += [(s, min(s + chunk, start + n), slice(r, r + 1)) for s in range(start, start + n, chunk)]
             start += n
         return spans
-    frames = inputs.e0.shape[1]
     if frames == 1:
         return [(s, min(s + chunk, length), slice(0, 1)) for s in range(0, length, chunk)]
     per_frame_tokens = length // frames
@@ -288,16 +311,15 @@ class Head(nn.Module):
         self.head = nn.Linear(dim, out_features)
         self.modulation = nn.Parameter(torch.randn(1, 2, dim).div_(dim**0.5))
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-        # e: [B, Fe, d] fp32 -> shift, scale: [B, Fe, 1, d]. With `chunk`, about that many tokens (whole latent
-        # frames) at a time: the normed and modulated fp32 copies of every token would be 4x the tokens' bytes
+    def forward(self, x: torch.Tensor, e: torch.Tensor, chunk: int | None = None,
+                split: tuple[int, ...] | None = None) -> torch.Tensor:
+        # e: [B, Fe, d] fp32 -> shift, scale: [B, Fe, 1, d]; `split`: the tokens of each row (a rank's slice),
+        # None: equal frames. With `chunk`, about that many tokens (whole latent frames) at a time: the normed
+        # and modulated fp32 copies of every token would be 4x the tokens' bytes
         shift, scale = (self.modulation.float().unsqueeze(0) + e.unsqueeze(2)).unsqueeze(2).unbind(3)
-        length, frames = x.shape[1], e.shape[1]
-        per = length // frames
-        step = length if not chunk else per * max(1, chunk // per) if frames > 1 else chunk
+        length = x.shape[1]
         out = []
-        for s in range(0, length, step):
-            rows = slice(s // per, -(-min(s + step, length) // per))
-            h = per_frame(layer_norm_fp32(x[:, s:s + step], self.eps), rows.stop - rows.start) * (1 + scale[:, rows])
+        for s, stop, rows in token_spans(length, e.shape[1], split, chunk or length):
+            h = per_frame(layer_norm_fp32(x[:, s:stop], self.eps), rows.stop - rows.start) * (1 + scale[:, rows])
             out.append(linear_fp32(self.head, (h + shift[:, rows]).flatten(1, 2)))
         return out[0] if len(out) == 1 else torch.cat(out, dim=1)

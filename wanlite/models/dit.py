@@ -81,6 +81,8 @@ class WanDiT(nn.Module):
         self.runner: Runner = run_blocks
         self.chunk_tokens: int | None = None  # blocks work this many tokens at a time (the plan sets it)
         self.rows_apart = False  # per-block CFG: cond and uncond through each block one after the other (the plan)
+        # several GPUs: a wanlite.parallel.SequenceParallel; the blocks then run on this rank's slice of the tokens
+        self.sequence_parallel = None
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -137,22 +139,35 @@ class WanDiT(nn.Module):
         grid = (f // pt, h // ph, w // pw)
 
         e, e0 = self.embed_time(t)
-        inputs = BlockInputs(e0=e0, context=self.embed_text(context),
-                             rope=rope_cos_sin(grid, self.spec.head_dim, device=x.device), chunk=self.chunk_tokens,
-                             rows_apart=self.rows_apart, overwrite=self.rows_apart)
+        rope = rope_cos_sin(grid, self.spec.head_dim, device=x.device)
+        sp, part = self.sequence_parallel, None
+        if sp is not None:
+            if s2v is not None or animate is not None:
+                raise ValueError("sequence parallelism runs the T2V / I2V / TI2V DiTs only")
+            part = sp.slice(math.prod(grid), e.shape[1])  # this rank's tokens and the modulation rows they use
+            e, e0 = e[:, part.rows], e0[:, part.rows]
+            rope = (rope[0][part.start:part.stop], rope[1][part.start:part.stop])
+        inputs = BlockInputs(e0=e0, context=self.embed_text(context), rope=rope, chunk=self.chunk_tokens,
+                             split=None if part is None else part.split, rows_apart=self.rows_apart,
+                             overwrite=self.rows_apart, parallel=sp)
         if animate is not None:
             tokens = self.runner(self.blocks, self._animate_sequence(x, animate, inputs), inputs)
             return self.unpatchify(self.head(tokens, e, self.chunk_tokens), grid)
         if s2v is None:
             # the embedded tokens [B, L, d] go straight into the runner, so no name here keeps them alive while
             # the blocks run (the runner drops each block's input as the next one starts)
-            # contiguous: per-block CFG writes every block's output over these tokens
-            tokens = self.runner(self.blocks, self.patch_embedding(x.to(self.compute_dtype)).flatten(2).transpose(1, 2)
-                                 .contiguous(), inputs)
-            return self.unpatchify(self.head(tokens, e, self.chunk_tokens), grid)
+            tokens = self.runner(self.blocks, self._patches(x, part), inputs)
+            out = self.head(tokens, e, self.chunk_tokens, inputs.split)
+            return self.unpatchify(out if sp is None else sp.gather(out), grid)
         noisy = math.prod(grid)
         tokens = self.runner(self.blocks, self._s2v_sequence(x, t, s2v, inputs), inputs)
         return self.unpatchify(self.head(tokens[:, :noisy], e, self.chunk_tokens), grid)
+
+    def _patches(self, x: torch.Tensor, part=None) -> torch.Tensor:
+        """The embedded patches [B, L, d] (a rank's `part` of them), contiguous: per-block CFG writes every
+        block's output over them."""
+        tokens = self.patch_embedding(x.to(self.compute_dtype)).flatten(2).transpose(1, 2)
+        return (tokens if part is None else tokens[:, part.start:part.stop]).contiguous()
 
     def _animate_sequence(self, x: torch.Tensor, animate: AnimateConditions, inputs: BlockInputs) -> torch.Tensor:
         """Animate's tokens: patches with the pose embedding added to every latent frame after the reference

@@ -9,7 +9,13 @@ from pathlib import Path
 import torch
 
 from wanlite.errors import CheckpointError
-from wanlite.specs import T5Spec
+from wanlite.files import block_count
+from wanlite.specs import T5_SPECS, T5Spec
+
+# limits checked before anything is built from numbers a file declares
+MAX_LAYERS = max(spec.num_layers for spec in T5_SPECS.values())  # no umT5 has more than umT5-XXL
+MAX_WIDTH = 1 << 17
+MAX_VOCAB = 1 << 20
 
 # official (`models_t5_umt5-xxl-enc-bf16.pth`) -> transformers UMT5EncoderModel, per block
 _BLOCK_MAP = {
@@ -81,17 +87,28 @@ def official_umt5_manifest(spec: T5Spec) -> dict[str, list[int]]:
     return out
 
 
-def t5_spec_from_shapes(shapes: dict[str, tuple[int, ...]]) -> T5Spec:
-    """Read the encoder's hyper-parameters off transformers-named shapes."""
-    try:
-        vocab, d_model = shapes["shared.weight"]
-        buckets, heads = shapes["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
-        inner = shapes["encoder.block.0.layer.0.SelfAttention.q.weight"][0]
-        d_ff = shapes["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0]
-    except (KeyError, ValueError):
-        raise CheckpointError("the text encoder file is not a umT5 encoder (missing embedding, attention or FFN "
-                              "tensors)") from None
-    layers = 1 + max(int(m[1]) for k in shapes if (m := _HF_BLOCK.match(k)))
+def t5_spec_from_shapes(shapes: dict[str, tuple[int, ...]], where="the text encoder file") -> T5Spec:
+    """Read the encoder's hyper-parameters off transformers-named shapes, every number bounded first: the layer
+    count its key names declare (at most umT5-XXL's, all of 0..n-1 present, so never more than the file has
+    tensors), the widths it divides and unpacks (no zero, none past the limits)."""
+    layers = block_count(shapes, _HF_BLOCK, MAX_LAYERS, where, "layer")
+    block = "encoder.block.0.layer."
+    needed = {"shared.weight": MAX_VOCAB, block + "0.SelfAttention.relative_attention_bias.weight": MAX_WIDTH,
+              block + "0.SelfAttention.q.weight": MAX_WIDTH, block + "1.DenseReluDense.wi_0.weight": MAX_WIDTH}
+    for key, limit in needed.items():
+        shape = shapes.get(key)
+        if shape is None:
+            raise CheckpointError(f"{where}: not a umT5 encoder (tensor {key!r} is missing); check the file")
+        if len(shape) != 2 or not all(1 <= d <= limit for d in shape):
+            raise CheckpointError(f"{where}: tensor {key!r} has shape {tuple(shape)}, which no umT5 encoder has; "
+                                  "the file is damaged or for another model")
+    vocab, d_model = shapes["shared.weight"]
+    buckets, heads = shapes[block + "0.SelfAttention.relative_attention_bias.weight"]
+    inner = shapes[block + "0.SelfAttention.q.weight"][0]
+    if inner % heads:
+        raise CheckpointError(f"{where}: {heads} attention heads do not divide the attention width {inner}; "
+                              "the file is damaged or for another model")
+    d_ff = shapes[block + "1.DenseReluDense.wi_0.weight"][0]
     return T5Spec(vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_layers=layers,
                   num_heads=heads, relative_attention_num_buckets=buckets)
 
@@ -118,8 +135,17 @@ def load_tokenizer(folder: Path):
     refuse_remote_code(folder, "umT5 tokenizer")
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{folder}: cannot load the umT5 tokenizer ({str(exc).splitlines()[0][:120]})") from None
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 -- a damaged folder raises anything (JSON, sentencepiece and
+        # tokenizers errors, bare Exceptions; the Rust tokenizers' panics are pyo3's PanicException, a BaseException)
+        raise tokenizer_error(folder, exc) from None
+
+
+def tokenizer_error(folder: Path, exc: BaseException) -> CheckpointError:
+    """The one line for a tokenizer folder that fails to load or to tokenize."""
+    first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+    return CheckpointError(f"{folder}: cannot load the umT5 tokenizer ({first}); re-download it")
 
 
 class TextEncoder:

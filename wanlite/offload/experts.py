@@ -31,7 +31,7 @@ class PlacedExperts:
 
     def __init__(self, components: dict, task: str, dtype: torch.dtype, device: torch.device, quant,
                  offload: OffloadConfig, loras: dict | None = None, keep: str = "none",
-                 loads: Counter | None = None):
+                 loads: Counter | None = None, shard: Callable | None = None):
         self.components, self.task, self.dtype, self.device = components, task, dtype, device
         self.quant, self.offload, self.keep = quant, offload, keep
         self.loras = loras or {}  # role -> wanlite.lora.LoraSet, applied as each expert loads
@@ -41,15 +41,18 @@ class PlacedExperts:
         self.engine = None
         self.telemetry, self.emit, self.cache, self.chunk_tokens = Telemetry(), (lambda event: None), None, None
         self.rows_apart = self.compile = False
+        self.shard = shard  # several GPUs with --dit_fsdp: spreads a loaded expert's weights over them
+        self.parallel = None  # several GPUs: the sequence-parallel seam each expert runs with (wanlite.parallel)
 
     def start(self, telemetry: Telemetry, emit: Callable[[dict], None], cache=None,
-              chunk_tokens: int | None = None, rows_apart: bool = False, compile: bool = False) -> None:
+              chunk_tokens: int | None = None, rows_apart: bool = False, compile: bool = False,
+              parallel=None) -> None:
         """A generation begins: what it counts, where its events go, its step cache (put in front of each
-        expert's block loop), the token chunks its blocks work in, whether CFG runs per block and whether the
-        blocks run compiled."""
+        expert's block loop), the token chunks its blocks work in, whether CFG runs per block, whether the
+        blocks run compiled and, on several GPUs, this rank's sequence-parallel seam."""
         telemetry.pinned_bytes, telemetry.pageable_bytes = self.telemetry.pinned_bytes, self.telemetry.pageable_bytes
         self.telemetry, self.emit, self.cache, self.chunk_tokens = telemetry, emit, cache, chunk_tokens
-        self.rows_apart, self.compile = rows_apart, compile
+        self.rows_apart, self.compile, self.parallel = rows_apart, compile, parallel
         for s in self.loras.values():
             s.gain = 1.0  # a preset's phases turn it down and up within a generation
         models = self.models if self.engine is None else {r: e.model for r, e in self.engine.experts.items()}
@@ -59,7 +62,7 @@ class PlacedExperts:
             self.engine.telemetry = telemetry
 
     def _prepare(self, model: torch.nn.Module, role: str) -> None:
-        model.chunk_tokens, model.rows_apart = self.chunk_tokens, self.rows_apart
+        model.chunk_tokens, model.rows_apart, model.sequence_parallel = self.chunk_tokens, self.rows_apart, self.parallel
         if self.compile:  # each block alone: the runners (offload, step cache) call them from outside
             for block in model.blocks:
                 if block._compiled_call_impl is None:  # once: a kept model keeps its compiled blocks
@@ -111,6 +114,8 @@ class PlacedExperts:
                 model = load_dit(comp, self.task, self.dtype, self.quant, lora)
         self.loads[f"transformer ({role})"] += 1
         model = model.to(self.device)
+        if self.shard is not None:
+            model = self.shard(model)
         self._prepare(model, role)
         return model
 

@@ -95,7 +95,7 @@ def read_sources(root: Path, replace: bool, face_size: int) -> AnimateSources:
         raise WanliteError(f"--src_root_path {root}: face crops are {face.shape[2]}x{face.shape[1]}, the model "
                            f"takes {face_size}x{face_size}")
     h, w = pose.shape[1:3]
-    ref = letterbox(np.asarray(load_image(root / "src_ref.png")), h, w)
+    ref = letterbox(np.asarray(load_image(root / "src_ref.png", "the reference image")), h, w)
     sources = AnimateSources(pose, face, ref)
     if replace:
         bg, _ = read_video(root / "src_bg.mp4", "background video")

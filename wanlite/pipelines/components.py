@@ -48,6 +48,10 @@ class Components:
             quant = parse_quant(job.text_encoder.quant, job.weights.quant_backend)
             with reading("text encoder", ckpt.t5.files, emit):
                 model = load_t5(ckpt.t5, DTYPES[job.dtype], quant)
+            if job.parallel is not None and job.parallel.t5_fsdp:  # each GPU keeps 1/N of every block's weights
+                from wanlite.parallel import shard_blocks
+
+                model = shard_blocks(model.to(device), model.encoder.block)
             self.loads["text encoder"] += 1
             self.text = (key, TextEncoder(load_tokenizer(ckpt.tokenizer), model, text_len=text_len))
         encoder = self.text[1]
@@ -84,7 +88,7 @@ class Components:
                "quant": job.weights.quant, "quant backend": job.weights.quant_backend, "dtype": job.dtype,
                "device": job.device, "offload": job.offload.describe(), "LoRAs": [
                    (p.role, p.files, p.mode, p.merge_outside_blocks) for p in job.loras],
-               "keep": job.keep.transformer, "compile": job.compile}
+               "keep": job.keep.transformer, "compile": job.compile, "parallel": job.parallel}
         if self.experts is not None and self.experts[0] != key:
             emit(reload_event("transformer", self.experts[0], key))
             self.drop_transformer()
@@ -92,9 +96,14 @@ class Components:
             experts = expert_components(ckpt, task)
             loras = {p.role: lora_set(p.files, experts[p.role], p.role, task, p.mode,
                                       merge_outside_blocks=p.merge_outside_blocks) for p in job.loras}
+            shard = None
+            if job.parallel is not None and job.parallel.dit_fsdp:
+                from wanlite.parallel import shard_blocks
+
+                shard = lambda model: shard_blocks(model, model.blocks)  # noqa: E731
             self.experts = (key, PlacedExperts(experts, task, DTYPES[job.dtype], torch.device(job.device),
                                                parse_quant(job.weights.quant, job.weights.quant_backend),
-                                               job.offload, loras, job.keep.transformer, self.loads))
+                                               job.offload, loras, job.keep.transformer, self.loads, shard))
         return self.experts[1]
 
     def _put_back(self, keep: str, model: torch.nn.Module, drop: Callable[[], None]) -> None:

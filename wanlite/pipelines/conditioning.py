@@ -14,20 +14,48 @@ import torch
 import torch.nn.functional as F
 
 from wanlite.errors import WanliteError
+from wanlite.pipelines.request import MAX_IMAGE_PIXELS
 
 
-def load_image(path: Path):
-    """An RGB PIL image, or one clear error for a missing or unreadable file."""
+def open_image(path: Path, what: str = "--image"):
+    """The image at `path` opened with only its header read, its pixel count checked against the limit `--image`
+    has (MAX_IMAGE_PIXELS) before anything decodes it; one clear error for a missing, unreadable or huge file.
+    `what` names the file in the error ("--image", "the reference image")."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    if not Path(path).is_file():  # a FIFO would block the open
+        raise WanliteError(f"{what} {path} does not exist")
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except FileNotFoundError:
-        raise WanliteError(f"--image {path} does not exist") from None
+        with warnings.catch_warnings():  # PIL's own bomb limit is 89 Mpx, above ours: its warning says nothing
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except Image.DecompressionBombError:  # past twice PIL's limit: far past ours
+        img = None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise WanliteError(f"--image {path} is not a readable image ({type(exc).__name__}); use PNG, JPEG or WebP")\
-            from None
+        raise _unreadable(path, what, exc) from None
+    if img is None or img.width * img.height > MAX_IMAGE_PIXELS:
+        size = "far more" if img is None else f"{img.width}*{img.height} px is more"
+        if img is not None:
+            img.close()
+        raise WanliteError(f"{what} {path}: {size} than the limit of {MAX_IMAGE_PIXELS // 10**6} Mpx; downscale it "
+                           "(the video is at most 1280 px a side)")
+    return img
+
+
+def _unreadable(path: Path, what: str, exc: Exception) -> WanliteError:
+    return WanliteError(f"{what} {path} is not a readable image ({type(exc).__name__}); use PNG, JPEG or WebP")
+
+
+def load_image(path: Path, what: str = "--image"):
+    """An RGB PIL image (see `open_image`: the pixel limit is checked before the pixels are decoded)."""
+    img = open_image(path, what)
+    try:
+        with img:
+            return img.convert("RGB")
+    except (OSError, ValueError) as exc:  # a damaged or truncated image fails while decoding
+        raise _unreadable(path, what, exc) from None
 
 
 def to_tensor(img) -> torch.Tensor:

@@ -33,8 +33,9 @@ class Denoiser:
     def __init__(self, task: TaskSpec, experts: Callable[[str], torch.nn.Module], cond: Conditioning,
                  timesteps: list[int], guide_scale: tuple[float, float],
                  on_expert: Callable[[str, int], None] | None = None, cache=None, boundary: float | None = None,
-                 phases: tuple = (), on_lora_gain: Callable[[float], None] | None = None):
+                 phases: tuple = (), on_lora_gain: Callable[[float], None] | None = None, dtype: str = ""):
         self.task = task
+        self.dtype = dtype  # the job's compute dtype (fp16 | bf16 | fp32), named when the output is not finite
         self.timesteps = timesteps  # the integer model timesteps of the sampler's grid, one per step
         self.experts = experts  # role -> model; may load lazily (only one expert needs to be resident)
         self.cond = cond
@@ -99,16 +100,32 @@ class Denoiser:
         extra = {name: getattr(self.cond, name).rows(slice(0, passes)) for name in ("s2v", "animate")
                  if getattr(self.cond, name) is not None}
         out = model(torch.cat([x, x]) if cfg else x, timestep, context, y=y, **extra).float()
-        if not torch.isfinite(out).all():  # a NaN / inf video must never be written: stop at the step
-            raise NumericalOverflow(f"the {role.replace('_', '-')} transformer's output is not finite at step "
-                                    f"{step + 1} (an overflow: fp16 ends at 65504); rerun with --dtype bf16 (RTX 30xx "
-                                    "or newer) or --dtype fp32")
         if cfg:
             v_cond, v_uncond = out.chunk(2)
             v = v_uncond + guide * (v_cond - v_uncond)
         else:
             v = out
+        # a NaN / inf video must never be written: stop at the step. One sync, on the guided result: a NaN / inf
+        # in the transformer's output always carries into it, and a huge guide scale can overflow here alone
+        if not torch.isfinite(v).all():
+            raise self._not_finite(role, step, guide, bool(torch.isfinite(out).all()))
         x0 = x.float() - float(sigma) * v
         if self.cond.first_frame is not None:
             x0[:, :, :1] = self.cond.first_frame.float()
         return x0
+
+    def _not_finite(self, role: str, step: int, guide: float, model_finite: bool) -> NumericalOverflow:
+        """The error naming the likely cause: the guidance, fp16's range, or (in bf16 / fp32) the inputs."""
+        at = f"at step {step + 1}"
+        if model_finite:
+            return NumericalOverflow(f"classifier-free guidance {at} gave non-finite values: guide scale {guide:g} "
+                                     "times the difference of the two predictions overflows; use a smaller "
+                                     "--sample_guide_scale (the official ones are 3 to 5)")
+        output = f"the {role.replace('_', '-')} transformer's output"
+        if self.dtype == "fp16":
+            return NumericalOverflow(f"{output} is not finite {at} (an overflow: fp16 ends at 65504); rerun with "
+                                     "--dtype bf16 (RTX 30xx or newer) or --dtype fp32")
+        computed = f" (computed in {self.dtype})" if self.dtype else ""
+        return NumericalOverflow(f"{output} has non-finite values (NaN / Inf) {at}{computed}; check what goes into "
+                                 "it: a LoRA (its weights, alpha or strength), a large --sample_guide_scale, the "
+                                 "checkpoint (`wanlite check`)")

@@ -75,6 +75,16 @@ class PromptExtendPlan:
     error: str | None = None  # why the rewrite failed when --prompt_extend_fallback kept the original
 
 
+@dataclass(frozen=True)
+class ParallelPlan:
+    """Several GPUs under torchrun (wanlite.parallel): the DiT's tokens split over `ranks` (Ulysses); `dit_fsdp`
+    / `t5_fsdp` shard the transformer's / text encoder's weights over them (FSDP2). Rank 0 writes the video."""
+
+    ranks: int
+    dit_fsdp: bool = False
+    t5_fsdp: bool = False
+
+
 KEEP_PLACES = ("device", "host", "none")
 
 
@@ -113,6 +123,7 @@ class Job:
     cfg: str = "batched"  # batched: cond + uncond as one batch; per_block: through each block one after the other
     compile: bool = False  # each DiT block through torch.compile (the offload and cache runners stay outside)
     prompt_extend: PromptExtendPlan | None = None  # --use_prompt_extend (None: the prompt is used as typed)
+    parallel: ParallelPlan | None = None  # several GPUs (None: one)
 
     def to_dict(self) -> dict:
         """JSON-ready: the same dict in `plan --json` and in the mp4's metadata."""
@@ -149,6 +160,11 @@ class Job:
         line = (f"job: {self.weights.quant} weights in {self.dtype} on {self.device}, offload {placement}{chunks}, "
                 f"text encoder on {self.text_encoder.device}, VAE {self.vae.dtype} {vae}, step cache "
                 f"{'off' if self.step_cache is None else describe(self.step_cache)['policy']}")
+        par = self.parallel
+        if par is not None:
+            sharded = [what for what, on in (("transformer", par.dit_fsdp), ("text encoder", par.t5_fsdp)) if on]
+            ranks = f"{par.ranks} GPUs" if self.device.startswith("cuda") else f"{par.ranks} processes"
+            line += f", tokens split over {ranks}" + (f" ({' and '.join(sharded)} sharded)" if sharded else "")
         x = self.prompt_extend
         if x is not None:
             line += f", prompt extended by {x.method} {x.model}" + (f" ({x.quant}) on {x.device}" if x.device else "")

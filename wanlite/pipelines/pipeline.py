@@ -23,13 +23,14 @@ from pathlib import Path
 import torch
 
 from wanlite.errors import OutOfMemory, WanliteError
+from wanlite.parallel import join, share
 from wanlite.pipelines.components import Components
 from wanlite.pipelines.job import Job
 from wanlite.pipelines.prompt_extend import extend_job
 from wanlite.pipelines.request import Request, check_save_file, request_with
 from wanlite.pipelines.resolve import machine_for, resolve
 from wanlite.pipelines.resume import (MAX_REPLANS, Saved, check_job, placement_changes, read_checkpoint,
-                                      resume_path, with_placement)
+                                      resume_path, with_placement, with_saved_prompt)
 from wanlite.pipelines.run import GenerationResult, Progress, execute, output_path
 from wanlite.planner.probe import GB
 
@@ -47,9 +48,12 @@ class Pipeline:
     """
 
     def __init__(self, request: Request, progress: bool | Progress = True, reuse: bool = True):
-        self.request, self.progress, self.reuse = request, progress, reuse
+        # several GPUs (torchrun): every rank runs this; rank 0 plans, prints and writes, the others follow
+        self.world = join(request.ulysses_size, request.device)
+        self.leader = self.world is None or self.world.leader
+        self.request, self.progress, self.reuse = request, progress if self.leader else False, reuse
         self.machine = machine_for(request)  # measured once: later plans see the memory free before loading
-        self.job: Job | None = resolve(request, self.machine, reuse=reuse)  # the files and the fit, checked now
+        self.job: Job | None = self._resolve(request, self.machine)  # the files and the fit, checked now
         self.components = Components()
         self._first = True  # the first generate of the unchanged request runs the job resolved above
 
@@ -73,27 +77,53 @@ class Pipeline:
         if self._first and request == self.request and self.job is not None and saved is None:
             job = self.job
         else:
-            job = resolve(request, self.machine, reuse=self.reuse)
+            job = self._resolve(request, self.machine)
         self._first = False
         self.job = job
-        path = None if not save or output is None else (
+        path = None if not save or output is None or not self.leader else (
             Path(saved.output) if saved is not None and output == NEW_FILE and request.save_file is None
             else output_path(request, job.settings) if output == NEW_FILE else Path(output))
         if path is not None and path.suffix.lower() != ".mp4":
             raise WanliteError(f"output={str(path)!r} must end in .mp4 (or pass save=False for frames only)")
         check_save_file(path, request.overwrite)
         if saved is not None:
+            job = self.job = with_saved_prompt(job, saved)
             check_job(saved, job)
         with display(self.progress if progress is None else progress) as emit:
             if saved is not None:
                 emit({"event": "warning", "message": f"resuming from {saved.file} after "
                       f"{saved.checkpoint.where()} (delete it to start over)"})
-            if saved is None:  # the extender runs once per generation, before any re-plan
-                job = self.job = extend_job(job, emit)
+            if saved is None:  # the extender runs once per generation (on rank 0), before any re-plan
+                job = self.job = self._on_leader(lambda: extend_job(job, emit))
             result = self._execute(request, job, path, emit, saved)
         if saved is not None and saved.file != (None if path is None else resume_path(path)):
             saved.file.unlink(missing_ok=True)  # used up (the one beside the output went when it was written)
         return result
+
+    def _resolve(self, request: Request, machine) -> Job:
+        return self._on_leader(lambda: resolve(request, machine, reuse=self.reuse))
+
+    def _on_leader(self, compute):
+        """`compute()` here, or on several GPUs rank 0's result on every rank (a decision made once, the same
+        everywhere); its error stops every rank with the same line."""
+        if self.world is None:
+            return compute()
+        outcome, failure = None, None
+        if self.leader:
+            try:
+                outcome = ("ok", compute())
+            except Exception as exc:  # the others are told before rank 0 raises, so none waits for a peer
+                failure = exc
+                outcome = ("error", str(exc) if isinstance(exc, WanliteError) else
+                           f"rank 0 failed ({type(exc).__name__}: {exc})", getattr(exc, "exit_code", 1))
+        outcome = share(outcome, self.world)
+        if failure is not None:
+            raise failure
+        if outcome[0] == "error":
+            error = WanliteError(outcome[1])
+            error.exit_code = outcome[2]
+            raise error
+        return outcome[1]
 
     def _execute(self, request: Request, job: Job, path: Path | None, emit: Progress,
                  saved: Saved | None) -> GenerationResult:
@@ -105,6 +135,8 @@ class Pipeline:
             try:
                 return execute(job, path, emit, request.preview, self.components, checkpoint)
             except OutOfMemory as exc:
+                if self.world is not None:  # one rank cannot re-plan alone: stop, with the resume file
+                    raise
                 if replans == MAX_REPLANS:
                     tail = "" if exc.resume_file is None else (
                         f"; free memory on the device and resume with --resume {exc.resume_file}")

@@ -21,7 +21,9 @@ import json
 import os
 import re
 import time
+import weakref
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -359,13 +361,15 @@ def local_chat(plan: PromptExtendPlan, prompt: str, image: Path | None, dtype: s
 
 def load_local(plan: PromptExtendPlan, dtype: str, emit: Progress):
     """(model, tokenizer, image processor or None) from the folder / cache, in `dtype` (fp16 on the CPU: bf16),
-    the decoder layers quantized as the plan says (wanlite.quant, as every other component), on its device."""
+    the decoder layers quantized as the plan says (wanlite.quant, as every other component) while they load, on
+    its device."""
     import torch
-    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, AutoConfig,
+                              AutoImageProcessor, AutoTokenizer)
 
     from wanlite.offload.experts import release
     from wanlite.pipelines.job import DTYPES
-    from wanlite.quant import parse_quant, quantize_
+    from wanlite.quant import parse_quant
 
     folder = model_folder(plan.model)
     if folder is None:
@@ -389,9 +393,15 @@ def load_local(plan: PromptExtendPlan, dtype: str, emit: Progress):
     if vision and plan.vision:
         images = AutoImageProcessor.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
     started = time.perf_counter()
-    model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(folder, **options)
-    if plan.quant not in ("", "none"):
-        quantize_(model, parse_quant(plan.quant), filter_fn=decoder_linear)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
+    kinds = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING if vision else MODEL_FOR_CAUSAL_LM_MAPPING
+    if type(config) not in kinds:
+        raise ValueError(f"a {config.model_type} model is not a chat model")
+    kind = kinds[type(config)]
+    if plan.quant in ("", "none"):
+        model = kind.from_pretrained(folder, config=config, **options)
+    else:
+        model = load_quantized(kind, Path(folder), config, files, parse_quant(plan.quant), options)
     try:
         model.to(plan.device or "cpu")
     except RuntimeError as exc:  # out of memory on the device
@@ -401,6 +411,89 @@ def load_local(plan: PromptExtendPlan, dtype: str, emit: Progress):
     emit({"event": "loaded", "what": f"prompt extender ({plan.quant or 'none'})",
           "bytes": sum(f.stat().st_size for f in files), "seconds": time.perf_counter() - started})
     return model.eval().requires_grad_(False), tokenizer, images
+
+
+def load_quantized(kind, folder: Path, config, files: list[Path], quant, options: dict):
+    """`kind.from_pretrained` with the decoder Linears quantized to `quant` as they arrive, each weight read from
+    its file into memory of its own and freed once quantized (transformers would map the files, and a mapped
+    file's pages stay resident while any tensor from it, e.g. the embeddings, lives)."""
+    from safetensors import safe_open
+    from transformers import GenerationConfig
+
+    if not files:
+        raise WanliteError(f"--prompt_extend_model {folder}: no *.safetensors weights; a quantized prompt extender "
+                           "is read from safetensors files (convert the folder with transformers' save_pretrained)")
+    with ExitStack() as opened:
+        weights = {}
+        for path in files:
+            handle = opened.enter_context(safe_open(path, framework="pt", backend="pread"))
+            weights.update({key: handle.get_slice(key) for key in handle.keys()})
+        model = quantized_on_arrival(lambda: kind.from_pretrained(None, config=config, state_dict=weights, **options),
+                                     quant, decoder_linear)
+    if (folder / "generation_config.json").is_file():  # from_pretrained reads it only from a folder
+        model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    return model
+
+
+def quantized_on_arrival(load: Callable, config, chosen: Callable):
+    """`load()` (a transformers `from_pretrained`) with each weight of the Linears `chosen(name, module)` picks
+    quantized the moment transformers sets it: `config`'s handler builds the module that replaces the Linear
+    and the Linear keeps a stand-in (one value, expanded to the weight's shape), so one full-precision weight
+    of those is alive at a time instead of all of them. The modules are swapped in after loading."""
+    import torch
+    from torch import nn
+    from torch.nn.modules import module as torch_module
+
+    from wanlite.quant import HANDLERS
+    from wanlite.quant.base import linear_from, set_submodule
+
+    parents = weakref.WeakKeyDictionary()  # module -> (parent, attribute): a module's name while it is built
+    quantized = weakref.WeakKeyDictionary()  # Linear -> its quantized replacement
+
+    def registered(parent, name, child):
+        if child is not None:
+            parents[child] = (parent, name)
+
+    def name_of(module) -> str:
+        parts = []
+        while module in parents:
+            module, part = parents[module]
+            parts.append(part)
+        return ".".join(reversed(parts))
+
+    def arrived(module, name, param):
+        if name != "weight" or param is None or param.is_meta or not chosen(name_of(module), module):
+            return None
+        quantized[module] = HANDLERS[type(config)](linear_from(param.detach(), None), config)
+        stand_in = nn.Parameter(torch.zeros((), dtype=param.dtype, device=param.device).expand(param.shape),
+                                requires_grad=False)
+        # transformers marks what it loaded so that its init pass leaves it alone
+        stand_in._is_hf_initialized = getattr(param, "_is_hf_initialized", False)
+        return stand_in
+
+    hooks = [torch_module.register_module_module_registration_hook(registered),
+             torch_module.register_module_parameter_registration_hook(arrived)]
+    # transformers' loader threads would read every tensor ahead of the weights set so far: one at a time here
+    async_load = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+    try:
+        model = load()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if async_load is None:
+            del os.environ["HF_DEACTIVATE_ASYNC_LOAD"]
+        else:
+            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = async_load
+    for name, module in list(model.named_modules()):
+        replacement = quantized.get(module)
+        if replacement is not None:
+            if module.bias is not None:
+                replacement.bias = module.bias
+            set_submodule(model, name, replacement)
+        elif chosen(name, module):  # its weight came some other way than a module attribute: quantized now
+            set_submodule(model, name, HANDLERS[type(config)](module, config))
+    return model
 
 
 def dashscope_chat(plan: PromptExtendPlan, prompt: str, image: Path | None, seed: int = 0) -> str:

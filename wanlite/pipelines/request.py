@@ -100,6 +100,11 @@ class Request:
     t5: Path | None = None
     vae: Path | None = None
     resume: Path | None = None  # a resume file (`<output>.resume.pt`): continue its generation (resume.py)
+    # several GPUs, launched by torchrun (wanlite.parallel): the DiT's tokens split over this many ranks, and the
+    # transformer's / text encoder's weights sharded over them
+    ulysses_size: int = 1
+    dit_fsdp: bool = False
+    t5_fsdp: bool = False
 
     def component_files(self) -> dict[str, Path]:
         return {flag: Path(getattr(self, flag)) for flag in ("high_noise_model", "low_noise_model", "dit", "t5", "vae")
@@ -325,6 +330,22 @@ def check_component_flags(task: TaskSpec, req: Request, files: bool = True) -> N
                            "--low_noise_model, --t5, --vae)")
 
 
+MAX_RANKS = 64  # --ulysses_size: more GPUs than any one machine holds
+
+
+def check_parallel(task: TaskSpec, req: Request) -> None:
+    """The multi-GPU flags make sense together; the checks against the model (heads, tokens) are resolve's."""
+    if not 1 <= req.ulysses_size <= MAX_RANKS:
+        raise WanliteError(f"--ulysses_size {req.ulysses_size}: give the number of GPUs, 1 to {MAX_RANKS}")
+    if (req.dit_fsdp or req.t5_fsdp) and req.ulysses_size == 1:
+        flag = "--dit_fsdp" if req.dit_fsdp else "--t5_fsdp"
+        raise WanliteError(f"{flag} shards weights over several GPUs: launch with torchrun --nproc_per_node N and "
+                           "pass --ulysses_size N")
+    if req.ulysses_size > 1 and task.conditioning not in ("text", "image_concat", "first_frame"):
+        raise WanliteError(f"--ulysses_size splits T2V / I2V / TI2V generations; {task.name} runs on one GPU for "
+                           "now: drop --ulysses_size")
+
+
 def validate(req: Request, seed: int, files: bool = True) -> Settings:
     """Validate a request against its task and fill the official defaults; `files=False` plans a request
     without checkpoint files or inputs (`wanlite plan` before a download: `--size` is the video's size)."""
@@ -341,6 +362,7 @@ def validate(req: Request, seed: int, files: bool = True) -> Settings:
     size = req.size or task.size
     frames = task.frames if req.frames is None else req.frames
     check_limits(req, size, frames)
+    check_parallel(task, req)
     if task.conditioning == "speech":  # --size is the area to fit; the reference image sets the aspect
         if size[0] < 64 or size[1] < 64:
             raise WanliteError(f"--size {size[0]}*{size[1]}: S2V sizes are multiples of 64; give at least 64*64")

@@ -22,13 +22,13 @@ from wanlite.models.clip import find_clip
 from wanlite.models.vae import Tiling
 from wanlite.offload import OffloadConfig, converts_on_load, default_cache_dir, host_bytes
 from wanlite.pipelines.conditioning import load_image
-from wanlite.pipelines.job import DTYPES, Job, KeepPlan, LoraPlan, TextEncoderPlan, VaePlan, Weights
+from wanlite.pipelines.job import DTYPES, Job, KeepPlan, LoraPlan, ParallelPlan, TextEncoderPlan, VaePlan, Weights
 from wanlite.pipelines.prompt_extend import placed, plan_extender
 from wanlite.pipelines.request import RELIGHTING_LORA, Request, Settings, cache_settings, validate
 from wanlite.pipelines.segments import KINDS
 from wanlite.planner import Hardware, Placement, Workload, hardware_for, load_profile, plan_for_request
 from wanlite.planner.probe import GB
-from wanlite.quant import parse_quant
+from wanlite.quant import DenseConfig, parse_quant
 from wanlite.quant.fp8 import Fp8WeightConfig
 from wanlite.specs import DIT_SPECS, TASKS, VAE_SPECS
 
@@ -70,6 +70,7 @@ def resolve(request: Request, machine: Hardware | None = None, without_files: bo
             find_clip(Path(req.ckpt_dir))
     settings = replace(settings, size=KINDS[task.conditioning].output_size(task, settings, spec))
     wav2vec = speech_encoder_folder(req) if spec.s2v is not None and not without_files else None
+    parallel = parallel_plan(req, spec, settings)
 
     warnings: list[str] = []
     lora_mode = req.lora_mode
@@ -93,7 +94,8 @@ def resolve(request: Request, machine: Hardware | None = None, without_files: bo
     placement = plan_for_request(
         req, choices, hw, Workload(task.name, *settings.size, settings.frames, settings.steps, spec, cache, passes,
                                    total_rank if branched else 0, total_rank if lora_mode == "auto" else 0,
-                                   extender=None if extender is None else extender[1]),
+                                   extender=None if extender is None else extender[1], ranks=req.ulysses_size,
+                                   fsdp=req.dit_fsdp),
         prequantized)
     quant = parse_quant(placement.quant, req.quant_backend)
     if lora_mode == "auto" and isinstance(quant, Fp8WeightConfig):
@@ -101,6 +103,8 @@ def resolve(request: Request, machine: Hardware | None = None, without_files: bo
         # (bench/results/lora.json: a third of the tiny LoRA's effect lost); as a branch it stays exact
         lora_mode = "runtime"
     offload = offload_config(placement, req, device, hw, experts, task.name, quant, warnings)
+    if parallel is not None:
+        check_sharding(parallel, offload, quant, prequantized, placement.t5_cpu)
     loras = tuple(lora_plan(role, s, lora_mode, offload) for role, s in sets.items())
     stride = VAE_SPECS[task.vae].stride[1]
     w, h = settings.size
@@ -117,7 +121,7 @@ def resolve(request: Request, machine: Hardware | None = None, without_files: bo
         warnings.append(f"this clip is predicted to take about {clock(predicted.total_s)} here; cheaper: "
                         + ", ".join(cheaper))
     keep = KeepPlan()
-    if reuse and not without_files:
+    if reuse and not without_files and parallel is None:  # sharded weights are not kept between generations
         keep = keep_plan(device, hw, offload, host_bytes(experts, task.name, quant), ckpt, predicted,
                          placement.t5_cpu)
         reasons.append(f"between generations the transformer waits {WHERE[keep.transformer]}, the text encoder "
@@ -128,18 +132,51 @@ def resolve(request: Request, machine: Hardware | None = None, without_files: bo
                         tuple((flag, str(path)) for flag, path in req.component_files().items()),
                         placement.quant, req.quant_backend, prequantized),
         offload=offload, chunk_tokens=placement.chunk_tokens,
-        step_cache=step_cache_config(req, cache, settings, experts, spec.num_layers, warnings),
+        step_cache=step_cache_config(req, cache, settings, experts, spec.num_layers, warnings, parallel),
         loras=loras,
         text_encoder=TextEncoderPlan("cpu" if placement.t5_cpu else str(device),
-                                     placement.t5_quant or placement.quant),
+                                     # sharded (--t5_fsdp): as stored, FSDP shards 16-bit parameters only
+                                     "auto" if req.t5_fsdp else placement.t5_quant or placement.quant),
         vae=VaePlan(req.vae_dtype, None if tiling is None else tiling.tile, None if tiling is None else tiling.overlap),
         attention=attention_backend(req.attention, device), wav2vec=None if wav2vec is None else str(wav2vec), machine=hw.describe(),
         predicted=predicted, reasons=tuple(reasons), warnings=tuple(warnings), keep=keep,
         cfg=placement.cfg if passes > 1 else "batched", compile=req.compile and compiler_ready(device),
-        prompt_extend=None if extender is None else placed(extender[0], placement, device))
+        prompt_extend=None if extender is None else placed(extender[0], placement, device), parallel=parallel)
 
 
 WHERE = {"device": "on the device", "host": "in RAM", "none": "nowhere (loaded again)"}
+
+
+def parallel_plan(req: Request, spec, settings: Settings) -> ParallelPlan | None:
+    """Several GPUs (torchrun, --ulysses_size N): the heads and the tokens must split evenly over the ranks."""
+    ranks = req.ulysses_size
+    if ranks == 1:
+        return None
+    if spec.num_heads % ranks:
+        raise WanliteError(f"--ulysses_size {ranks}: the transformer's {spec.num_heads} attention heads do not split "
+                           f"over {ranks} GPUs; use a number of GPUs that divides {spec.num_heads}")
+    w, h = settings.size
+    tokens = Workload(settings.task, w, h, settings.frames, settings.steps, spec).tokens
+    if tokens % ranks:
+        raise WanliteError(f"--size {w}*{h} with {settings.frames} frames gives {tokens} latent tokens, which do not "
+                           f"split over {ranks} GPUs; pick a size or frame count whose tokens are a multiple of {ranks}")
+    if req.compile:
+        raise WanliteError("--compile does not combine with --ulysses_size yet (the blocks exchange tokens with the "
+                           "other GPUs); drop --compile")
+    return ParallelPlan(ranks, req.dit_fsdp, req.t5_fsdp)
+
+
+def check_sharding(parallel: ParallelPlan, offload: OffloadConfig, quant, prequantized: bool, t5_cpu: bool) -> None:
+    """FSDP shards 16/32-bit parameters of whole blocks on the GPUs: not streamed blocks, not quantized buffers."""
+    if parallel.dit_fsdp and offload.mode == "block":
+        raise WanliteError("--dit_fsdp shards whole blocks over the GPUs and --offload block streams them from RAM; "
+                           "use one of them (--offload none with --dit_fsdp)")
+    if parallel.dit_fsdp and (not (quant is None or isinstance(quant, DenseConfig)) or prequantized):
+        raise WanliteError("--dit_fsdp shards 16-bit weights; quantized ones (--quant, or files stored quantized) "
+                           "are not sharded: drop --dit_fsdp (each GPU then holds the quantized model) or use the "
+                           "bf16 files with --quant none")
+    if parallel.t5_fsdp and t5_cpu:
+        raise WanliteError("--t5_fsdp shards the text encoder over the GPUs and --t5_cpu runs it on the CPU; drop one")
 
 
 def keep_plan(device: torch.device, hw: Hardware, offload: OffloadConfig, weights: int, ckpt: CheckpointSet,
@@ -284,7 +321,7 @@ def lora_plan(role: str, lora_set, mode: str, offload: OffloadConfig) -> LoraPla
 
 
 def step_cache_config(req: Request, config, settings: Settings, experts: dict[str, Component], num_blocks: int,
-                      warnings: list[str]):
+                      warnings: list[str], parallel: ParallelPlan | None = None):
     """The step cache to run, or None: off, or a distilled schedule (<= 8 steps) without --cache_force. A
     MagCache without a curve gets this model's calibration."""
     from wanlite.cache import MIN_CACHED_STEPS, CalibrateConfig, MagCacheConfig
@@ -292,6 +329,8 @@ def step_cache_config(req: Request, config, settings: Settings, experts: dict[st
     if config is None:
         return None
     config.check(num_blocks)
+    if parallel is not None and isinstance(config, CalibrateConfig):
+        raise WanliteError("--cache calibrate records a curve on one GPU; run it without torchrun / --ulysses_size")
     if isinstance(config, MagCacheConfig) and config.curve is None:
         curve = magcache_file(settings.task, experts, reading=True)
         if not curve.is_file():

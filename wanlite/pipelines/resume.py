@@ -212,6 +212,21 @@ def _comparable(job: dict) -> dict:
     return job
 
 
+def with_saved_prompt(job: Job, saved: Saved) -> Job:
+    """`job` with the prompt its saved run was made from when that run rewrote the user's prompt
+    (`--use_prompt_extend`): the saved settings hold the rewrite, `prompt_extend.original_prompt` what the user
+    typed. The extender does not run again: a hosted or a changed model would not give the same rewrite."""
+    plan, was = job.prompt_extend, saved.job.get("prompt_extend")
+    if plan is None or plan.original_prompt is not None or not isinstance(was, dict):
+        return job
+    rewrite, error = (saved.job.get("settings") or {}).get("prompt"), was.get("error")
+    if was.get("original_prompt") != job.settings.prompt or not isinstance(rewrite, str):
+        return job  # another prompt: check_job names it
+    return replace(job, settings=replace(job.settings, prompt=rewrite),
+                   prompt_extend=replace(plan, original_prompt=job.settings.prompt,
+                                         error=error if isinstance(error, str) else None))
+
+
 def check_job(saved: Saved, job: Job) -> None:
     """Refuse a resume file for another job: anything but placement differs (one line, exit code 2)."""
     before, now = _comparable(saved.job), _comparable(job.to_dict())
@@ -246,6 +261,24 @@ def placement_changes(before: Job, after: Job) -> str:
     a, b = items(before), items(after)
     changed = [f"{name} {a[name]} -> {b[name]}" for name in a if a[name] != b[name]]
     return ", ".join(changed) if changed else "the same placement (nothing smaller to choose)"
+
+
+# what to try after an out-of-memory error in a stage before the steps (a Pipeline re-plans first)
+T5_FIX = "add --t5_cpu (the text encoder on the CPU) or free GPU memory (other programs on it)"
+CONDITIONING_FIX = "free GPU memory (other programs on it), or lower --size"
+
+
+@contextmanager
+def out_of_memory_in(stage: str, fix: str, resume: Checkpoint | None):
+    """A device out-of-memory error in a stage before the steps (the text encoder, the image / audio encoders)
+    as `OutOfMemory`: one line naming the stage and what to try. Its checkpoint is the one the run started from,
+    so a Pipeline re-plans and starts that run again as after an error in a step."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        error = OutOfMemory(f"out of memory {stage}; {fix}")
+        error.checkpoint = resume
+        raise error from None
 
 
 @contextmanager

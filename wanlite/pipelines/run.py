@@ -29,7 +29,8 @@ from wanlite.pipelines.components import Components
 from wanlite.pipelines.denoise import Conditioning, Denoiser
 from wanlite.pipelines.job import Job
 from wanlite.pipelines.request import Request, Settings
-from wanlite.pipelines.resume import Checkpoint, Tracker, inject, interruptible, set_rng_state
+from wanlite.pipelines.resume import (CONDITIONING_FIX, T5_FIX, Checkpoint, Tracker, inject, interruptible,
+                                     out_of_memory_in, set_rng_state)
 from wanlite.pipelines.resolve import checkpoint_set, magcache_file
 from wanlite.pipelines.segments import KINDS
 from wanlite.specs import TASKS, VAE_SPECS
@@ -88,6 +89,13 @@ def _execute(job: Job, path: Path | None, progress: Progress | None, preview: bo
     ckpt = checkpoint_set(job.weights.ckpt_dir, {flag: Path(file) for flag, file in job.weights.files})
     experts = expert_components(ckpt, task.name)
     step_cache = None if job.step_cache is None else StepCache(job.step_cache)
+    sequence_parallel = None
+    if job.parallel is not None:  # this rank's slice of the tokens; a step cache decides on all of them
+        from wanlite.parallel import SequenceParallel, world_for
+
+        sequence_parallel = SequenceParallel(world_for(job.parallel.ranks))
+        if step_cache is not None:
+            step_cache.signal_mean = sequence_parallel.mean
     if step_cache is not None and resume is not None and resume.cache is not None:
         step_cache.load_state_dict(resume.cache, device)
     telemetry = Telemetry()
@@ -95,12 +103,14 @@ def _execute(job: Job, path: Path | None, progress: Progress | None, preview: bo
     context = None  # only the decode is left: no text to encode
     if resume is None or not resume.decoding:
         emit({"event": "stage", "name": "encode text"})
-        with components.text_encoder(job, ckpt, load_text_len(experts), emit) as encoder:
+        with (out_of_memory_in(f"loading or running the text encoder on {job.text_encoder.device}", T5_FIX, resume),
+              components.text_encoder(job, ckpt, load_text_len(experts), emit) as encoder):
             context = encode_text(encoder, [settings.prompt, settings.negative_prompt],
                                   torch.device(job.text_encoder.device), emit)
-    runs = KINDS[task.conditioning].runs(
-        job, task, ckpt, device, emit,
-        lambda dtype: components.vae(job, ckpt, task.name, dtype, device, emit))
+    with out_of_memory_in("preparing the conditioning inputs", CONDITIONING_FIX, resume):
+        runs = KINDS[task.conditioning].runs(
+            job, task, ckpt, device, emit,
+            lambda dtype: components.vae(job, ckpt, task.name, dtype, device, emit))
     settings = runs.generated(settings)
     w, h = settings.size
     vae_spec = VAE_SPECS[task.vae]
@@ -108,7 +118,8 @@ def _execute(job: Job, path: Path | None, progress: Progress | None, preview: bo
     sigmas = make_sigmas(settings.solver, settings.steps, settings.shift)
     timesteps = model_timesteps(settings.solver, settings.steps, settings.shift).tolist()
     dits = components.transformer(job, ckpt, task.name, emit)
-    dits.start(telemetry, emit, step_cache, job.chunk_tokens, job.cfg == "per_block", job.compile)
+    dits.start(telemetry, emit, step_cache, job.chunk_tokens, job.cfg == "per_block", job.compile,
+               sequence_parallel)
     loras = dits.loras
     shape = (job.settings.task, settings.size, runs.output_frames, job.vae.dtype, job.vae.tile)
     writer, pieces, cache_stats = None, [], None
@@ -130,7 +141,8 @@ def _execute(job: Job, path: Path | None, progress: Progress | None, preview: bo
             denoiser = Denoiser(task, dits, cond, timesteps, settings.guide_scale,
                                 on_expert=lambda role, step: emit({"event": "expert", "role": role, "step": step}),
                                 cache=step_cache, boundary=settings.boundary, phases=settings.phases,
-                                on_lora_gain=lambda gain: [setattr(s, "gain", gain) for s in loras.values()])
+                                on_lora_gain=lambda gain: [setattr(s, "gain", gain) for s in loras.values()],
+                                dtype=job.dtype)
             schedule = denoiser.schedule()
             if start < len(schedule):
                 dits.set_schedule(schedule[start:])  # the forwards still to run

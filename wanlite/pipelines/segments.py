@@ -21,7 +21,7 @@ from wanlite.models.vae import Tiling
 from wanlite.offload.experts import release
 from wanlite.pipelines.job import DTYPES, Job
 from wanlite.pipelines.request import Settings
-from wanlite.specs import DIT_SPECS, VAE_SPECS, TaskSpec
+from wanlite.specs import VAE_SPECS, TaskSpec
 
 Progress = Callable[[dict], None]
 Vaes = Callable[[torch.dtype], AbstractContextManager]  # the VAE in a dtype, on the device for a `with` block
@@ -154,6 +154,7 @@ def speech_clips(job: Job, task: TaskSpec, ckpt: CheckpointSet, device: torch.de
                  vaes: Vaes) -> Parts:
     """S2V: wav2vec2 features (wav2vec2 loaded and released), the VAE, the reference latent and the first
     motion history."""
+    from wanlite.loading.models import expert_components, prepare_dit
     from wanlite.pipelines.conditioning import load_image
     from wanlite.pipelines.speech import SpeechClips, cover_crop, read_pose_frames, read_speech, speech_features
 
@@ -170,7 +171,8 @@ def speech_clips(job: Job, task: TaskSpec, ckpt: CheckpointSet, device: torch.de
         count = min(count, settings.num_clip)
     vae, holding, encode = _vae_encoder(job, device, vaes)
     emit({"event": "stage", "name": "encode reference and motion history"})
-    spec = DIT_SPECS[task.dit].s2v
+    # the checkpoint's own motion history length (its config.json's motion_frames): the DiT pads its audio by it
+    spec = prepare_dit(expert_components(ckpt, task.name)["main"], task.name).model.spec.s2v
     clips = SpeechClips(encode, cover_crop(np.asarray(image)[None], settings.size), features, count, settings.frames,
                         spec.motion_frames, pose, settings.start_from_ref, settings.size,
                         max_frames=math.ceil(speech.seconds * settings.fps))

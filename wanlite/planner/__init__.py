@@ -89,7 +89,7 @@ def plan_for_request(req, choices: dict, hw: Hardware, work: Workload, stored_qu
         (req.chunk_tokens if req.chunk_tokens is not None else given("chunk_tokens", 0)) or None,
         req.vae_tile if req.vae_tile is not None else (
             given("vae_tile", 0) if "vae_tile" in choices or (plan is not None and plan.device == "cuda") else None),
-        req.t5_cpu or given("t5_device", "") == "cpu",
+        req.t5_cpu or (given("t5_device", "") == "cpu" and not req.t5_fsdp),  # sharded: on the GPUs
         req.cfg if req.cfg != "auto" else given("cfg", "batched"),
         plan.t5_quant if plan is not None else "",
         plan.extender_device if plan is not None else "", plan.extender_quant if plan is not None else "")

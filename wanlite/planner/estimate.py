@@ -69,6 +69,8 @@ class Workload:
     lora_rank: int = 0  # total rank of the LoRAs kept as runtime branches (merged ones cost nothing)
     fp8_lora_rank: int = 0  # ... that become branches only if the plan picks fp8 (merging would round them away)
     extender: ExtenderSpec | None = None  # the local prompt extender (--use_prompt_extend local_qwen), None: none
+    ranks: int = 1  # GPUs the tokens are split over (--ulysses_size); every figure of the plan is per GPU
+    fsdp: bool = False  # the transformer's weights sharded over them (--dit_fsdp)
 
     @property
     def spec(self) -> DiTSpec:
@@ -94,6 +96,11 @@ class Workload:
         if self.spec.animate is not None:  # the reference image's latent frame before the segment's
             extra = per_frame
         return (f // pt) * per_frame + extra
+
+    @property
+    def rank_tokens(self) -> int:
+        """Tokens of one GPU's share of a forward (all of them on one GPU)."""
+        return self.tokens // self.ranks
 
 
 @lru_cache(maxsize=None)
@@ -147,6 +154,15 @@ def dit_activation_bytes(spec: DiTSpec, tokens: int, chunk: int | None = None, q
         held += 2 * b * tokens * d
     dequant = 2 * spec.dim * spec.ffn_dim if quantized else 0
     return int(block + held + dequant)
+
+
+ULYSSES_EXCHANGE = 6.0  # sequence parallel: q, k, v sent and received around the attention / (B * l * d), bf16
+
+
+def exchange_bytes(spec: DiTSpec, tokens: int, batch: int = CFG_BATCH) -> int:
+    """What one block's all-to-alls move out of each GPU, per forward: q, k, v and the attention output of its
+    `tokens`, bf16 (the (N-1)/N that leaves the card is left out: an upper bound)."""
+    return 4 * 2 * batch * tokens * spec.dim
 
 
 def cache_state_bytes(spec: DiTSpec, tokens: int, config, batch: int = CFG_BATCH) -> int:

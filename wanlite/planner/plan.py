@@ -16,10 +16,10 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from wanlite.errors import WanliteError
-from wanlite.planner.estimate import (EXTENDER_FORMATS, GB, Workload, cache_state_bytes, dit_activation_bytes,
-                                      dit_bytes, dit_flops, extender_activation_bytes, extender_bytes,
-                                      lora_block_bytes, t5_activation_bytes, t5_bytes, vae_bytes, vae_decode_bytes,
-                                      vae_decode_flops)
+from wanlite.planner.estimate import (EXTENDER_FORMATS, EXTENDER_WORKSPACE, GB, ULYSSES_EXCHANGE, Workload,
+                                      cache_state_bytes, dit_activation_bytes, dit_bytes, dit_flops, exchange_bytes,
+                                      extender_activation_bytes, extender_bytes, lora_block_bytes, t5_activation_bytes,
+                                      t5_bytes, vae_bytes, vae_decode_bytes, vae_decode_flops)
 from wanlite.planner.probe import Hardware
 from wanlite.specs import TASKS, VAE_SPECS
 
@@ -96,6 +96,7 @@ class Plan:
     t5_quant: str = ""  # the text encoder's --quant when it differs from the transformer's ("": the same)
     extender_device: str = ""  # the local prompt extender: cuda | cpu ("": none)
     extender_quant: str = ""  # its decoder layers' --quant: none (bf16) | int8 | gguf-q4_k
+    ranks: int = 1  # GPUs (--ulysses_size): the VRAM figures are each GPU's, the RAM the machine's (all ranks)
 
     @property
     def weight_format(self) -> str:
@@ -116,7 +117,8 @@ class Plan:
         chunks = f", blocks in chunks of {self.chunk_tokens} tokens" if self.chunk_tokens else ""
         if self.extender_device:
             chunks += f", prompt extender ({self.extender_quant}) on {self.extender_device}"
-        return (f"plan: {self.weight_format} on {self.device}, offload {placement}{chunks}, text encoder on "
+        gpus = f" x{self.ranks} (tokens split)" if self.ranks > 1 else ""
+        return (f"plan: {self.weight_format} on {self.device}{gpus}, offload {placement}{chunks}, text encoder on "
                 f"{self.t5_device}, VAE {'whole frames' if not self.vae_tile else f'tiles of {self.vae_tile}'}; "
                 f"predicted peak VRAM {p.peak_vram_gb:.1f} GB, RAM {p.peak_ram_gb:.1f} GB, "
                 f"{p.s_per_step:.1f} s/step")
@@ -147,21 +149,32 @@ def _dit_options(work: Workload, hw: Hardware, fmt: str, budget: float, prefetch
     nonblock, block = dit_bytes(work.spec, fmt)
     block += lora_block_bytes(spec, work.lora_rank or (work.fp8_lora_rank if fmt == "fp8" else 0))
     expert = nonblock + spec.num_layers * block
-    act = dit_activation_bytes(work.spec, work.tokens, chunk, quantized=fmt != "bf16", batch=work.passes,
+    # several GPUs: each runs its share of the tokens (attention: all tokens, its share of the heads), and
+    # every block swaps q / k / v / output with the others over the bus; every rank holds its own host copies
+    tokens, ranks = work.rank_tokens, work.ranks
+    act = dit_activation_bytes(work.spec, tokens, chunk, quantized=fmt != "bf16", batch=work.passes,
                                rows_apart=rows_apart, keeps_inputs=work.cache is not None)
-    act += cache_state_bytes(work.spec, work.tokens, work.cache, work.passes)
-    compute = (dit_flops(work.spec, work.tokens, work.passes) / (hw.bf16_flops * MATMUL_EFFICIENCY)
+    act += cache_state_bytes(work.spec, tokens, work.cache, work.passes)
+    compute = (dit_flops(work.spec, work.tokens, work.passes) / ranks / (hw.bf16_flops * MATMUL_EFFICIENCY)
                * compute_factor(fmt, hw))
     compute *= 1.0 if chunk is None else CHUNK_COST
-    host_all = experts * expert + RAM_RESERVE
+    if ranks > 1:
+        act += int(ULYSSES_EXCHANGE * (1 if rows_apart else work.passes) * tokens * spec.dim)
+        compute += spec.num_layers * exchange_bytes(spec, tokens, work.passes) / (hw.h2d_pinned or 10 * GB)
+    host = lambda per_rank: RAM_RESERVE + ranks * per_rank  # noqa: E731
+    host_all = host(experts * expert)
     options = []
-    if experts * expert + act <= budget:
-        options.append(_Option(fmt, chunk, "none", spec.num_layers, "pinned", experts * expert + act, RAM_RESERVE,
-                               compute, 0.0, experts * expert, act, 0.0, rows_apart))
-    if expert + act <= budget:
+    # --dit_fsdp: each GPU holds 1/N of every weight, plus the block being gathered and the next one
+    held = expert / ranks + 2 * block if work.fsdp else expert
+    if experts * held + act <= budget:
+        options.append(_Option(fmt, chunk, "none", spec.num_layers, "pinned", experts * held + act,
+                               host(expert if work.fsdp else 0), compute, 0.0, experts * held, act, 0.0, rows_apart))
+    if held + act <= budget:
         # one expert resident: the other is loaded from disk at the switch (once per run, not per step)
-        options.append(_Option(fmt, chunk, "model", spec.num_layers, "pinned", expert + act, expert + RAM_RESERVE,
-                               compute, 0.0, expert, act, 0.0, rows_apart))
+        options.append(_Option(fmt, chunk, "model", spec.num_layers, "pinned", held + act, host(expert),
+                               compute, 0.0, held, act, 0.0, rows_apart))
+    if work.fsdp:  # sharded blocks are not streamed
+        return options
     buffers = nonblock + (prefetch + 1) * block
     resident = math.floor((budget - act - buffers) / block) if block else 0
     if resident >= 0:
@@ -171,7 +184,7 @@ def _dit_options(work: Workload, hw: Hardware, fmt: str, budget: float, prefetch
         ram_mode = "pinned" if pinned_fits else "mmap"
         rate = hw.h2d_pinned if pinned_fits else min(hw.h2d_pageable or hw.h2d_pinned, hw.disk_read or 1 * GB)
         transfer = streamed / rate if rate else float("inf")
-        ram = host_all if pinned_fits else nonblock + (prefetch + 3) * block + RAM_RESERVE
+        ram = host_all if pinned_fits else host(nonblock + (prefetch + 3) * block)
         options.append(_Option(fmt, chunk, "block", resident, ram_mode, act + buffers + resident * block, ram,
                                max(compute, transfer), streamed, nonblock + resident * block, act, buffers,
                                rows_apart))
@@ -202,6 +215,10 @@ def make_plan(work: Workload, hw: Hardware, quant: str = "auto", prefetch: int =
     if quant not in ("auto", *FORMAT_OF_FLAG):
         raise WanliteError(f"the planner chooses among --quant auto, {', '.join(FORMAT_OF_FLAG)}; got {quant!r}")
     formats = PRECISION_ORDER if quant == "auto" else (FORMAT_OF_FLAG[quant],)
+    if work.fsdp:  # FSDP shards 16-bit parameters, not quantized buffers
+        if "bf16" not in formats:
+            raise WanliteError(f"--dit_fsdp shards 16-bit weights; --quant {quant} is not sharded: drop one of them")
+        formats = ("bf16",)
     if hw.gpu is None:
         return _cpu_plan(work, hw, formats)
     budget = hw.vram_free * VRAM_MARGIN
@@ -234,7 +251,7 @@ def make_plan(work: Workload, hw: Hardware, quant: str = "auto", prefetch: int =
         vae_need += best.weights + best.buffers
     # the text encoder runs alone before the DiT loads, in the DiT's format (bf16 / fp8 / int8; GGUF: bf16)
     t5_fmt = best.fmt if best.fmt in ("fp8", "int8") else "bf16"
-    if t5_fmt == "bf16" and t5_bytes("bf16") + RAM_RESERVE > hw.ram_available:
+    if t5_fmt == "bf16" and work.ranks * t5_bytes("bf16") + RAM_RESERVE > hw.ram_available:
         t5_fmt = "fp8"  # stored fp8 and upcast per layer: any GPU runs it, and it loads in half the RAM
         reasons.append(f"text encoder in fp8: in bf16 it needs {(t5_bytes('bf16') + RAM_RESERVE) / GB:.1f} GB of "
                        f"RAM, {hw.ram_available / GB:.1f} GB are free")
@@ -244,7 +261,7 @@ def make_plan(work: Workload, hw: Hardware, quant: str = "auto", prefetch: int =
         reasons.append(f"text encoder on the CPU: in {t5_fmt} it needs {t5_vram / GB:.1f} GB, {budget / GB:.1f} GB "
                        "of VRAM are usable")
         t5_vram = 0
-    t5_ram = t5_bytes(t5_fmt) + RAM_RESERVE
+    t5_ram = work.ranks * t5_bytes(t5_fmt) + RAM_RESERVE  # every rank encodes the prompt
     ext_device, ext_quant, ext_vram, ext_ram, ext_reasons = _extender_placement(work, hw, budget)
     reasons += ext_reasons
     predicted = Prediction(
@@ -255,7 +272,7 @@ def make_plan(work: Workload, hw: Hardware, quant: str = "auto", prefetch: int =
         peak_ram_gb=round(max(best.ram, t5_ram, ext_ram) / GB, 2),
         bytes_moved_per_step_gb=round(best.moved / GB, 2),
         s_per_step=round(best.s_per_step, 2),
-        vram_cache_gb=round(cache_state_bytes(work.spec, work.tokens, work.cache, work.passes) / GB, 2),
+        vram_cache_gb=round(cache_state_bytes(work.spec, work.rank_tokens, work.cache, work.passes) / GB, 2),
         ram_text_encoder_gb=round(t5_ram / GB, 2), ram_transformer_gb=round(best.ram / GB, 2),
         total_s=clip_seconds(work, hw, best.s_per_step, best.fmt, t5_fmt),
         vram_prompt_extender_gb=round(ext_vram / GB, 2), ram_prompt_extender_gb=round(ext_ram / GB, 2))
@@ -264,31 +281,34 @@ def make_plan(work: Workload, hw: Hardware, quant: str = "auto", prefetch: int =
                 prefetch if best.offload == "block" else 0, best.ram_mode, best.chunk or 0, t5_device, tile,
                 hw.describe(),
                 predicted, tuple(reasons), cache_name(work.cache), "per_block" if best.rows_apart else "batched",
-                "fp8" if t5_fmt == "fp8" and best.fmt != "fp8" else "", ext_device, ext_quant)
+                "fp8" if t5_fmt == "fp8" and best.fmt != "fp8" else "", ext_device, ext_quant, work.ranks)
 
 
 def _extender_placement(work: Workload, hw: Hardware, budget: float) -> tuple[str, str, float, float, list[str]]:
     """(device, --quant, VRAM bytes, RAM bytes, reasons) of the local prompt extender, a stage of its own that
     runs first and is released before the text encoder loads: on the GPU in the most precise format that fits
-    there alone (bf16, int8, Q4_K for its decoder layers), else on the CPU in bf16. It is read into RAM in bf16
-    and quantized there (`wanlite.quant.quantize_`), so its RAM phase holds its bf16 weights in any format."""
+    there alone (bf16, int8, Q4_K for its decoder layers), else on the CPU in bf16. Quantized decoder layers are
+    quantized one weight at a time as they are read (prompt_extend.quantized_on_arrival), so the RAM the load
+    needs is the quantized model's plus the quantizer's scratch, not the bf16 model's."""
     spec = work.extender
     if spec is None:
         return "", "", 0.0, 0.0, []
     dense = extender_bytes(spec, "none")
     act = extender_activation_bytes(spec)
-    if dense + RAM_RESERVE > hw.ram_available:
-        raise WanliteError(f"the prompt extender {spec.name} needs {(dense + RAM_RESERVE) / GB:.1f} GB of RAM to load "
-                           f"(bf16), {hw.ram_available / GB:.1f} GB are free; use a smaller --prompt_extend_model "
-                           "(Qwen2.5_7B, Qwen2.5_3B, QwenVL2.5_3B) or --prompt_extend_method dashscope")
+    loading = lambda quant: (dense if quant == "none" else extender_bytes(spec, quant) + EXTENDER_WORKSPACE)  # noqa: E731
+    if loading("gguf-q4_k") + RAM_RESERVE > hw.ram_available:
+        raise WanliteError(f"the prompt extender {spec.name} needs {(loading('gguf-q4_k') + RAM_RESERVE) / GB:.1f} GB "
+                           f"of RAM to load even with Q4_K decoder layers, {hw.ram_available / GB:.1f} GB are free; "
+                           "use a smaller --prompt_extend_model (Qwen2.5_7B, Qwen2.5_3B, QwenVL2.5_3B) or "
+                           "--prompt_extend_method dashscope")
     if hw.gpu is not None:
         for quant in EXTENDER_FORMATS:
             vram = extender_bytes(spec, quant) + act
-            if vram <= budget:
+            if vram <= budget and loading(quant) + RAM_RESERVE <= hw.ram_available:
                 why = [] if quant == "none" else [
                     f"prompt extender {spec.name} in {quant}: in bf16 it needs {(dense + act) / GB:.1f} GB, "
                     f"{budget / GB:.1f} GB of VRAM are usable"]
-                return "cuda", quant, vram, dense + RAM_RESERVE, why
+                return "cuda", quant, vram, loading(quant) + RAM_RESERVE, why
     ram = dense + act + RAM_RESERVE
     if ram > hw.ram_available:
         raise WanliteError(f"the prompt extender {spec.name} fits neither the GPU nor {hw.ram_available / GB:.1f} GB "
@@ -321,15 +341,15 @@ def _explain(work: Workload, hw: Hardware, best: _Option, budget: float, formats
 def _candidates(work: Workload, hw: Hardware, formats, budget: float, prefetch: int, rows_apart: bool = False) -> list:
     """Every placement that fits VRAM and RAM (the text encoder's RAM phase comes first and is released, so
     it never adds to the DiT's; it needs at most its bf16 weights, which any candidate machine holds)."""
-    chunks = [c for c in CHUNKS if c is None or c < work.tokens]
-    t5_ram = t5_bytes("fp8") + RAM_RESERVE
+    chunks = [c for c in CHUNKS if c is None or c < work.rank_tokens]
+    t5_ram = work.ranks * t5_bytes("fp8") + RAM_RESERVE
     return [opt for fmt in formats for chunk in chunks
             for opt in _dit_options(work, hw, fmt, budget, prefetch, chunk, rows_apart)
             if max(opt.ram, t5_ram) <= hw.ram_available]
 
 
 def _nothing_fits(work: Workload, hw: Hardware, quant: str, budget: float, prefetch: int) -> str:
-    act = dit_activation_bytes(work.spec, work.tokens, CHUNKS[-1], quantized=True, batch=work.passes,
+    act = dit_activation_bytes(work.spec, work.rank_tokens, CHUNKS[-1], quantized=True, batch=work.passes,
                                rows_apart=work.passes > 1, keeps_inputs=work.cache is not None)
     fitting = [f for f in PRECISION_ORDER if _candidates(work, hw, (f,), budget, prefetch, rows_apart=True)]
     if fitting:
@@ -346,19 +366,20 @@ def _cpu_plan(work: Workload, hw: Hardware, formats) -> Plan:
     fmt = formats[0]
     nonblock, block = dit_bytes(work.spec, fmt)
     expert = nonblock + work.spec.num_layers * block
-    act = dit_activation_bytes(work.spec, work.tokens, None, quantized=fmt != "bf16", batch=work.passes)
+    ranks = work.ranks  # processes on this machine's cores and RAM, each with its own copy and its share of tokens
+    act = dit_activation_bytes(work.spec, work.rank_tokens, None, quantized=fmt != "bf16", batch=work.passes)
     seconds = dit_flops(work.spec, work.tokens, work.passes) / (max(hw.bf16_flops, 1e9) * MATMUL_EFFICIENCY)
-    ram = expert + act + RAM_RESERVE
+    ram = ranks * (expert + act) + RAM_RESERVE
     offload, ram_mode, reasons = "model", "pinned", ["no CUDA GPU: everything runs on the CPU"]
     if ram > hw.ram_available:
         offload, ram_mode = "block", "mmap"
-        ram = nonblock + 4 * block + act + RAM_RESERVE
+        ram = ranks * (nonblock + 4 * block + act) + RAM_RESERVE
         reasons.append(f"--ram_mode mmap: one expert needs {expert / GB:.1f} GB, {hw.ram_available / GB:.1f} GB "
                        "of RAM are free")
     # the text encoder runs first, on the CPU, in the transformer's format (bf16 / fp8 / int8; GGUF: bf16), and is
     # released before the transformer loads
     t5_fmt = fmt if fmt in ("fp8", "int8") else "bf16"
-    t5_ram = t5_bytes(t5_fmt) + t5_activation_bytes() + RAM_RESERVE
+    t5_ram = ranks * (t5_bytes(t5_fmt) + t5_activation_bytes()) + RAM_RESERVE
     ext_device, ext_quant, _, ext_ram, ext_reasons = _extender_placement(work, hw, 0.0)
     predicted = Prediction(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, round(max(ram, t5_ram, ext_ram) / GB, 2), 0.0,
                            round(seconds, 1), ram_text_encoder_gb=round(t5_ram / GB, 2),
@@ -368,7 +389,7 @@ def _cpu_plan(work: Workload, hw: Hardware, formats) -> Plan:
     return Plan(work.task, work.width, work.height, work.frames, work.steps, "cpu",
                 "auto" if len(formats) > 1 else QUANT_FLAG[fmt], offload, 0, 1 if offload == "block" else 0,
                 ram_mode, 0, "cpu", 0, hw.describe(), predicted, tuple(reasons + ext_reasons), cache_name(work.cache),
-                extender_device=ext_device, extender_quant=ext_quant)
+                extender_device=ext_device, extender_quant=ext_quant, ranks=ranks)
 
 
 def clip_seconds(work: Workload, hw: Hardware, s_per_step: float, fmt: str, t5_fmt: str) -> float:

@@ -1,7 +1,9 @@
 """Inputs the speech and animation tasks read, written for tests: a speech-like tone, a preprocessed folder."""
 from __future__ import annotations
 
+import struct
 import wave
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +44,16 @@ def write_sources(folder: Path, frames: int = 12, size: int = 64, face: int = 32
         mask[:, 16:48, 16:48] = 255
         write_mp4(mask, folder / "src_mask.mp4", fps=30)
     return folder
+
+
+def write_png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims width x height (its pixels are never decoded, so no data is needed): a huge
+    image in a few bytes, for the pixel limit."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4))
+                     + chunk(b"IEND", b""))
+    return path
