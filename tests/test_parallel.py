@@ -13,7 +13,10 @@ from PIL import Image
 
 from wanlite.cli import main
 from wanlite.eval import psnr
+from wanlite.loading.checkpoints import discover
+from wanlite.loading.models import expert_components, load_dit
 from wanlite.testing.fixtures import write_fixture
+from wanlite.testing.lora_files import random_pairs, write_lora
 from wanlite.testing.ranks import run_ranks
 
 STEPS = 4
@@ -26,8 +29,10 @@ def files(tmp_path_factory):
     rgb = np.zeros((64, 64, 3), np.uint8)
     rgb[10:40, 20:50] = (200, 60, 30)
     Image.fromarray(rgb).save(image)
-    return {"root": root, "image": image,
-            "ckpts": {task: write_fixture(task, "official", root / task) for task in ("t2v-A14B", "i2v-A14B", "ti2v-5B")}}
+    ckpts = {task: write_fixture(task, "official", root / task) for task in ("t2v-A14B", "i2v-A14B", "ti2v-5B")}
+    high = expert_components(discover(ckpts["t2v-A14B"]), "t2v-A14B")["high_noise"]
+    lora = write_lora(root / "lora.safetensors", random_pairs(load_dit(high, "t2v-A14B", torch.float32), rank=4, seed=1))
+    return {"root": root, "image": image, "ckpts": ckpts, "lora": lora}
 
 
 def _generate(options: dict):
@@ -68,11 +73,12 @@ def _rank_work(generations: list[dict]):
     return _forwards(), [_generate(options) for options in generations]
 
 
-# (task, options): both experts across the switch with fp8 weights and a step cache whose decision must match on
-# both ranks; the image-conditioned pair with int8, token chunks, CFG per block and block offload
+# (task, options): both experts across the switch with fp8 weights, a LoRA on the high-noise one and a step cache
+# whose decision must match on both ranks; the image-conditioned pair with int8, token chunks, CFG per block and
+# block offload
 GENERATIONS = [
     ("t2v-A14B", {"quant": "fp8", "cache": "dbcache", "cache_threshold": 0.3, "cache_force": True,
-                  "offload": "model"}),
+                  "offload": "model", "lora_high": "LORA"}),
     ("i2v-A14B", {"quant": "int8", "chunk_tokens": 8, "cfg": "per_block", "offload": "block", "ram_mode": "pinned",
                   "image": "IMAGE"}),
 ]
@@ -81,7 +87,8 @@ GENERATIONS = [
 def test_two_ranks_give_the_frames_of_one(files, tmp_path):
     generations = [{"task": task, "ckpt_dir": str(files["ckpts"][task]), "prompt": "a red square", "size": "64*32",
                     "frames": 9, "steps": STEPS, "seed": 3, "save_file": str(tmp_path / f"{task}-one.mp4"),
-                    **{k: str(files["image"]) if v == "IMAGE" else v for k, v in options.items()}}
+                    **{k: str(files["image"]) if v == "IMAGE" else str(files["lora"]) if v == "LORA" else v
+                       for k, v in options.items()}}
                    for task, options in GENERATIONS]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank runs: a GEMM's rounding may depend on its thread count
