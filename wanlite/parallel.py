@@ -40,7 +40,6 @@ class World:
 
     rank: int
     size: int
-    local_rank: int
 
     @property
     def leader(self) -> bool:
@@ -56,7 +55,7 @@ def world() -> World | None:
     """The process group this process belongs to, None when it runs alone."""
     if not dist.is_available() or not dist.is_initialized():
         return None
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    return World(dist.get_rank(), dist.get_world_size())
 
 
 def world_for(ranks: int) -> World:
